@@ -1,0 +1,30 @@
+//! Command-line interface: one subcommand per daemon or control verb.
+
+use clap::{Parser, Subcommand};
+
+/// Error type of every subcommand: the binary prints it, with its causes, on one line.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfabric",
+    version,
+    about = "Emulate vMotion-style live migration on a real virtual network",
+    long_about = "Emulate vMotion-style live migration on a real virtual network.\n\n\
+        A userspace learning switch joins TAP ports of emulated hypervisor hosts and a \
+        client namespace; a VM runs on one host and is moved to another by pre-copy \
+        migration; the target announces the VM with RARP so the switch relearns it.\n\n\
+        Daemons serve control sockets under $VFABRIC_RUN_DIR (default /run/vfabric); \
+        logs go to stderr, filtered by RUST_LOG (default info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {}
+}

@@ -1,0 +1,25 @@
+//! vfabric: an emulator of vMotion-style live migration on a real virtual network.
+//!
+//! The crate is split into sans-IO cores, which take time and input as arguments and
+//! are tested without root, and thin adapters, which own TAP devices, sockets and clocks:
+//!
+//! - cores: [`wire`] (frame codecs), [`switch`] (FDB and forwarding decision),
+//!   [`memory`] (guest memory and dirty bitmap), [`migration`] (wire protocol,
+//!   convergence policy, state machines);
+//! - adapters: [`port`] (TAP with virtio-net header, packet socket, in-memory port),
+//!   [`switchd`] (the switch daemon), [`host`] (the hypervisor daemon), [`control`]
+//!   (the Unix control socket);
+//! - [`guest`]: the emulated VM (vCPU workload, NIC responder).
+
+pub mod clock;
+pub mod control;
+pub mod guest;
+pub mod host;
+pub mod logging;
+pub mod memory;
+pub mod migration;
+pub mod port;
+pub mod switch;
+pub mod switchd;
+pub mod sys;
+pub mod wire;

@@ -1,0 +1,413 @@
+//! Guest memory and its dirty bitmap (a core: no I/O, no clock).
+//!
+//! Memory is a slice of atomic 64-bit words shared between the vCPU threads, the NIC and
+//! the migration engine. Every write goes through [`GuestMemory`], which marks the page
+//! dirty after writing, so callers cannot forget it. The bitmap is harvested with an
+//! atomic get-and-reset per word; a harvested set that fails to send is merged back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+/// Guest page size in bytes.
+pub const PAGE_SIZE: usize = 4096;
+const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+/// Largest guest this emulator accepts (64 GiB).
+pub const MAX_MEMORY_BYTES: u64 = 64 << 30;
+
+/// A guest-physical byte address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestAddress(pub u64);
+
+/// A guest page number (`address / PAGE_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageIndex(pub u64);
+
+/// Errors of guest memory accesses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "memory size {0} bytes is not a positive multiple of {PAGE_SIZE} up to {MAX_MEMORY_BYTES}"
+    )]
+    BadSize(u64),
+    #[error("access of {len} bytes at {addr:#x} is outside guest memory of {size} bytes")]
+    OutOfRange { addr: u64, len: u64, size: u64 },
+    #[error("page {0} is outside guest memory")]
+    BadPage(u64),
+}
+
+/// One bit per guest page. Marking and harvesting are lock-free.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: Box<[AtomicU64]>,
+    bits: u64,
+}
+
+impl DirtyBitmap {
+    /// A clear bitmap of `bits` pages.
+    pub fn new(bits: u64) -> DirtyBitmap {
+        DirtyBitmap {
+            words: crate::sys::zeroed_atomic_words(bits.div_ceil(64) as usize),
+            bits,
+        }
+    }
+
+    /// Number of pages covered.
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Marks page `page` dirty; out-of-range pages are ignored.
+    pub fn mark(&self, page: u64) {
+        if page < self.bits {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+        }
+    }
+
+    pub fn is_dirty(&self, page: u64) -> bool {
+        page < self.bits
+            && self.words[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// Number of dirty pages right now.
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum()
+    }
+
+    /// Marks every page dirty (the first pre-copy round sends everything).
+    pub fn mark_all(&self) {
+        for (i, w) in self.words.iter().enumerate() {
+            w.store(full_word_mask(self.bits, i), Ordering::Release);
+        }
+    }
+
+    /// Atomically takes the dirty set and clears it: get-and-reset per word.
+    pub fn harvest(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.swap(0, Ordering::AcqRel))
+            .collect()
+    }
+
+    /// Merges a harvested set back (it failed to send): nothing is lost.
+    pub fn merge(&self, words: &[u64]) {
+        for (i, (w, m)) in self.words.iter().zip(words).enumerate() {
+            let m = m & full_word_mask(self.bits, i);
+            if m != 0 {
+                w.fetch_or(m, Ordering::Release);
+            }
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+}
+
+fn full_word_mask(bits: u64, word: usize) -> u64 {
+    let start = word as u64 * 64;
+    if start + 64 <= bits {
+        u64::MAX
+    } else if start >= bits {
+        0
+    } else {
+        (1u64 << (bits - start)) - 1
+    }
+}
+
+/// The page numbers whose bits are set in harvested `words`, in ascending order.
+pub fn set_pages(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(i, &w)| {
+        let mut w = w;
+        std::iter::from_fn(move || {
+            if w == 0 {
+                return None;
+            }
+            let b = w.trailing_zeros() as u64;
+            w &= w - 1;
+            Some(i as u64 * 64 + b)
+        })
+    })
+}
+
+/// Number of bits set in harvested `words`.
+pub fn count_set(words: &[u64]) -> u64 {
+    words.iter().map(|w| w.count_ones() as u64).sum()
+}
+
+/// The memory of one emulated VM.
+#[derive(Debug)]
+pub struct GuestMemory {
+    words: Box<[AtomicU64]>,
+    size: u64,
+    dirty: DirtyBitmap,
+}
+
+impl GuestMemory {
+    /// Zeroed guest memory of `size` bytes (a multiple of the page size). The host backs
+    /// it lazily: untouched pages cost no resident memory.
+    pub fn new(size: u64) -> Result<GuestMemory, MemoryError> {
+        if size == 0 || size % PAGE_SIZE as u64 != 0 || size > MAX_MEMORY_BYTES {
+            return Err(MemoryError::BadSize(size));
+        }
+        let pages = size / PAGE_SIZE as u64;
+        Ok(GuestMemory {
+            words: crate::sys::zeroed_atomic_words((size / 8) as usize),
+            size,
+            dirty: DirtyBitmap::new(pages),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        self.size / PAGE_SIZE as u64
+    }
+
+    pub fn dirty(&self) -> &DirtyBitmap {
+        &self.dirty
+    }
+
+    fn page_words(&self, page: u64) -> Result<&[AtomicU64], MemoryError> {
+        if page >= self.page_count() {
+            return Err(MemoryError::BadPage(page));
+        }
+        let start = page as usize * WORDS_PER_PAGE;
+        Ok(&self.words[start..start + WORDS_PER_PAGE])
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Copies page `page` into `buf`.
+    pub fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE]) -> Result<(), MemoryError> {
+        let words = self.page_words(page)?;
+        for (w, out) in words.iter().zip(buf.chunks_exact_mut(8)) {
+            out.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Overwrites page `page` with `data` and marks it dirty.
+    pub fn write_page(&self, page: u64, data: &[u8; PAGE_SIZE]) -> Result<(), MemoryError> {
+        let words = self.page_words(page)?;
+        for (w, chunk) in words.iter().zip(data.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        self.dirty.mark(page);
+        Ok(())
+    }
+
+    /// Fills page `page` with zeroes and marks it dirty.
+    pub fn zero_page(&self, page: u64) -> Result<(), MemoryError> {
+        for w in self.page_words(page)? {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.dirty.mark(page);
+        Ok(())
+    }
+
+    /// True when every byte of page `page` is zero.
+    pub fn is_zero_page(&self, page: u64) -> Result<bool, MemoryError> {
+        Ok(self
+            .page_words(page)?
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0))
+    }
+
+    /// Reads `buf.len()` bytes at `addr`.
+    pub fn read(&self, addr: GuestAddress, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check(addr.0, buf.len() as u64)?;
+        for (i, out) in buf.iter_mut().enumerate() {
+            let a = addr.0 + i as u64;
+            let w = self.words[(a / 8) as usize].load(Ordering::Relaxed);
+            *out = (w >> ((a % 8) * 8)) as u8;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `addr` and marks the pages it touches dirty.
+    pub fn write(&self, addr: GuestAddress, data: &[u8]) -> Result<(), MemoryError> {
+        self.check(addr.0, data.len() as u64)?;
+        for (i, &byte) in data.iter().enumerate() {
+            let a = addr.0 + i as u64;
+            let shift = (a % 8) * 8;
+            let mask = !(0xffu64 << shift);
+            let _ = self.words[(a / 8) as usize].fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |w| Some((w & mask) | ((byte as u64) << shift)),
+            );
+        }
+        if !data.is_empty() {
+            let first = addr.0 / PAGE_SIZE as u64;
+            let last = (addr.0 + data.len() as u64 - 1) / PAGE_SIZE as u64;
+            for p in first..=last {
+                self.dirty.mark(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the aligned little-endian u64 at `addr` (must be 8-byte aligned).
+    pub fn read_u64(&self, addr: GuestAddress) -> Result<u64, MemoryError> {
+        self.check(addr.0, 8)?;
+        if addr.0 % 8 != 0 {
+            let mut b = [0u8; 8];
+            self.read(addr, &mut b)?;
+            return Ok(u64::from_le_bytes(b));
+        }
+        Ok(self.words[(addr.0 / 8) as usize].load(Ordering::Relaxed))
+    }
+
+    /// Writes the little-endian u64 `value` at `addr` and marks its page dirty.
+    pub fn write_u64(&self, addr: GuestAddress, value: u64) -> Result<(), MemoryError> {
+        self.check(addr.0, 8)?;
+        if addr.0 % 8 != 0 {
+            return self.write(addr, &value.to_le_bytes());
+        }
+        self.words[(addr.0 / 8) as usize].store(value, Ordering::Relaxed);
+        self.dirty.mark(addr.0 / PAGE_SIZE as u64);
+        Ok(())
+    }
+
+    /// Adds one (wrapping) to the byte at `addr`, marks the page dirty, returns the new value.
+    pub fn increment_byte(&self, addr: GuestAddress) -> Result<u8, MemoryError> {
+        self.check(addr.0, 1)?;
+        let shift = (addr.0 % 8) * 8;
+        let old = self.words[(addr.0 / 8) as usize]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                let b = ((w >> shift) as u8).wrapping_add(1);
+                Some((w & !(0xffu64 << shift)) | ((b as u64) << shift))
+            })
+            .unwrap_or(0);
+        self.dirty.mark(addr.0 / PAGE_SIZE as u64);
+        Ok(((old >> shift) as u8).wrapping_add(1))
+    }
+
+    /// SHA-256 of all of guest memory. Call it with the vCPUs stopped for a stable value.
+    pub fn sha256(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut buf = [0u8; PAGE_SIZE];
+        for p in 0..self.page_count() {
+            // page_count bounds p, so read_page cannot fail.
+            let _ = self.read_page(p, &mut buf);
+            h.update(buf);
+        }
+        h.finalize().into()
+    }
+
+    /// Number of pages holding at least one non-zero byte.
+    pub fn nonzero_pages(&self) -> u64 {
+        (0..self.page_count())
+            .filter(|&p| !self.is_zero_page(p).unwrap_or(true))
+            .count() as u64
+    }
+}
+
+/// Lower-case hex of a digest, for logs and JSON.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked() {
+        assert!(GuestMemory::new(0).is_err());
+        assert!(GuestMemory::new(4095).is_err());
+        assert!(GuestMemory::new(MAX_MEMORY_BYTES + 4096).is_err());
+        let m = GuestMemory::new(1 << 20).unwrap();
+        assert_eq!(m.page_count(), 256);
+        assert_eq!(m.dirty().len(), 256);
+    }
+
+    #[test]
+    fn writes_mark_pages_dirty() {
+        let m = GuestMemory::new(16 * PAGE_SIZE as u64).unwrap();
+        assert_eq!(m.dirty().count(), 0);
+        m.write(GuestAddress(4095), &[1, 2]).unwrap();
+        assert!(m.dirty().is_dirty(0) && m.dirty().is_dirty(1));
+        m.write_u64(GuestAddress(5 * 4096), 9).unwrap();
+        m.increment_byte(GuestAddress(7 * 4096 + 3)).unwrap();
+        let mut page = [0xaau8; PAGE_SIZE];
+        m.write_page(9, &page).unwrap();
+        let words = m.dirty().harvest();
+        assert_eq!(set_pages(&words).collect::<Vec<_>>(), vec![0, 1, 5, 7, 9]);
+        assert_eq!(m.dirty().count(), 0);
+        m.read_page(9, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0xaa));
+        let mut b = [0u8; 2];
+        m.read(GuestAddress(4095), &mut b).unwrap();
+        assert_eq!(b, [1, 2]);
+        assert_eq!(m.read_u64(GuestAddress(5 * 4096)).unwrap(), 9);
+    }
+
+    #[test]
+    fn out_of_range_is_an_error() {
+        let m = GuestMemory::new(PAGE_SIZE as u64).unwrap();
+        assert!(m.write(GuestAddress(4095), &[1, 2]).is_err());
+        assert!(m.read_u64(GuestAddress(u64::MAX - 3)).is_err());
+        assert!(m.read_page(1, &mut [0; PAGE_SIZE]).is_err());
+        assert_eq!(m.dirty().count(), 0);
+    }
+
+    #[test]
+    fn harvest_merge_keeps_everything() {
+        let b = DirtyBitmap::new(130);
+        b.mark(0);
+        b.mark(129);
+        b.mark(500); // ignored
+        let words = b.harvest();
+        assert_eq!(count_set(&words), 2);
+        b.mark(64);
+        b.merge(&words);
+        assert_eq!(
+            set_pages(&b.harvest()).collect::<Vec<_>>(),
+            vec![0, 64, 129]
+        );
+        b.mark_all();
+        assert_eq!(b.count(), 130);
+    }
+
+    #[test]
+    fn increment_wraps_and_hash_changes() {
+        let m = GuestMemory::new(2 * PAGE_SIZE as u64).unwrap();
+        let h0 = m.sha256();
+        for _ in 0..256 {
+            m.increment_byte(GuestAddress(10)).unwrap();
+        }
+        assert_eq!(m.sha256(), h0);
+        assert_eq!(m.increment_byte(GuestAddress(10)).unwrap(), 1);
+        assert_ne!(m.sha256(), h0);
+        assert!(!m.is_zero_page(0).unwrap());
+        assert!(m.is_zero_page(1).unwrap());
+        assert_eq!(m.nonzero_pages(), 1);
+    }
+}
