@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::sys::packet as sys;
+use crate::wire::{ethernet, ipv4, EtherType};
 
 /// Errors of a packet socket; each names its interface.
 #[derive(Debug, thiserror::Error)]
@@ -130,14 +131,19 @@ impl PacketSocket {
             })?;
             if ready {
                 match sys::recv(&self.fd, buf) {
-                    Ok(len) if len > buf.len() => {
+                    Ok(info) if info.len > buf.len() => {
                         return Err(PacketError::Oversize {
                             ifname: self.ifname.clone(),
-                            len,
+                            len: info.len,
                             cap: buf.len(),
                         })
                     }
-                    Ok(len) => return Ok(Some(len)),
+                    Ok(info) => {
+                        if info.csum_not_ready {
+                            complete_checksum(&mut buf[..info.len]);
+                        }
+                        return Ok(Some(info.len));
+                    }
                     // Another thread took the frame, or a signal: wait again.
                     Err(e)
                         if matches!(
@@ -159,6 +165,18 @@ impl PacketSocket {
     }
 }
 
+/// Fills in the transport checksum the sender left to offload. A peer on this machine
+/// (veth, or a TAP written with a virtio-net header) hands such frames over with only the
+/// pseudo-header sum in place; receivers that check checksums would drop them.
+fn complete_checksum(frame: &mut [u8]) {
+    let Ok(eth) = ethernet::Frame::new_checked(&*frame) else {
+        return;
+    };
+    if eth.ethertype() == EtherType::Ipv4 {
+        ipv4::fill_transport_checksum(&mut frame[ethernet::HEADER_LEN..]);
+    }
+}
+
 impl AsFd for PacketSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -172,7 +190,7 @@ mod tests {
     use std::process::Command;
     use std::sync::Arc;
 
-    use crate::wire::{ethernet, EtherType, MacAddr};
+    use crate::wire::MacAddr;
 
     const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0xaa, 0x01]);
     const MAC_B: MacAddr = MacAddr([0x02, 0, 0, 0, 0xbb, 0x01]);

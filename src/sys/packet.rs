@@ -59,6 +59,8 @@ pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
     set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+    // Ask for each frame's status, to learn which checksums were offloaded.
+    set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
 
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -127,23 +129,66 @@ pub fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
     Ok(r > 0)
 }
 
-/// Receives one frame without blocking. Returns the frame's full length, which is
-/// larger than `buf` if the frame was cut (MSG_TRUNC); `WouldBlock` if none is queued.
-pub fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the pointer and length describe `buf`, which outlives the call; with
-    // MSG_TRUNC the kernel still writes at most `buf.len()` bytes.
+/// What the kernel says about a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvInfo {
+    /// The frame's full length: larger than the buffer if the frame was cut.
+    pub len: usize,
+    /// The transport checksum was left for hardware to fill (TP_STATUS_CSUMNOTREADY): the
+    /// sender offloaded it and the frame never crossed a wire that would compute it.
+    pub csum_not_ready: bool,
+}
+
+/// Receives one frame without blocking (MSG_TRUNC reports the full length), with its
+/// PACKET_AUXDATA status; `WouldBlock` if none is queued.
+pub fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<RecvInfo> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one tpacket_auxdata control message, 8-byte aligned as cmsghdr needs.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (describing `buf`) and `control`, all of which outlive
+    // the call; with MSG_TRUNC the kernel still writes at most `buf.len()` bytes.
     let n = unsafe {
-        libc::recv(
+        libc::recvmsg(
             fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
+            &mut msg,
             libc::MSG_DONTWAIT | libc::MSG_TRUNC,
         )
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(n as usize)
+    let mut csum_not_ready = false;
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR stay within
+    // msg_controllen, and the auxdata payload is read unaligned as it may not be aligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_PACKET
+                && c.cmsg_type == libc::PACKET_AUXDATA
+                && c.cmsg_len as usize
+                    >= libc::CMSG_LEN(std::mem::size_of::<libc::tpacket_auxdata>() as u32) as usize
+            {
+                let aux: libc::tpacket_auxdata =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                csum_not_ready = aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(RecvInfo {
+        len: n as usize,
+        csum_not_ready,
+    })
 }
 
 /// Moves the calling thread into the network namespace at `path` (e.g.
