@@ -1,5 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod udp;
+
 use clap::{Parser, Subcommand};
 
 /// Error type of every subcommand: the binary prints it, with its causes, on one line.
@@ -23,8 +25,13 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Send one request to a VM's UDP service (port 7777) and print the reply
+    Udp(udp::UdpArgs),
+}
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {}
+    match cli.command {
+        Command::Udp(args) => udp::run(args),
+    }
 }

@@ -1,1 +1,4 @@
 //! (placeholder)
+
+pub mod admission;
+pub mod datastore;
