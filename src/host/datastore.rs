@@ -7,10 +7,6 @@
 //! file for humans and error messages. The kernel drops the lock when the holder closes
 //! it or dies, so a crashed host never keeps a VM's disk. At switch-over the source drops
 //! its lock and the target takes it: one owner at a time.
-//!
-//! `File::try_lock` and friends are stable since Rust 1.89, above the crate's declared
-//! `rust-version`; raising that declaration removes the need for the allow below.
-#![allow(clippy::incompatible_msrv)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
