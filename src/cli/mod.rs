@@ -1,5 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod switch;
+
 use clap::{Parser, Subcommand};
 
 /// Error type of every subcommand: the binary prints it, with its causes, on one line.
@@ -23,8 +25,16 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    Switch(switch::SwitchArgs),
+    Fdb(switch::FdbArgs),
+    Ports(switch::PortsArgs),
+}
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {}
+    match cli.command {
+        Command::Switch(a) => switch::run_switch(a),
+        Command::Fdb(a) => switch::run_fdb(a),
+        Command::Ports(a) => switch::run_ports(a),
+    }
 }

@@ -149,7 +149,7 @@ mod tests {
         assert_eq!(h.gso_size(), 1448);
         assert_eq!(h.csum_start(), 34);
         assert_eq!(h.csum_offset(), 16);
-        assert!(!VnetHdr::new_checked(&[GSO_NONE, GSO_ECN][..]).is_ok());
+        assert!(VnetHdr::new_checked(&[GSO_NONE, GSO_ECN][..]).is_err());
         let plain = [0u8; 12];
         assert!(!VnetHdr::new_checked(&plain[..]).unwrap().is_gso());
     }
