@@ -1,7 +1,7 @@
 //! In-memory port (test adapter): a pair of channels standing in for a TAP, so the
 //! switch daemon's data path is tested without root.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +13,8 @@ pub struct MemPort {
     vnet_hdr_len: usize,
     offload: bool,
     rx: Mutex<Receiver<Vec<u8>>>,
+    /// A frame taken off the channel by `wait`, handed out by the next `try_recv`.
+    pending: Mutex<Option<Vec<u8>>>,
     tx: Sender<Vec<u8>>,
 }
 
@@ -33,6 +35,7 @@ pub fn pair(name: &str, vnet_hdr_len: usize, offload: bool) -> (MemPort, MemPeer
             vnet_hdr_len,
             offload,
             rx: Mutex::new(from_peer),
+            pending: Mutex::new(None),
             tx: to_peer,
         },
         MemPeer {
@@ -60,15 +63,42 @@ impl MemPeer {
 }
 
 impl Port for MemPort {
-    fn recv(&self, buf: &mut [u8], timeout: Duration) -> Result<Option<usize>, PortError> {
-        let rx = self.rx.lock().map_err(|_| PortError::Gone)?;
-        match rx.recv_timeout(timeout) {
-            Ok(frame) => {
-                let n = frame.len().min(buf.len());
-                buf[..n].copy_from_slice(&frame[..n]);
-                Ok(Some(n))
+    fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
+        // A thread blocked in `wait` holds `pending`: nothing is ready for us then.
+        let pending = match self.pending.try_lock() {
+            Ok(mut p) => p.take(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(PortError::Gone),
+        };
+        let frame = match pending {
+            Some(f) => f,
+            None => match self.rx.lock().map_err(|_| PortError::Gone)?.try_recv() {
+                Ok(f) => f,
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Disconnected) => return Err(PortError::Gone),
+            },
+        };
+        let n = frame.len().min(buf.len());
+        buf[..n].copy_from_slice(&frame[..n]);
+        Ok(Some(n))
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
+        let mut pending = self.pending.lock().map_err(|_| PortError::Gone)?;
+        if pending.is_some() {
+            return Ok(true);
+        }
+        match self
+            .rx
+            .lock()
+            .map_err(|_| PortError::Gone)?
+            .recv_timeout(timeout)
+        {
+            Ok(f) => {
+                *pending = Some(f);
+                Ok(true)
             }
-            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
             Err(RecvTimeoutError::Disconnected) => Err(PortError::Gone),
         }
     }

@@ -27,9 +27,25 @@ pub enum PortError {
 /// When [`Port::vnet_hdr_len`] is non-zero every frame, in and out, starts with a
 /// virtio-net header of that length, followed by the Ethernet frame.
 pub trait Port: Send + Sync {
-    /// Waits up to `timeout` for one frame and copies it into `buf`. `Ok(None)`: nothing
-    /// arrived. A returned length equal to `buf.len()` may mean the frame was cut.
-    fn recv(&self, buf: &mut [u8], timeout: Duration) -> Result<Option<usize>, PortError>;
+    /// Copies one waiting frame into `buf` without blocking. `Ok(None)`: none waiting.
+    /// A returned length equal to `buf.len()` may mean the frame was cut. Any thread may
+    /// call it; each call takes one whole frame.
+    fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError>;
+
+    /// Blocks up to `timeout` until a frame may be waiting. `Ok(false)`: timed out.
+    fn wait(&self, timeout: Duration) -> Result<bool, PortError>;
+
+    /// Waits up to `timeout` for one frame and copies it into `buf`.
+    fn recv(&self, buf: &mut [u8], timeout: Duration) -> Result<Option<usize>, PortError> {
+        if let Some(n) = self.try_recv(buf)? {
+            return Ok(Some(n));
+        }
+        if self.wait(timeout)? {
+            self.try_recv(buf)
+        } else {
+            Ok(None)
+        }
+    }
 
     /// Sends one frame (with its virtio-net header when the port uses one).
     fn send(&self, frame: &[u8]) -> Result<(), PortError>;

@@ -145,18 +145,21 @@ fn is_gone(e: &io::Error) -> bool {
 }
 
 impl Port for Tap {
-    fn recv(&self, buf: &mut [u8], timeout: Duration) -> Result<Option<usize>, PortError> {
-        match sys::poll_readable(&self.file, timeout).map_err(PortError::Io)? {
-            Readiness::Idle => return Ok(None),
-            Readiness::Broken => return Err(PortError::Gone),
-            Readiness::Readable => {}
-        }
+    fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
         match (&self.file).read(buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
             Err(e) if is_gone(&e) => Err(PortError::Gone),
             Err(e) => Err(PortError::Io(e)),
+        }
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
+        match sys::poll_readable(&self.file, timeout).map_err(PortError::Io)? {
+            Readiness::Idle => Ok(false),
+            Readiness::Broken => Err(PortError::Gone),
+            Readiness::Readable => Ok(true),
         }
     }
 

@@ -210,9 +210,6 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
         .map_err(SwitchdError::Runtime)?;
     let path = control::socket_path(&cfg.name);
     let result = rt.block_on(serve(fabric.clone(), &cfg, &path));
-    if result.is_ok() || path.exists() {
-        let _ = std::fs::remove_file(&path);
-    }
     fabric.stop();
     tracing::info!(t_us = crate::clock::unix_micros(), "switch stopped");
     result
@@ -265,6 +262,9 @@ async fn serve(
     };
     control::serve(listener, handler, shutdown).await;
     sweeper.abort();
+    // Only the socket we bound is ours to remove (a refused bind leaves another
+    // daemon's socket alone).
+    let _ = std::fs::remove_file(path);
     Ok(())
 }
 
