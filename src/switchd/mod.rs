@@ -316,8 +316,11 @@ impl Shared {
     }
 
     fn mark_down(&self, p: &SwitchPort) {
+        // Under the core lock, so no one sees the port down with entries still on it.
+        let mut core = self.core();
         if p.up.swap(false, Ordering::Relaxed) {
-            let n = self.core().fdb_mut().flush_port(p.id);
+            let n = core.fdb_mut().flush_port(p.id);
+            drop(core);
             tracing::warn!(
                 port = %p.name,
                 ifname = %p.port.ifname(),
