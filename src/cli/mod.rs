@@ -1,5 +1,6 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod switch;
 mod udp;
 
 use clap::{Parser, Subcommand};
@@ -28,10 +29,16 @@ pub struct Cli {
 pub enum Command {
     /// Send one request to a VM's UDP service (port 7777) and print the reply
     Udp(udp::UdpArgs),
+    Switch(switch::SwitchArgs),
+    Fdb(switch::FdbArgs),
+    Ports(switch::PortsArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Udp(args) => udp::run(args),
+        Command::Switch(a) => switch::run_switch(a),
+        Command::Fdb(a) => switch::run_fdb(a),
+        Command::Ports(a) => switch::run_ports(a),
     }
 }

@@ -1,1 +1,652 @@
-//! placeholder
+//! The switch daemon (adapter): ports, threads, clocks and the control socket around the
+//! sans-IO [`crate::switch`] core.
+//!
+//! Data path: one thread per port blocks in poll/read on its port, asks the core where
+//! the frame goes (the FDB sits under one mutex, held for a hash lookup or two), and
+//! writes the frame straight to the destination ports' fds from the same thread and the
+//! same buffer. No queue, no hand-off between threads, no allocation per frame: the
+//! fewest context switches a userspace switch can have. Counters are atomics.
+//!
+//! Control path: a tokio runtime serves the control socket, runs the ageing sweep once a
+//! second (so entries age without traffic) and waits for SIGINT/SIGTERM.
+
+pub mod control;
+pub mod daemon;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::port::{Port, PortError};
+use crate::switch::vnet::{self, VnetHdr};
+use crate::switch::{Decision, DropReason, FdbConfig, FdbEvent, PortId, Switch};
+use crate::wire::ethernet::HEADER_LEN;
+
+pub use daemon::{run, DaemonConfig, PortSpec, SwitchdError};
+
+/// Largest Ethernet frame the data path takes: a 64 KiB GSO frame plus header and tag.
+pub const MAX_FRAME: usize = 65536 + HEADER_LEN + 4;
+/// How long a port thread blocks before checking for shutdown.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Most frames a thread takes from another port after writing to it (see `steal`).
+const STEAL_BUDGET: usize = 8;
+
+/// Per-port counters, updated by the data path without locks.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames received on this port that were flooded.
+    pub flooded: AtomicU64,
+    /// Receive errors other than the port going away.
+    pub rx_errors: AtomicU64,
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl PortCounters {
+    fn drop(&self, r: DropReason) {
+        self.dropped[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One port of the running switch.
+pub struct SwitchPort {
+    pub id: PortId,
+    pub name: String,
+    /// Namespace the port's interface lives in (None: the switch's own).
+    pub netns: Option<String>,
+    port: Box<dyn Port>,
+    pub counters: PortCounters,
+    up: AtomicBool,
+    /// Held while a frame of this port is read and forwarded: whichever thread does it,
+    /// the port's frames leave in the order they came.
+    rx: Mutex<()>,
+}
+
+impl SwitchPort {
+    pub fn new(id: PortId, name: &str, netns: Option<String>, port: Box<dyn Port>) -> SwitchPort {
+        SwitchPort {
+            id,
+            name: name.to_string(),
+            netns,
+            port,
+            counters: PortCounters::default(),
+            up: AtomicBool::new(true),
+            rx: Mutex::new(()),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of one port as shown by `vfabric ports`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortStats {
+    pub port: String,
+    pub id: PortId,
+    pub ifname: String,
+    pub netns: String,
+    pub up: bool,
+    pub offload: bool,
+    pub fdb_entries: usize,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub flooded: u64,
+    pub rx_errors: u64,
+    /// Dropped frames by reason (only reasons seen).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// One FDB entry as shown by `vfabric fdb show`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FdbRow {
+    pub mac: crate::wire::MacAddr,
+    pub port: String,
+    pub port_id: PortId,
+    pub age_s: f64,
+}
+
+struct Shared {
+    ports: Vec<SwitchPort>,
+    mirror: Option<SwitchPort>,
+    core: Mutex<Switch>,
+    stop: AtomicBool,
+    hdr_len: usize,
+}
+
+/// The running data path: port threads over a shared core.
+pub struct Fabric {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Errors of starting the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    #[error("all ports must use the same virtio-net header length")]
+    MixedHeaders,
+    #[error("too many ports (at most {max})", max = u16::MAX)]
+    TooManyPorts,
+    #[error("cannot start a port thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl Fabric {
+    /// Starts one thread per port. `ports` get ids 0, 1, … in order. The mirror, if
+    /// any, receives a copy of every frame any port receives.
+    pub fn start(
+        ports: Vec<SwitchPort>,
+        mirror: Option<SwitchPort>,
+        cfg: FdbConfig,
+    ) -> Result<Fabric, FabricError> {
+        if ports.len() > usize::from(u16::MAX) {
+            return Err(FabricError::TooManyPorts);
+        }
+        let hdr_len = ports.first().map_or(0, |p| p.port.vnet_hdr_len());
+        if ports
+            .iter()
+            .chain(mirror.iter())
+            .any(|p| p.port.vnet_hdr_len() != hdr_len)
+        {
+            return Err(FabricError::MixedHeaders);
+        }
+        let shared = Arc::new(Shared {
+            ports,
+            mirror,
+            core: Mutex::new(Switch::new(cfg)),
+            stop: AtomicBool::new(false),
+            hdr_len,
+        });
+        let mut threads = Vec::with_capacity(shared.ports.len());
+        for i in 0..shared.ports.len() {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("port-{}", shared.ports[i].name))
+                .spawn(move || port_loop(&s, i))
+                .map_err(|e| {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    FabricError::Thread(e)
+                })?;
+            threads.push(t);
+        }
+        Ok(Fabric {
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Live FDB entries.
+    pub fn fdb(&self) -> Vec<FdbRow> {
+        let now = Instant::now();
+        let core = self.shared.core();
+        core.fdb()
+            .entries(now)
+            .into_iter()
+            .map(|e| FdbRow {
+                mac: e.mac,
+                port: self.shared.port_name(e.port).to_string(),
+                port_id: e.port,
+                age_s: (e.age.as_secs_f64() * 1000.0).round() / 1000.0,
+            })
+            .collect()
+    }
+
+    /// Empties the FDB; returns how many entries went.
+    pub fn flush(&self) -> usize {
+        let n = self.shared.core().fdb_mut().flush();
+        tracing::info!(
+            entries = n,
+            t_us = crate::clock::unix_micros(),
+            "fdb flushed"
+        );
+        n
+    }
+
+    /// Removes expired entries, logging each. Called periodically.
+    pub fn sweep(&self) {
+        let mut events = Vec::new();
+        self.shared
+            .core()
+            .fdb_mut()
+            .sweep(Instant::now(), &mut events);
+        self.shared.log_events(&events, crate::clock::unix_micros());
+    }
+
+    /// Counters of every port (the mirror last).
+    pub fn stats(&self) -> Vec<PortStats> {
+        let core = self.shared.core();
+        self.shared
+            .ports
+            .iter()
+            .chain(self.shared.mirror.iter())
+            .map(|p| {
+                let c = &p.counters;
+                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                PortStats {
+                    port: p.name.clone(),
+                    id: p.id,
+                    ifname: p.port.ifname().to_string(),
+                    netns: p.netns.clone().unwrap_or_default(),
+                    up: p.is_up(),
+                    offload: p.port.offload(),
+                    fdb_entries: core.fdb().port_entries(p.id),
+                    rx_frames: ld(&c.rx_frames),
+                    rx_bytes: ld(&c.rx_bytes),
+                    tx_frames: ld(&c.tx_frames),
+                    tx_bytes: ld(&c.tx_bytes),
+                    flooded: ld(&c.flooded),
+                    rx_errors: ld(&c.rx_errors),
+                    dropped: DropReason::ALL
+                        .iter()
+                        .filter_map(|r| {
+                            let n = ld(&c.dropped[r.index()]);
+                            (n > 0).then(|| (r.as_str().to_string(), n))
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Stops the port threads and waits for them. Ports close when the fabric drops.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    /// The core. A panic elsewhere while holding the lock leaves a usable table, so a
+    /// poisoned lock is taken anyway rather than stopping the switch.
+    fn core(&self) -> MutexGuard<'_, Switch> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn port_name(&self, id: PortId) -> &str {
+        self.ports
+            .get(usize::from(id.0))
+            .map_or("?", |p| p.name.as_str())
+    }
+
+    fn log_events(&self, events: &[FdbEvent], t_us: u64) {
+        for ev in events {
+            match *ev {
+                FdbEvent::Learned { mac, port } => {
+                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac learned")
+                }
+                FdbEvent::Moved {
+                    mac,
+                    from,
+                    to,
+                    ethertype,
+                } => tracing::info!(
+                    %mac,
+                    from = %self.port_name(from),
+                    to = %self.port_name(to),
+                    %ethertype,
+                    t_us,
+                    "mac moved"
+                ),
+                FdbEvent::Aged { mac, port } => {
+                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac aged out")
+                }
+                FdbEvent::Evicted { mac, port } => {
+                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac evicted")
+                }
+            }
+        }
+    }
+
+    fn mark_down(&self, p: &SwitchPort) {
+        // Under the core lock, so no one sees the port down with entries still on it.
+        let mut core = self.core();
+        if p.up.swap(false, Ordering::Relaxed) {
+            let n = core.fdb_mut().flush_port(p.id);
+            drop(core);
+            tracing::warn!(
+                port = %p.name,
+                ifname = %p.port.ifname(),
+                fdb_entries_removed = n,
+                t_us = crate::clock::unix_micros(),
+                "port down: its device is gone"
+            );
+        }
+    }
+
+    /// Sends `frame` (virtio-net header + Ethernet) out of `out`, adapting it to a port
+    /// without offloads: partial checksums are completed in place (valid for every
+    /// later receiver too); GSO frames are dropped and counted, never cut or corrupted.
+    fn transmit(&self, out: &SwitchPort, frame: &mut [u8]) {
+        if !out.is_up() {
+            out.counters.drop(DropReason::PortDown);
+            return;
+        }
+        let hdr = self.hdr_len;
+        if hdr > 0 && !out.port.offload() {
+            let (vh, eth) = frame.split_at_mut(hdr);
+            match VnetHdr::new_checked(&*vh) {
+                Ok(h) if h.is_gso() => {
+                    out.counters.drop(DropReason::GsoUnsupported);
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    out.counters.drop(DropReason::BadVnetHeader);
+                    return;
+                }
+            }
+            if vnet::complete_checksum(vh, eth).is_err() {
+                out.counters.drop(DropReason::BadVnetHeader);
+                return;
+            }
+        }
+        match out.port.send(frame) {
+            Ok(()) => {
+                out.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                out.counters
+                    .tx_bytes
+                    .fetch_add((frame.len() - hdr) as u64, Ordering::Relaxed);
+            }
+            Err(PortError::Gone) => {
+                out.counters.drop(DropReason::TxError);
+                self.mark_down(out);
+            }
+            Err(PortError::Io(_)) => out.counters.drop(DropReason::TxError),
+        }
+    }
+}
+
+/// The reader thread of port `index`: read, decide, write, until shutdown or the port
+/// goes away.
+fn port_loop(s: &Shared, index: usize) {
+    let me = &s.ports[index];
+    let hdr = s.hdr_len;
+    // One buffer for the life of the thread; one byte more than the largest frame so a
+    // read that fills it is known to be cut.
+    let mut buf = vec![0u8; hdr + MAX_FRAME + 1];
+    let mut events: Vec<FdbEvent> = Vec::with_capacity(4);
+    while !s.stop.load(Ordering::Relaxed) && me.is_up() {
+        // Another thread forwarding this port's frames right now (see `steal`) is
+        // about to finish: let it, rather than sleep on the lock and be woken.
+        let Ok(rx) = me.rx.try_lock() else {
+            std::thread::yield_now();
+            continue;
+        };
+        let received = receive_one(s, me, &mut buf, &mut events);
+        drop(rx);
+        match received {
+            Received::Forwarded(Some(egress)) => steal(s, egress, &mut buf, &mut events),
+            Received::Forwarded(None) => {}
+            Received::Nothing => match me.port.wait(POLL_INTERVAL) {
+                Ok(_) => {}
+                Err(PortError::Gone) => {
+                    me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    s.mark_down(me);
+                }
+                Err(PortError::Io(e)) => {
+                    tracing::warn!(port = %me.name, error = %e, "poll failed");
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            },
+            Received::Gone => break,
+        }
+    }
+}
+
+enum Received {
+    /// A frame was handled; the unicast egress port, if any.
+    Forwarded(Option<PortId>),
+    Nothing,
+    Gone,
+}
+
+/// Reads and forwards one frame of `me` without blocking. Callers hold `me`'s receive
+/// lock, so a port's frames are forwarded in the order they arrived.
+fn receive_one(
+    s: &Shared,
+    me: &SwitchPort,
+    buf: &mut [u8],
+    events: &mut Vec<FdbEvent>,
+) -> Received {
+    match me.port.try_recv(buf) {
+        Ok(Some(n)) => {
+            let t_us = crate::clock::unix_micros();
+            let now = Instant::now();
+            let cap = buf.len();
+            Received::Forwarded(forward(s, me, &mut buf[..n], cap, now, t_us, events))
+        }
+        Ok(None) => Received::Nothing,
+        Err(PortError::Gone) => {
+            me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+            s.mark_down(me);
+            Received::Gone
+        }
+        Err(PortError::Io(e)) => {
+            let errors = me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+            if errors.is_power_of_two() {
+                tracing::warn!(port = %me.name, error = %e, errors, "receive failed");
+            }
+            Received::Nothing
+        }
+    }
+}
+
+/// After writing a frame to `egress`, forwards what `egress` has ready from this thread.
+/// A write into a TAP runs the receiving namespace's stack before it returns, so a
+/// reply (echo reply, TCP ACK) is usually waiting already; handling it here saves
+/// waking the egress port's own thread, which on an idle virtual CPU costs tens of
+/// microseconds. Only if no one else is reading that port (try-lock), and a few frames
+/// at most, so per-port order holds and no port starves.
+fn steal(s: &Shared, egress: PortId, buf: &mut [u8], events: &mut Vec<FdbEvent>) {
+    let Some(p) = s.ports.get(usize::from(egress.0)) else {
+        return;
+    };
+    if !p.is_up() {
+        return;
+    }
+    let Ok(_rx) = p.rx.try_lock() else {
+        return;
+    };
+    for _ in 0..STEAL_BUDGET {
+        if !matches!(receive_one(s, p, buf, events), Received::Forwarded(_)) {
+            break;
+        }
+    }
+}
+
+/// Handles one frame received on `me`. `cap` is the size of the read buffer.
+fn forward(
+    s: &Shared,
+    me: &SwitchPort,
+    frame: &mut [u8],
+    cap: usize,
+    now: Instant,
+    t_us: u64,
+    events: &mut Vec<FdbEvent>,
+) -> Option<PortId> {
+    let hdr = s.hdr_len;
+    let c = &me.counters;
+    c.rx_frames.fetch_add(1, Ordering::Relaxed);
+    c.rx_bytes
+        .fetch_add(frame.len().saturating_sub(hdr) as u64, Ordering::Relaxed);
+    if frame.len() >= cap {
+        c.drop(DropReason::Oversize);
+        return None;
+    }
+    if frame.len() < hdr + HEADER_LEN {
+        c.drop(DropReason::Runt);
+        return None;
+    }
+    events.clear();
+    let decision = s.core().handle(me.id, &frame[hdr..], now, events);
+    if !events.is_empty() {
+        s.log_events(events, t_us);
+    }
+    if let Some(m) = &s.mirror {
+        s.transmit(m, frame);
+    }
+    match decision {
+        Decision::Unicast(p) => {
+            let out = s.ports.get(usize::from(p.0))?;
+            s.transmit(out, frame);
+            Some(p)
+        }
+        Decision::Flood => {
+            c.flooded.fetch_add(1, Ordering::Relaxed);
+            for out in s.ports.iter().filter(|p| p.id != me.id && p.is_up()) {
+                s.transmit(out, frame);
+            }
+            None
+        }
+        Decision::Drop(r) => {
+            c.drop(r);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::mem::{self, MemPeer};
+    use crate::wire::ethernet::{Frame, Repr};
+    use crate::wire::{EtherType, MacAddr};
+
+    const A: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xa]);
+    const B: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xb]);
+    const T: Duration = Duration::from_secs(2);
+    const SHORT: Duration = Duration::from_millis(150);
+
+    fn eth(hdr: usize, src: MacAddr, dst: MacAddr, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; hdr + len];
+        Repr {
+            src,
+            dst,
+            ethertype: EtherType::Ipv4,
+        }
+        .emit(&mut Frame::new_checked(&mut buf[hdr..]).unwrap());
+        buf
+    }
+
+    fn fabric(n: usize, hdr: usize, offload: bool, mirror: bool) -> (Fabric, Vec<MemPeer>) {
+        let mut ports = vec![];
+        let mut peers = vec![];
+        for i in 0..n {
+            let (p, peer) = mem::pair(&format!("p{i}"), hdr, offload);
+            ports.push(SwitchPort::new(
+                PortId(i as u16),
+                &format!("p{i}"),
+                None,
+                Box::new(p),
+            ));
+            peers.push(peer);
+        }
+        let m = mirror.then(|| {
+            let (p, peer) = mem::pair("mirror", hdr, true);
+            peers.push(peer);
+            SwitchPort::new(PortId(u16::MAX), "mirror", None, Box::new(p))
+        });
+        (
+            Fabric::start(ports, m, FdbConfig::default()).unwrap(),
+            peers,
+        )
+    }
+
+    #[test]
+    fn floods_learns_and_forwards_unicast() {
+        let (f, peers) = fabric(3, 0, true, true);
+        let ab = eth(0, A, B, 60);
+        peers[0].inject(&ab);
+        assert_eq!(peers[1].recv(T).unwrap(), ab);
+        assert_eq!(peers[2].recv(T).unwrap(), ab);
+        assert_eq!(peers[3].recv(T).unwrap(), ab, "mirror sees it");
+        assert!(peers[0].recv(SHORT).is_none(), "never back to ingress");
+        let ba = eth(0, B, A, 60);
+        peers[1].inject(&ba);
+        assert_eq!(peers[0].recv(T).unwrap(), ba);
+        assert!(peers[2].recv(SHORT).is_none(), "unicast goes to one port");
+        let rows = f.fdb();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].mac, rows[0].port.as_str()), (A, "p0"));
+        assert_eq!((rows[1].mac, rows[1].port.as_str()), (B, "p1"));
+        let st = f.stats();
+        assert_eq!(st[0].rx_frames, 1);
+        assert_eq!(st[0].flooded, 1);
+        assert_eq!(st[0].tx_frames, 1);
+        assert_eq!(st[0].tx_bytes, 60);
+        assert_eq!(st[3].tx_frames, 2);
+        assert_eq!(f.flush(), 2);
+        assert!(f.fdb().is_empty());
+        f.stop();
+    }
+
+    #[test]
+    fn garbage_is_counted_and_forwarding_goes_on() {
+        let (f, peers) = fabric(2, 12, true, false);
+        for len in [0usize, 1, 11, 12, 13, 25] {
+            peers[0].inject(&vec![0x5a; len]);
+        }
+        // Zero source, and a frame longer than any TAP can give.
+        peers[0].inject(&eth(12, MacAddr::ZERO, B, 60));
+        peers[0].inject(&eth(12, A, B, MAX_FRAME + 1));
+        let ok = eth(12, A, B, 60);
+        peers[0].inject(&ok);
+        assert_eq!(peers[1].recv(T).unwrap(), ok);
+        let st = &f.stats()[0];
+        assert_eq!(st.dropped.get("runt"), Some(&6));
+        assert_eq!(st.dropped.get("invalid_source"), Some(&1));
+        assert_eq!(st.dropped.get("oversize"), Some(&1));
+        f.stop();
+    }
+
+    #[test]
+    fn gso_frames_are_refused_by_ports_without_offload() {
+        let (f, peers) = fabric(2, 12, false, false);
+        let mut gso = eth(12, A, B, 3000);
+        gso[1] = vnet::GSO_TCPV4;
+        peers[0].inject(&gso);
+        let plain = eth(12, A, B, 60);
+        peers[0].inject(&plain);
+        assert_eq!(peers[1].recv(T).unwrap(), plain);
+        assert_eq!(f.stats()[1].dropped.get("gso_unsupported"), Some(&1));
+        f.stop();
+    }
+
+    #[test]
+    fn a_port_that_goes_away_is_marked_down_and_the_rest_keep_working() {
+        let (f, mut peers) = fabric(3, 0, true, false);
+        peers[2].inject(&eth(0, B, A, 60));
+        assert!(peers[0].recv(T).is_some());
+        assert!(peers[1].recv(T).is_some());
+        let gone = peers.pop().unwrap();
+        drop(gone);
+        let deadline = Instant::now() + T;
+        while f.stats()[2].up && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!f.stats()[2].up);
+        assert!(f.fdb().is_empty(), "its entries went with it");
+        let ab = eth(0, A, B, 60);
+        peers[0].inject(&ab);
+        assert_eq!(peers[1].recv(T).unwrap(), ab);
+        f.stop();
+    }
+}

@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 pub mod packet;
+pub mod tap;
 
 use std::sync::atomic::AtomicU64;
 

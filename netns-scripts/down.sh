@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Tears the fabric down: stops every daemon with a pid file in the run directory, kills
+# whatever still runs inside the prefix's namespaces, deletes those namespaces (their
+# veth and TAP interfaces go with them) and removes sockets and pid files. Logs stay.
+# Idempotent and safe after a crash: every step tolerates things already gone.
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+stop_daemons() {
+    local f
+    [ -d "$VFABRIC_RUN_DIR" ] || return 0
+    for f in "$VFABRIC_RUN_DIR"/*.pid; do
+        [ -e "$f" ] && kill_pidfile "$f"
+    done
+    return 0
+}
+
+delete_namespaces() {
+    local ns pids
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${VF_PREFIX}-" || true); do
+        # A namespace outlives `ip netns del` while a process runs in it.
+        pids=$(ip netns pids "$ns" 2>/dev/null || true)
+        if [ -n "$pids" ]; then
+            # shellcheck disable=SC2086
+            kill -TERM $pids 2>/dev/null || true
+            sleep 0.2
+            # shellcheck disable=SC2086
+            kill -KILL $pids 2>/dev/null || true
+        fi
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
+
+remove_leftovers() {
+    [ -d "$VFABRIC_RUN_DIR" ] || return 0
+    rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid
+    rmdir "$VFABRIC_RUN_DIR" 2>/dev/null || true    # only if empty: logs are kept
+}
+
+main() {
+    need_root
+    stop_daemons
+    delete_namespaces
+    remove_leftovers
+    log "down: prefix $VF_PREFIX, run dir $VFABRIC_RUN_DIR"
+}
+
+main "$@"

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Builds the fabric: three namespaces (client, silo104, silo105), the vMotion veth pair
+# between the hosts, and the vfabric switch joining the client's eth0 and the hosts'
+# vmnic0 through TAP ports. Settings: see lib.sh. Undo with down.sh.
+#
+# Steps run in order from main(); each is a function, so more (host daemons, demo
+# traffic) slot in as one more function and one more line in main().
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+check_not_up() {
+    local ns
+    for ns in "${ALL_NS[@]}"; do
+        ns_exists "$ns" && die "namespace $ns exists already; run down.sh first"
+    done
+    if [ -S "$VFABRIC_RUN_DIR/switch.sock" ]; then
+        die "$VFABRIC_RUN_DIR/switch.sock exists; run down.sh first"
+    fi
+    return 0
+}
+
+create_namespaces() {
+    local ns
+    for ns in "${ALL_NS[@]}"; do
+        ip netns add "$ns"
+        ip -n "$ns" link set lo up
+    done
+}
+
+# The veth pair is created directly inside the two namespaces, so its ends never exist
+# in the root namespace and parallel topologies cannot collide on names.
+create_vmotion_link() {
+    ip link add vmk1 netns "$NS_SILO104" type veth peer name vmk1 netns "$NS_SILO105"
+}
+
+start_switch() {
+    local pid mirror=()
+    mkdir -p "$VFABRIC_RUN_DIR"
+    chmod 0700 "$VFABRIC_RUN_DIR"
+    [ -n "${VF_MIRROR:-}" ] && mirror=(--mirror "$VF_MIRROR")
+    # shellcheck disable=SC2086 # VF_SWITCH_ARGS is a list of words
+    setsid nohup "$VFABRIC_BIN" switch --name switch \
+        --port "client=$NS_CLIENT:eth0" \
+        --port "silo104=$NS_SILO104:vmnic0" \
+        --port "silo105=$NS_SILO105:vmnic0" \
+        "${mirror[@]}" ${VF_SWITCH_ARGS:-} \
+        >"$VFABRIC_RUN_DIR/switch.log" 2>&1 </dev/null &
+    pid=$!
+    write_pidfile switch "$pid"
+    wait_for_socket "$VFABRIC_RUN_DIR/switch.sock" "$pid" "$VFABRIC_RUN_DIR/switch.log"
+}
+
+configure_addresses() {
+    ip -n "$NS_CLIENT" addr add "$CLIENT_IP" dev eth0
+    ip -n "$NS_CLIENT" link set eth0 up
+    ip -n "$NS_SILO104" addr add "$SILO104_IP" dev vmnic0
+    ip -n "$NS_SILO105" addr add "$SILO105_IP" dev vmnic0
+    ip -n "$NS_SILO104" addr add "$SILO104_VMK" dev vmk1
+    ip -n "$NS_SILO105" addr add "$SILO105_VMK" dev vmk1
+    local ns
+    for ns in "$NS_SILO104" "$NS_SILO105"; do
+        ip -n "$ns" link set vmnic0 up
+        ip -n "$ns" link set vmk1 up
+    done
+}
+
+on_error() {
+    log "failed; removing what was created"
+    "$(dirname "${BASH_SOURCE[0]}")/down.sh" || true
+}
+
+main() {
+    need_root
+    ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
+    ensure_bin
+    check_not_up
+    trap on_error ERR
+    create_namespaces
+    create_vmotion_link
+    start_switch
+    configure_addresses
+    trap - ERR
+    log "up: namespaces ${ALL_NS[*]}; switch log $VFABRIC_RUN_DIR/switch.log"
+    log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; $VFABRIC_BIN fdb show"
+}
+
+main "$@"

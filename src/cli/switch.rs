@@ -1,0 +1,195 @@
+//! `vfabric switch`, `vfabric fdb show|flush`, `vfabric ports`: the switch daemon and its
+//! control verbs.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::CliError;
+use vfabric::control;
+use vfabric::switch::FdbConfig;
+use vfabric::switchd::control::SwitchRequest;
+use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Run the userspace L2 learning switch on TAP ports",
+    long_about = "Run the userspace L2 learning switch on TAP ports.\n\n\
+        Each --port creates a TAP device, moves its kernel side into network namespace \
+        NETNS (as created by `ip netns add`) renamed IFNAME there, and keeps its fd: \
+        frames the namespace sends on IFNAME reach the switch, which learns source MACs \
+        and forwards like the Linux bridge. An empty NETNS (client=:tap-c) leaves the \
+        interface in the switch's namespace. The control socket \
+        $VFABRIC_RUN_DIR/NAME.sock (default /run/vfabric) appears once every port is \
+        ready. Stops on SIGINT/SIGTERM; the TAP devices vanish with it. Needs root.\n\n\
+        Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0"
+)]
+pub struct SwitchArgs {
+    /// Switch name; the control socket is $VFABRIC_RUN_DIR/NAME.sock
+    #[arg(long, default_value = "switch")]
+    name: String,
+    /// A port, e.g. client=vf-client:eth0 (repeat for each port)
+    #[arg(long = "port", value_name = "NAME=NETNS:IFNAME", required = true)]
+    ports: Vec<String>,
+    /// Create a mirror TAP named IFNAME in the switch's namespace that gets a copy of
+    /// every frame (watch it with tcpdump -i IFNAME)
+    #[arg(long, value_name = "IFNAME")]
+    mirror: Option<String>,
+    /// Seconds an unused FDB entry lives; 0 learns nothing and floods everything
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    ageing_secs: u64,
+    /// Most FDB entries; a new MAC beyond it evicts one from the busiest port
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    max_entries: usize,
+    /// Refuse to move a MAC to another port until it has been silent this long on its
+    /// current port (0: move at once, as the Linux bridge does)
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    hold_down_ms: u64,
+    /// Open the TAPs without checksum/TSO offloads: the kernel then sends only finished
+    /// frames of at most the MTU (slower; for comparison)
+    #[arg(long)]
+    no_offload: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(about = "Show or flush the switch's forwarding database")]
+pub struct FdbArgs {
+    #[command(subcommand)]
+    cmd: FdbCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum FdbCmd {
+    /// List learned MACs: one line per entry with MAC, port and age
+    Show {
+        /// Name of the switch to ask
+        #[arg(long, default_value = "switch")]
+        switch: String,
+        /// Print a JSON array of {"mac","port","port_id","age_s"}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget every learned MAC (traffic floods until relearned)
+    Flush {
+        /// Name of the switch to ask
+        #[arg(long, default_value = "switch")]
+        switch: String,
+        /// Print {"flushed": N}
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(about = "Show the switch's ports and their counters")]
+pub struct PortsArgs {
+    /// Name of the switch to ask
+    #[arg(long, default_value = "switch")]
+    switch: String,
+    /// Print a JSON array, one object per port
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
+    let ports = args
+        .ports
+        .iter()
+        .map(|s| s.parse::<PortSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(m) = &args.mirror {
+        if m.is_empty() || m.len() > 15 || m.contains('/') || m.contains(char::is_whitespace) {
+            return Err(format!("bad mirror interface name {m:?} (1 to 15 characters)").into());
+        }
+    }
+    if !vfabric::sys::tap::is_root() {
+        return Err("vfabric switch creates TAP devices and needs root".into());
+    }
+    vfabric::logging::init();
+    switchd::run(DaemonConfig {
+        name: args.name,
+        ports,
+        mirror: args.mirror,
+        fdb: FdbConfig {
+            ageing: Duration::from_secs(args.ageing_secs),
+            max_entries: args.max_entries,
+            hold_down: Duration::from_millis(args.hold_down_ms),
+        },
+        offload: !args.no_offload,
+    })?;
+    Ok(())
+}
+
+fn ask<T: serde::de::DeserializeOwned>(switch: &str, req: SwitchRequest) -> Result<T, CliError> {
+    Ok(control::call_simple(&control::socket_path(switch), &req)?)
+}
+
+pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
+    match args.cmd {
+        FdbCmd::Show { switch, json } => {
+            let rows: Vec<FdbRow> = ask(&switch, SwitchRequest::FdbShow)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for r in rows {
+                    println!("{} port {} age {:.1}s", r.mac, r.port, r.age_s);
+                }
+            }
+        }
+        FdbCmd::Flush { switch, json } => {
+            let v: serde_json::Value = ask(&switch, SwitchRequest::FdbFlush)?;
+            if json {
+                println!("{v}");
+            } else {
+                println!("flushed {} entries", v["flushed"]);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
+    let ports: Vec<PortStats> = ask(&args.switch, SwitchRequest::Ports)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&ports)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:<14} {:<5} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  DROPPED",
+        "PORT",
+        "IFNAME",
+        "NETNS",
+        "STATE",
+        "MACS",
+        "RX_FRAMES",
+        "RX_BYTES",
+        "TX_FRAMES",
+        "TX_BYTES",
+        "FLOODED"
+    );
+    for p in ports {
+        let mut dropped: Vec<String> = p.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if p.rx_errors > 0 {
+            dropped.push(format!("rx_errors={}", p.rx_errors));
+        }
+        println!(
+            "{:<10} {:<10} {:<14} {:<5} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  {}",
+            p.port,
+            p.ifname,
+            if p.netns.is_empty() { "-" } else { &p.netns },
+            if p.up { "up" } else { "down" },
+            p.fdb_entries,
+            p.rx_frames,
+            p.rx_bytes,
+            p.tx_frames,
+            p.tx_bytes,
+            p.flooded,
+            if dropped.is_empty() {
+                "0".to_string()
+            } else {
+                dropped.join(",")
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! Switch daemon life cycle (adapter): create and place the TAP ports, start the data
+//! path, then serve the control socket until SIGINT/SIGTERM and tear everything down.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::control::SwitchRequest;
+use super::{Fabric, FabricError, SwitchPort};
+use crate::control::{self, ControlError};
+use crate::port::tap::{Tap, TapError};
+use crate::port::Port;
+use crate::switch::{FdbConfig, PortId};
+
+/// Most ports one switch takes.
+pub const MAX_PORTS: usize = 256;
+
+/// `NAME=NETNS:IFNAME`: port NAME, its interface moved into NETNS and renamed IFNAME
+/// there (empty NETNS: the interface stays in the switch's namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: String,
+    pub netns: String,
+    pub ifname: String,
+}
+
+/// A port spec that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad port spec {spec:?}: {why} (expected NAME=NETNS:IFNAME, e.g. client=vf-client:eth0)")]
+pub struct PortSpecError {
+    spec: String,
+    why: &'static str,
+}
+
+fn valid_token(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl FromStr for PortSpec {
+    type Err = PortSpecError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why| PortSpecError {
+            spec: s.to_string(),
+            why,
+        };
+        let (name, rest) = s.split_once('=').ok_or_else(|| err("missing '='"))?;
+        let (netns, ifname) = rest.split_once(':').ok_or_else(|| err("missing ':'"))?;
+        if name.is_empty() || !valid_token(name) {
+            return Err(err(
+                "port name must be non-empty letters, digits, '-', '_', '.'",
+            ));
+        }
+        if !valid_token(netns) {
+            return Err(err("namespace name has bad characters"));
+        }
+        if ifname.is_empty() || ifname.len() > 15 || !valid_token(ifname) {
+            return Err(err(
+                "interface name must be 1 to 15 letters, digits, '-', '_', '.'",
+            ));
+        }
+        Ok(PortSpec {
+            name: name.to_string(),
+            netns: netns.to_string(),
+            ifname: ifname.to_string(),
+        })
+    }
+}
+
+/// Everything `vfabric switch` was asked to do.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Names the control socket: `<run dir>/<name>.sock`.
+    pub name: String,
+    pub ports: Vec<PortSpec>,
+    /// Name of a mirror TAP left in the switch's namespace.
+    pub mirror: Option<String>,
+    pub fdb: FdbConfig,
+    /// Exchange GSO frames and partial checksums with the kernel.
+    pub offload: bool,
+}
+
+/// Errors of the switch daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchdError {
+    #[error("no ports given (use --port NAME=NETNS:IFNAME)")]
+    NoPorts,
+    #[error("too many ports (at most {MAX_PORTS})")]
+    TooManyPorts,
+    #[error("port {0:?} given twice")]
+    DuplicatePort(String),
+    #[error("interface {ifname:?} given twice in namespace {netns:?}")]
+    DuplicateIfname { netns: String, ifname: String },
+    #[error("port {port}")]
+    Tap {
+        port: String,
+        #[source]
+        source: TapError,
+    },
+    #[error("cannot start the data path")]
+    Fabric(#[from] FabricError),
+    #[error("control socket")]
+    Control(#[from] ControlError),
+    #[error("cannot start the control runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl DaemonConfig {
+    fn validate(&self) -> Result<(), SwitchdError> {
+        if self.ports.is_empty() {
+            return Err(SwitchdError::NoPorts);
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(SwitchdError::TooManyPorts);
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            for q in &self.ports[..i] {
+                if q.name == p.name {
+                    return Err(SwitchdError::DuplicatePort(p.name.clone()));
+                }
+                if q.netns == p.netns && q.ifname == p.ifname {
+                    return Err(SwitchdError::DuplicateIfname {
+                        netns: p.netns.clone(),
+                        ifname: p.ifname.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn create_port(spec: &PortSpec, offload: bool) -> Result<Tap, TapError> {
+    if !spec.netns.is_empty()
+        && !std::path::Path::new("/run/netns")
+            .join(&spec.netns)
+            .exists()
+    {
+        return Err(TapError::NoNetns(spec.netns.clone()));
+    }
+    let mut tap = Tap::create("", offload)?;
+    if spec.netns.is_empty() {
+        tap.rename(&spec.ifname)?;
+    } else {
+        tap.move_to_netns(&spec.netns, &spec.ifname)?;
+    }
+    Ok(tap)
+}
+
+fn create_mirror(ifname: &str, offload: bool) -> Result<Tap, TapError> {
+    let tap = Tap::create(ifname, offload)?;
+    // The mirror only listens: keep the kernel from sending IPv6 router and neighbour
+    // solicitations out of it. Best effort (IPv6 may be off altogether).
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.ifname()),
+        "1",
+    );
+    tap.set_up()?;
+    Ok(tap)
+}
+
+/// Runs the switch until SIGINT or SIGTERM. The control socket is bound only once every
+/// port is in place, so scripts wait for it; it is removed on the way out, and the TAP
+/// devices vanish as their fds close.
+pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
+    cfg.validate()?;
+    let mut ports = Vec::with_capacity(cfg.ports.len());
+    for (i, spec) in cfg.ports.iter().enumerate() {
+        let tap = create_port(spec, cfg.offload).map_err(|source| SwitchdError::Tap {
+            port: spec.name.clone(),
+            source,
+        })?;
+        tracing::info!(
+            port = %spec.name,
+            netns = %spec.netns,
+            ifname = %tap.ifname(),
+            offload = cfg.offload,
+            "port ready"
+        );
+        let netns = tap.netns().map(str::to_string);
+        ports.push(SwitchPort::new(
+            PortId(i as u16),
+            &spec.name,
+            netns,
+            Box::new(tap),
+        ));
+    }
+    let mirror = match &cfg.mirror {
+        Some(name) => {
+            let tap = create_mirror(name, cfg.offload).map_err(|source| SwitchdError::Tap {
+                port: "mirror".into(),
+                source,
+            })?;
+            tracing::info!(ifname = %tap.ifname(), "mirror ready");
+            Some(SwitchPort::new(
+                PortId(u16::MAX),
+                "mirror",
+                None,
+                Box::new(tap),
+            ))
+        }
+        None => None,
+    };
+    let fabric = Arc::new(Fabric::start(ports, mirror, cfg.fdb)?);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(SwitchdError::Runtime)?;
+    let path = control::socket_path(&cfg.name);
+    let result = rt.block_on(serve(fabric.clone(), &cfg, &path));
+    fabric.stop();
+    tracing::info!(t_us = crate::clock::unix_micros(), "switch stopped");
+    result
+}
+
+async fn serve(
+    fabric: Arc<Fabric>,
+    cfg: &DaemonConfig,
+    path: &std::path::Path,
+) -> Result<(), SwitchdError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(SwitchdError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(SwitchdError::Runtime)?;
+    let listener = control::bind(path)?;
+    tracing::info!(
+        name = %cfg.name,
+        socket = %path.display(),
+        ports = cfg.ports.len(),
+        t_us = crate::clock::unix_micros(),
+        "switch ready"
+    );
+
+    let sweeper = {
+        let fabric = fabric.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                fabric.sweep();
+            }
+        })
+    };
+    let handler = move |req: SwitchRequest, _progress: control::Progress| {
+        let fabric = fabric.clone();
+        async move {
+            let v = match req {
+                SwitchRequest::FdbShow => serde_json::to_value(fabric.fdb()),
+                SwitchRequest::FdbFlush => Ok(serde_json::json!({ "flushed": fabric.flush() })),
+                SwitchRequest::Ports => serde_json::to_value(fabric.stats()),
+            };
+            v.map_err(|e| e.to_string())
+        }
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    control::serve(listener, handler, shutdown).await;
+    sweeper.abort();
+    // Only the socket we bound is ours to remove (a refused bind leaves another
+    // daemon's socket alone).
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_specs_parse_or_say_why_not() {
+        let p: PortSpec = "client=vf-client:eth0".parse().unwrap();
+        assert_eq!(
+            p,
+            PortSpec {
+                name: "client".into(),
+                netns: "vf-client".into(),
+                ifname: "eth0".into()
+            }
+        );
+        let p: PortSpec = "up=:uplink0".parse().unwrap();
+        assert!(p.netns.is_empty());
+        for bad in [
+            "client",
+            "client=vf-client",
+            "=ns:eth0",
+            "c=ns:",
+            "c=ns:averyveryverylongname",
+            "c=n/s:eth0",
+            "c=ns:et h0",
+        ] {
+            let e = bad.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(e.starts_with("bad port spec"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_ports_are_refused_before_anything_is_created() {
+        let cfg = DaemonConfig {
+            name: "t".into(),
+            ports: vec!["a=ns:eth0".parse().unwrap(), "a=ns2:eth0".parse().unwrap()],
+            mirror: None,
+            fdb: FdbConfig::default(),
+            offload: true,
+        };
+        assert!(matches!(
+            cfg.validate(),
+            Err(SwitchdError::DuplicatePort(_))
+        ));
+        let cfg = DaemonConfig {
+            ports: vec![],
+            ..cfg
+        };
+        assert!(matches!(cfg.validate(), Err(SwitchdError::NoPorts)));
+    }
+}

@@ -1,0 +1,124 @@
+//! TAP device system calls (the unsafe layer under `port::tap`): TUNSETIFF,
+//! TUNSETVNETHDRSZ, TUNSETOFFLOAD, and poll. Reads and writes go through `std::fs::File`.
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+/// How a TAP is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct TapOptions {
+    /// Length of the virtio-net header (0: no header, plain frames).
+    pub vnet_hdr_len: usize,
+    /// Ask the kernel for checksum and TSO offloads (needs a header).
+    pub offload: bool,
+}
+
+/// Opens `/dev/net/tun` and attaches a new TAP device named `name` (empty: the kernel
+/// picks `tapN`). Returns the file (non-blocking, close-on-exec) and the device name.
+/// The device lives as long as the file: it is not made persistent.
+pub fn open_tap(name: &str, opts: TapOptions) -> io::Result<(File, String)> {
+    if name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == 0 || b == b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name must be at most 15 bytes, without '/'",
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open("/dev/net/tun")?;
+    let fd = file.as_raw_fd();
+
+    // SAFETY: ifreq is plain old data (arrays, integers and a union of those); all-zero
+    // is a valid value of it.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if opts.vnet_hdr_len > 0 {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `ifr` is a valid, live,
+    // exclusively borrowed ifreq for the duration of the call and `fd` is open.
+    if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr as *mut libc::ifreq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote a NUL-terminated name of at most IFNAMSIZ-1 bytes into
+    // ifr_name, which is IFNAMSIZ bytes long.
+    let ifname = unsafe { CStr::from_ptr(ifr.ifr_name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+
+    if opts.vnet_hdr_len > 0 {
+        let len: libc::c_int = opts.vnet_hdr_len as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points to a
+        // live local.
+        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &len as *const libc::c_int) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let offload: libc::c_uint = if opts.offload && opts.vnet_hdr_len > 0 {
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+    } else {
+        0
+    };
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_*
+    // bits), not through a pointer; no memory is accessed.
+    if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, offload as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((file, ifname))
+}
+
+/// What poll saw on a file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Readable,
+    /// Timed out or interrupted by a signal: nothing to read yet.
+    Idle,
+    /// POLLERR / POLLHUP / POLLNVAL: the device went away.
+    Broken,
+}
+
+/// Waits up to `timeout` for `file` to become readable.
+pub fn poll_readable(file: &File, timeout: Duration) -> io::Result<Readiness> {
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd that lives across the call; nfds is 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(Readiness::Idle);
+        }
+        return Err(e);
+    }
+    if n == 0 {
+        return Ok(Readiness::Idle);
+    }
+    if pfd.revents & libc::POLLIN != 0 {
+        Ok(Readiness::Readable)
+    } else if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        Ok(Readiness::Broken)
+    } else {
+        Ok(Readiness::Idle)
+    }
+}
+
+/// True when this process may create network devices (effective uid 0; the kernel has
+/// the last word through CAP_NET_ADMIN, this only gives a clearer message up front).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,255 @@
+//! Helpers of the namespace tests: a root check and a topology guard that builds the
+//! fabric with netns-scripts/up.sh under a unique prefix and run directory, and tears it
+//! down with down.sh when dropped (also when the test panics).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// True if the test may run. Without root it prints a loud notice and returns false,
+/// unless CI=true, where it fails: a skipped namespace test must not pass silently.
+pub fn require_root() -> bool {
+    if vfabric::sys::tap::is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("namespace tests need root and CI=true: refusing to skip");
+    }
+    eprintln!();
+    eprintln!(
+        "!!!!!!!! SKIPPED: this namespace test needs root (run: sudo -E cargo test) !!!!!!!!"
+    );
+    eprintln!();
+    false
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vfabric")
+}
+
+/// A short prefix no other topology on the machine uses: "vt" + 4 hex digits.
+fn unique_prefix() -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut x = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(nanos)
+        .wrapping_add(SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503));
+    loop {
+        let p = format!("vt{:04x}", x & 0xffff);
+        if !Path::new("/run/netns").join(format!("{p}-client")).exists() {
+            return p;
+        }
+        x = x.wrapping_add(7919);
+    }
+}
+
+/// The three-namespace fabric of one test.
+pub struct Topology {
+    pub prefix: String,
+    pub run_dir: tempfile::TempDir,
+    downed: bool,
+}
+
+impl Topology {
+    /// Runs up.sh; panics with its output if it fails.
+    pub fn up() -> Topology {
+        Self::up_with(&[])
+    }
+
+    /// Runs up.sh with extra environment (e.g. VF_SWITCH_ARGS).
+    pub fn up_with(env: &[(&str, &str)]) -> Topology {
+        let t = Topology {
+            prefix: unique_prefix(),
+            run_dir: tempfile::Builder::new()
+                .prefix("vfabric-test-")
+                .tempdir()
+                .expect("temp dir"),
+            downed: false,
+        };
+        let out = t.script("up.sh", env);
+        assert!(
+            out.status.success(),
+            "up.sh failed:\n{}\n{}\nswitch log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            t.switch_log()
+        );
+        t
+    }
+
+    fn script(&self, name: &str, env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("netns-scripts").join(name))
+            .env("VF_PREFIX", &self.prefix)
+            .env("VFABRIC_RUN_DIR", self.run_dir.path())
+            .env("VFABRIC_BIN", bin())
+            .env_remove("VF_MIRROR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run bash")
+    }
+
+    /// Runs down.sh (the guard also does on drop).
+    pub fn down(&mut self) -> Output {
+        self.downed = true;
+        self.script("down.sh", &[])
+    }
+
+    /// Namespace of `host` (client, silo104, silo105).
+    pub fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    /// Runs a command inside `host`'s namespace.
+    pub fn exec(&self, host: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(args)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// Runs the vfabric CLI against this topology's run directory.
+    pub fn vfabric(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env("VFABRIC_RUN_DIR", self.run_dir.path())
+            .output()
+            .expect("run vfabric")
+    }
+
+    /// `vfabric ARGS --json`, parsed; panics with stderr on failure.
+    pub fn vfabric_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.vfabric(&a);
+        assert!(
+            out.status.success(),
+            "vfabric {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    /// MAC of `ifname` in `host`'s namespace.
+    pub fn mac(&self, host: &str, ifname: &str) -> String {
+        let out = self.exec(host, &["cat", &format!("/sys/class/net/{ifname}/address")]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Pings `ip` from `host`: true if every probe was answered.
+    pub fn ping(&self, host: &str, ip: &str, count: u32) -> bool {
+        let c = count.to_string();
+        self.exec(host, &["ping", "-c", &c, "-i", "0.2", "-W", "2", "-q", ip])
+            .status
+            .success()
+    }
+
+    pub fn switch_log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.path().join("switch.log")).unwrap_or_default()
+    }
+
+    /// The switch's pid as recorded by up.sh.
+    pub fn switch_pid(&self) -> Option<u32> {
+        let s = std::fs::read_to_string(self.run_dir.path().join("switch.pid")).ok()?;
+        s.split_whitespace().next()?.parse().ok()
+    }
+
+    /// Namespaces of this prefix that exist now.
+    pub fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Polls `f` every 20 ms for up to `timeout`.
+    pub fn wait_for(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if f() {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if !self.downed {
+            let _ = self.script("down.sh", &[]);
+        }
+    }
+}
+
+/// Sends raw Ethernet frames out of `ifname` inside `host`'s namespace through an
+/// AF_PACKET socket. The frames are built in Rust; python3 only makes the system calls
+/// (the crate keeps `unsafe` out of tests). Frames the kernel refuses (shorter than an
+/// Ethernet header, longer than the MTU) are counted, not fatal. Returns how many were
+/// sent, or None when python3 is missing.
+pub fn send_raw(t: &Topology, host: &str, ifname: &str, frames: &[Vec<u8>]) -> Option<usize> {
+    use std::io::Write;
+    const SENDER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+sent = 0
+for line in sys.stdin:
+    try:
+        s.send(bytes.fromhex(line.strip()))
+        sent += 1
+    except OSError:
+        pass
+print(sent)
+"#;
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns(host),
+            "python3",
+            "-c",
+            SENDER,
+            ifname,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    {
+        let mut stdin = child.stdin.take()?;
+        for f in frames {
+            let hex: String = f.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(stdin, "{hex}").ok()?;
+        }
+    }
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "raw sender failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
