@@ -1,4 +1,3 @@
-pub mod packet;
 //! Port adapters: where frames enter and leave the switch (TAP devices, in-memory pairs).
 //!
 //! The [`Port`] trait stands between the switch daemon and I/O, so the daemon's data path
@@ -46,6 +45,7 @@ pub trait Port: Send + Sync {
             self.try_recv(buf)
         } else {
             Ok(None)
+        }
     }
 
     /// Sends one frame (with its virtio-net header when the port uses one).
@@ -59,3 +59,4 @@ pub trait Port: Send + Sync {
 
     /// The interface name users know the port by on its side (e.g. `eth0`).
     fn ifname(&self) -> &str;
+}
