@@ -57,6 +57,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.limits = limits;
     }
 
+    /// Changes the per-read timeout (e.g. for a wait the peer is known to take long).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
         self.received

@@ -25,6 +25,10 @@ use crate::memory::{count_set, hex, set_pages};
 /// How long last words (an abort notice) may take to a peer that may be gone.
 const LAST_WORDS: Duration = Duration::from_millis(200);
 
+/// Slowest memory hashing the resume wait allows for (an unoptimised build on a
+/// loaded machine); optimised builds hash 1-2 GB/s.
+const HASH_ALLOWANCE_BYTES_PER_SEC: f64 = 20e6;
+
 type Failure = (Step, ErrorKind);
 
 fn at(step: Step) -> impl Fn(ConnError) -> Failure {
@@ -479,7 +483,15 @@ impl Source<'_> {
             .await
             .map_err(at(step))?;
 
+        // The target hashes its memory before it answers: allow for that.
         let step = Step::Resume;
+        let mut wait = self.cfg.io_timeout;
+        if self.cfg.verify_memory {
+            wait += Duration::from_secs_f64(
+                self.vm.memory().size() as f64 / HASH_ALLOWANCE_BYTES_PER_SEC,
+            );
+        }
+        self.rd.set_timeout(wait);
         let (resume_t_us, target_sha) = match self.rd.recv().await.map_err(at(step))? {
             Message::Resumed { t_us, sha256 } => (t_us, sha256),
             Message::Abort { reason } => {
