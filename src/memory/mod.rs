@@ -231,14 +231,6 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Makes the host back page `page` without changing its contents (an atomic no-op
-    /// write to its first word), so a later write does not pay the page fault. Lets a
-    /// migration target fault memory in on another thread, ahead of the data.
-    pub fn prefault_page(&self, page: u64) -> Result<(), MemoryError> {
-        self.page_words(page)?[0].fetch_or(0, Ordering::Relaxed);
-        Ok(())
-    }
-
     /// True when every byte of page `page` is zero.
     pub fn is_zero_page(&self, page: u64) -> Result<bool, MemoryError> {
         Ok(self

@@ -6,9 +6,7 @@
 //! directions at once (requests out, pages in), so neither side can block the other
 //! however large the bitmap.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -60,46 +58,8 @@ fn apply(
     Ok(zero)
 }
 
-/// Faults fresh guest memory in on its own thread, ahead of the arriving pages, so
-/// the receiving task does not pay a page fault (and the kernel's page zeroing) per
-/// page. It only touches pages (an atomic no-op write), so racing the receiver is
-/// harmless. Stopped and joined on drop: no clone of the memory outlives the migration.
-struct Prefault {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Prefault {
-    fn start(mem: &Arc<GuestMemory>) -> Prefault {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m, s) = (Arc::clone(mem), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("prefault".into())
-            .spawn(move || {
-                for p in 0..m.page_count() {
-                    if p % 256 == 0 && s.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let _ = m.prefault_page(p);
-                }
-            })
-            .ok();
-        Prefault { stop, thread }
-    }
-}
-
-impl Drop for Prefault {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 struct Target {
     name: String,
-    prefault: Option<Prefault>,
     rd: Reader<OwnedReadHalf>,
     wr: Writer<OwnedWriteHalf>,
     started: Instant,
@@ -126,7 +86,6 @@ pub async fn migrate_in(
     let (rd, wr) = stream.into_split();
     let mut t = Target {
         name: String::new(),
-        prefault: None,
         rd: Reader::new(rd, cfg.io_timeout),
         wr: Writer::new(wr, cfg.io_timeout),
         started: Instant::now(),
@@ -308,7 +267,6 @@ impl Target {
         });
         match admitted {
             Ok((c, mem)) => {
-                self.prefault = Some(Prefault::start(&mem));
                 self.rd.set_limits(Limits {
                     pages: mem.page_count(),
                 });
@@ -371,7 +329,6 @@ impl Target {
                         ));
                     }
                     let words = words.into_owned();
-                    self.prefault = None;
                     tracing::info!(
                         t_us = unix_micros(),
                         vm = %self.name,
