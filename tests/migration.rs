@@ -508,6 +508,9 @@ async fn fake_target(fault: Fault, disk: Disk) -> (SocketAddr, tokio::task::Join
         let words = loop {
             match rd.recv().await.unwrap() {
                 Message::Pages(_) => {}
+                Message::RoundEnd { round } => {
+                    wr.send_flush(&Message::RoundAck { round }).await.unwrap()
+                }
                 Message::Bitmap { words, .. } => break words.into_owned(),
                 m => panic!("unexpected {m:?}"),
             }

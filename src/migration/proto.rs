@@ -83,6 +83,12 @@ pub enum Kind {
     Complete,
     /// either way: the sender gives up, with a reason.
     Abort,
+    /// source → target: every page of a pre-copy round was sent.
+    RoundEnd,
+    /// target → source: every page of that round is in guest memory. The source waits
+    /// for it before deciding, so the stream holds no backlog when the VM stops and
+    /// the round's time measures the real bandwidth.
+    RoundAck,
 }
 
 impl Kind {
@@ -99,6 +105,8 @@ impl Kind {
             Kind::Resumed => 9,
             Kind::Complete => 10,
             Kind::Abort => 11,
+            Kind::RoundEnd => 12,
+            Kind::RoundAck => 13,
         }
     }
 
@@ -115,6 +123,8 @@ impl Kind {
             9 => Kind::Resumed,
             10 => Kind::Complete,
             11 => Kind::Abort,
+            12 => Kind::RoundEnd,
+            13 => Kind::RoundAck,
             _ => return None,
         })
     }
@@ -131,6 +141,7 @@ impl Kind {
             Kind::DeviceState => MAX_STATE_LEN,
             Kind::Resumed => 8 + HASH_FIELD,
             Kind::Complete => HASH_FIELD,
+            Kind::RoundEnd | Kind::RoundAck => 4,
         }
     }
 }
@@ -224,6 +235,12 @@ pub enum Message<'a> {
     Abort {
         reason: Cow<'a, str>,
     },
+    RoundEnd {
+        round: u32,
+    },
+    RoundAck {
+        round: u32,
+    },
 }
 
 impl Message<'_> {
@@ -240,6 +257,8 @@ impl Message<'_> {
             Message::Resumed { .. } => Kind::Resumed,
             Message::Complete { .. } => Kind::Complete,
             Message::Abort { .. } => Kind::Abort,
+            Message::RoundEnd { .. } => Kind::RoundEnd,
+            Message::RoundAck { .. } => Kind::RoundAck,
         }
     }
 }
@@ -466,6 +485,9 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
             put_hash(out, sha256);
         }
         Message::Complete { sha256 } => put_hash(out, sha256),
+        Message::RoundEnd { round } | Message::RoundAck { round } => {
+            out.extend_from_slice(&round.to_le_bytes())
+        }
     }
     let payload = out.len() - start - HEADER_LEN;
     put_header(&mut out[start..], msg.kind(), payload);
@@ -651,6 +673,18 @@ pub fn decode<'a>(
                 sha256: hash_at(p, kind)?,
             }
         }
+        Kind::RoundEnd => {
+            exact(4)?;
+            Message::RoundEnd {
+                round: u32_at(p, 0),
+            }
+        }
+        Kind::RoundAck => {
+            exact(4)?;
+            Message::RoundAck {
+                round: u32_at(p, 0),
+            }
+        }
     };
     Ok(Some((msg, total)))
 }
@@ -769,6 +803,8 @@ mod tests {
             Message::Abort {
                 reason: "bye".into(),
             },
+            Message::RoundEnd { round: 3 },
+            Message::RoundAck { round: 0x0102_0304 },
         ];
         for m in msgs {
             let b = enc(&m);

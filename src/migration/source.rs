@@ -290,12 +290,12 @@ impl Source<'_> {
             let words = mem.dirty().harvest();
             let before = self.wr.sent();
             let t = Instant::now();
-            let sent = match self.send_pages(round, set_pages(&words), true).await {
+            let sent = match self.send_round(round, &words).await {
                 Ok(sent) => sent,
                 Err(e) => {
                     // Nothing harvested may be lost if the VM stays here.
                     mem.dirty().merge(&words);
-                    return Err((step, e.into()));
+                    return Err((step, e));
                 }
             };
             let bytes = self.wr.sent() - before;
@@ -345,6 +345,17 @@ impl Source<'_> {
                     NoConvergence::Abort => return Err((step, ErrorKind::NoConvergence(reason))),
                 },
             }
+        }
+    }
+
+    /// Sends one pre-copy round and waits until the target has applied it.
+    async fn send_round(&mut self, round: u32, words: &[u64]) -> Result<u64, ErrorKind> {
+        let sent = self.send_pages(round, set_pages(words), true).await?;
+        self.wr.send_flush(&Message::RoundEnd { round }).await?;
+        match self.rd.recv().await? {
+            Message::RoundAck { round: r } if r == round => Ok(sent),
+            Message::Abort { reason } => Err(ErrorKind::PeerAborted(reason.into_owned())),
+            m => Err(ErrorKind::Unexpected(m.kind())),
         }
     }
 

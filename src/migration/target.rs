@@ -313,6 +313,20 @@ impl Target {
                     self.pages_per_round[round - 1] += count;
                     self.bytes_per_round[round - 1] += self.rd.received() - before;
                 }
+                Message::RoundEnd { round } => {
+                    // A round without pages (nothing was dirty) still counts.
+                    if round as usize == self.pages_per_round.len() + 1 {
+                        self.pages_per_round.push(0);
+                        self.bytes_per_round.push(0);
+                    }
+                    if round as usize != self.pages_per_round.len() {
+                        return Err((step, ErrorKind::Unexpected(proto::Kind::RoundEnd)));
+                    }
+                    self.wr
+                        .send_flush(&Message::RoundAck { round })
+                        .await
+                        .map_err(at(step))?;
+                }
                 Message::Bitmap {
                     quiesce_t_us,
                     pages,
