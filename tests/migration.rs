@@ -1,0 +1,669 @@
+//! Migration end to end over loopback TCP, without root: integrity (sweep check and
+//! memory hashes), convergence policy, failure injection (a cutting proxy and fake
+//! targets speaking the protocol), admission refusal, and release of source memory.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use vfabric::guest::{check_sweep, Pattern, Vm, VmConfig, WorkloadConfig};
+use vfabric::memory::{count_set, hex, GuestAddress, PAGE_SIZE};
+use vfabric::migration::conn::{Reader, Writer};
+use vfabric::migration::proto::{self, Limits, Message};
+use vfabric::migration::{
+    migrate_in, migrate_out, ErrorKind, MigrationConfig, MigrationError, MigrationSummary,
+    NoConvergence, Progress, SourceHooks, Step, TargetHooks,
+};
+
+fn config(name: &str, memory_mb: u64, vcpus: u8, pattern: Pattern, rate: u64) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        vcpus,
+        memory_mb,
+        word_bits: 64,
+        mac: "02:00:00:00:00:64".parse().unwrap(),
+        ip: Ipv4Addr::new(10, 10, 0, 100),
+        workload: WorkloadConfig {
+            pattern,
+            dirty_rate: rate,
+        },
+    }
+}
+
+fn mcfg() -> MigrationConfig {
+    MigrationConfig {
+        // Generous: unoptimised test builds on a shared 2-core machine are slow.
+        io_timeout: Duration::from_secs(20),
+        ..MigrationConfig::default()
+    }
+}
+
+/// Writes non-zero data into every non-service page (a guest that used its memory).
+fn fill(vm: &Vm) {
+    let mem = vm.memory();
+    let mut page = [0u8; PAGE_SIZE];
+    for p in vfabric::guest::SERVICE_PAGES..mem.page_count() {
+        page[..8].copy_from_slice(&(p | 1 << 40).to_le_bytes());
+        page[PAGE_SIZE - 1] = p as u8 | 1;
+        mem.write_page(p, &page).unwrap();
+    }
+}
+
+/// The shared datastore's lock of one VM's disk: who owns it.
+#[derive(Clone)]
+struct Disk(Arc<Mutex<Option<String>>>);
+
+impl Disk {
+    fn owned_by(host: &str) -> Disk {
+        Disk(Arc::new(Mutex::new(Some(host.into()))))
+    }
+    fn owner(&self) -> Option<String> {
+        self.0.lock().unwrap().clone()
+    }
+    fn set(&self, owner: Option<&str>) {
+        *self.0.lock().unwrap() = owner.map(String::from);
+    }
+}
+
+struct Src {
+    host: String,
+    disk: Disk,
+    quiesced: u32,
+    reclaims: u32,
+}
+
+impl Src {
+    fn new(host: &str, disk: &Disk) -> Src {
+        Src {
+            host: host.into(),
+            disk: disk.clone(),
+            quiesced: 0,
+            reclaims: 0,
+        }
+    }
+}
+
+impl SourceHooks for Src {
+    fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
+        assert!(!vm.is_running());
+        self.quiesced += 1;
+        let mut o = self.disk.0.lock().unwrap();
+        if o.as_deref() == Some(&self.host) {
+            *o = None;
+        }
+        Ok(())
+    }
+    fn reclaim(&mut self, _vm: &Arc<Vm>) -> bool {
+        self.reclaims += 1;
+        let mut o = self.disk.0.lock().unwrap();
+        match o.as_deref() {
+            None => {
+                *o = Some(self.host.clone());
+                true
+            }
+            Some(h) => h == self.host,
+        }
+    }
+}
+
+#[derive(Default)]
+struct TgtLog {
+    admitted: u32,
+    resumed: u32,
+}
+
+struct Tgt {
+    host: String,
+    disk: Disk,
+    refuse: Option<String>,
+    fail_resume: bool,
+    log: Arc<Mutex<TgtLog>>,
+}
+
+impl Tgt {
+    fn new(host: &str, disk: &Disk) -> Tgt {
+        Tgt {
+            host: host.into(),
+            disk: disk.clone(),
+            refuse: None,
+            fail_resume: false,
+            log: Arc::default(),
+        }
+    }
+}
+
+impl TargetHooks for Tgt {
+    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
+        self.log.lock().unwrap().admitted += 1;
+        cfg.validate().map_err(|e| e.to_string())?;
+        match &self.refuse {
+            Some(r) => Err(r.clone()),
+            None => Ok(()),
+        }
+    }
+    fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
+        assert!(!vm.is_running());
+        if self.fail_resume {
+            return Err("disk lock: injected failure".into());
+        }
+        let mut o = self.disk.0.lock().unwrap();
+        match o.as_deref() {
+            None => {
+                *o = Some(self.host.clone());
+                Ok(())
+            }
+            Some(h) => Err(format!("disk held by {h}")),
+        }
+    }
+    fn resumed(&mut self, vm: &Arc<Vm>) {
+        assert!(vm.is_running());
+        self.log.lock().unwrap().resumed += 1;
+    }
+}
+
+type TargetResult = Result<(Arc<Vm>, MigrationSummary), MigrationError>;
+
+/// A target listening on 127.0.0.1, port 0; returns its address and its outcome.
+async fn spawn_target(
+    cfg: MigrationConfig,
+    hooks: Tgt,
+) -> (SocketAddr, tokio::task::JoinHandle<TargetResult>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        let mut hooks = hooks;
+        let (s, _) = l.accept().await.unwrap();
+        migrate_in(s, &cfg, &mut hooks).await
+    });
+    (addr, h)
+}
+
+struct Outcome {
+    source: Result<MigrationSummary, MigrationError>,
+    target: TargetResult,
+    progress: Vec<Progress>,
+}
+
+async fn migrate_via(
+    vm: &Arc<Vm>,
+    cfg: &MigrationConfig,
+    src: &mut Src,
+    addr: SocketAddr,
+    target: tokio::task::JoinHandle<TargetResult>,
+) -> Outcome {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut progress = Vec::new();
+    let source = migrate_out(Arc::clone(vm), stream, cfg, src, &mut |p| progress.push(p)).await;
+    let target = target.await.unwrap();
+    Outcome {
+        source,
+        target,
+        progress,
+    }
+}
+
+async fn migrate(vm: &Arc<Vm>, cfg: &MigrationConfig, src: &mut Src, tgt: Tgt) -> Outcome {
+    let (addr, h) = spawn_target(cfg.clone(), tgt).await;
+    migrate_via(vm, cfg, src, addr, h).await
+}
+
+/// Checks a successful migration and returns the VM on the target.
+fn succeeded(o: Outcome, source_vm: Arc<Vm>) -> (Arc<Vm>, MigrationSummary) {
+    let s = o.source.expect("source side failed");
+    let (vm, t) = o.target.expect("target side failed");
+    eprintln!("source: {s:?}");
+    assert!(vm.is_running());
+    assert!(!source_vm.is_running());
+    assert_eq!(s.pages_pulled, s.bitmap_bits);
+    assert_eq!(t.pages_pulled, t.bitmap_bits);
+    assert_eq!(s.bitmap_bits, t.bitmap_bits);
+    assert_eq!(s.pages_sent_per_round, t.pages_sent_per_round);
+    assert_eq!(s.memory_sha256_source.len(), 64);
+    assert_eq!(s.memory_sha256_source, s.memory_sha256_target);
+    assert_eq!(t.memory_sha256_source, t.memory_sha256_target);
+    assert_eq!(s.memory_sha256_source, t.memory_sha256_target);
+    assert_eq!(s.downtime_us, t.downtime_us);
+    assert!(s.rounds >= 1 && s.rounds <= 30);
+    assert_eq!(s.pages_sent_per_round[0], source_vm.memory().page_count());
+    assert!(matches!(
+        o.progress.first(),
+        Some(Progress::Round { round: 1, .. })
+    ));
+    assert!(o
+        .progress
+        .iter()
+        .any(|p| matches!(p, Progress::Quiesced { .. })));
+    assert!(o
+        .progress
+        .iter()
+        .any(|p| matches!(p, Progress::Pulled { pages } if *pages == s.pages_pulled)));
+    assert!(
+        matches!(o.progress.last(), Some(Progress::Resumed { t_us }) if *t_us == s.resume_t_us)
+    );
+    // Step 6: nothing but the caller holds the source VM; dropping it frees the memory.
+    assert_eq!(Arc::strong_count(&source_vm), 1);
+    let weak = Arc::downgrade(source_vm.memory());
+    drop(source_vm);
+    assert!(weak.upgrade().is_none(), "source memory still referenced");
+    (vm, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_memory_survives_and_continues() {
+    let vm = Vm::create(config("sweep", 32, 2, Pattern::Sweep, 200_000)).unwrap();
+    vm.start();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
+    let (vm_b, s) = succeeded(o, vm);
+    assert_eq!(disk.owner().as_deref(), Some("b"));
+    assert_eq!(src.quiesced, 1);
+    assert_eq!(src.reclaims, 0);
+    let before = vm_b.device_state();
+    // Quiesce on the target: the sweep edge must still be unique.
+    let st = vm_b.quiesce();
+    check_sweep(vm_b.memory()).unwrap();
+    assert!(st.pages_written() >= before.pages_written());
+    assert_eq!(st.starts, 2, "continued, not rebooted");
+    vm_b.start();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let st2 = vm_b.quiesce();
+    assert!(
+        st2.pages_written() > st.pages_written(),
+        "the sweep continues"
+    );
+    check_sweep(vm_b.memory()).unwrap();
+    assert!(s.bitmap_bits > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uniform_and_hot_set_back_and_forth() {
+    for (name, pattern, vcpus) in [
+        ("uniform", Pattern::Uniform, 4),
+        ("hot", Pattern::HotSet { pages: 300 }, 2),
+    ] {
+        let vm = Vm::create(config(name, 16, vcpus, pattern, 20_000)).unwrap();
+        fill(&vm);
+        vm.start();
+        let disk = Disk::owned_by("a");
+        let mut src_a = Src::new("a", &disk);
+        let o = migrate(&vm, &mcfg(), &mut src_a, Tgt::new("b", &disk)).await;
+        let (vm_b, _) = succeeded(o, vm);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let mut src_b = Src::new("b", &disk);
+        let o = migrate(&vm_b, &mcfg(), &mut src_b, Tgt::new("a", &disk)).await;
+        let (vm_a, s) = succeeded(o, vm_b);
+        assert_eq!(disk.owner().as_deref(), Some("a"));
+        let st = vm_a.quiesce();
+        assert_eq!(st.starts, 3);
+        assert!(st.pages_written() > 0);
+        assert_eq!(st.vcpus.len(), vcpus as usize);
+        assert!(s.rounds >= 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_dirty_rate_converges_cheaply() {
+    let vm = Vm::create(config("calm", 32, 1, Pattern::Uniform, 1_000)).unwrap();
+    fill(&vm);
+    vm.start();
+    let nonzero = vm.memory().nonzero_pages() * PAGE_SIZE as u64;
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
+    let (_vm_b, s) = succeeded(o, vm);
+    assert!(s.converged);
+    assert!(s.rounds <= 30);
+    assert!(
+        (s.bytes_total as f64) <= 1.5 * nonzero as f64,
+        "{} bytes for {} non-zero bytes",
+        s.bytes_total,
+        nonzero
+    );
+    // Zero pages (the service pages here) travel as flags.
+    assert!(s.zero_pages >= vfabric::guest::SERVICE_PAGES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_dirtier_over_a_slow_link_ends_by_policy() {
+    let cfg = MigrationConfig {
+        bandwidth_limit: Some(24 << 20),
+        ..mcfg()
+    };
+    // ForceStop: quiesce anyway, everything still arrives intact.
+    let vm = Vm::create(config("busy", 8, 2, Pattern::Uniform, u64::MAX)).unwrap();
+    vm.start();
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let o = migrate(&vm, &cfg, &mut src, Tgt::new("b", &disk)).await;
+    let (vm_b, s) = succeeded(o, vm);
+    assert!(!s.converged);
+    assert!(s.rounds < 30, "stopped because the set stopped shrinking");
+    assert!(s.bitmap_bits > 1000, "most pages were dirty at quiesce");
+    drop(vm_b);
+
+    // Abort: the VM stays on the source, the target keeps nothing.
+    let cfg = MigrationConfig {
+        on_no_convergence: NoConvergence::Abort,
+        ..cfg
+    };
+    let vm = Vm::create(config("busy", 8, 2, Pattern::Uniform, u64::MAX)).unwrap();
+    vm.start();
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let tgt = Tgt::new("b", &disk);
+    let log = Arc::clone(&tgt.log);
+    let o = migrate(&vm, &cfg, &mut src, tgt).await;
+    let e = o.source.unwrap_err();
+    assert_eq!(e.step, Step::PreCopy);
+    assert!(matches!(e.kind, ErrorKind::NoConvergence(_)), "{e}");
+    assert!(e.to_string().starts_with("migration failed in pre-copy"));
+    assert!(e.vm_running && vm.is_running());
+    let te = o.target.unwrap_err();
+    assert!(matches!(te.kind, ErrorKind::PeerAborted(_)), "{te}");
+    assert_eq!(log.lock().unwrap().resumed, 0);
+    assert_eq!(src.quiesced, 0);
+    assert_eq!(disk.owner().as_deref(), Some("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refusal_moves_no_page() {
+    let vm = Vm::create(config("big", 16, 1, Pattern::Idle, 0)).unwrap();
+    fill(&vm);
+    vm.memory().dirty().clear();
+    vm.start();
+    let disk = Disk::owned_by("a");
+    let mut tgt = Tgt::new("b", &disk);
+    tgt.refuse = Some("host b: 16 MiB + overhead does not fit in 8 MiB free".into());
+    let (taddr, th) = spawn_target(mcfg(), tgt).await;
+    let (paddr, ph) = proxy(taddr, None).await;
+    let mut src = Src::new("a", &disk);
+    let o = migrate_via(&vm, &mcfg(), &mut src, paddr, th).await;
+    let forwarded = ph.await.unwrap();
+    let e = o.source.unwrap_err();
+    assert_eq!(e.step, Step::PreCheck);
+    assert!(e.to_string().contains("does not fit"), "{e}");
+    assert!(e.vm_running && vm.is_running());
+    assert!(o.target.is_err());
+    assert!(o.progress.is_empty());
+    assert!(forwarded < 4096, "{forwarded} bytes reached the target");
+    assert_eq!(
+        vm.memory().dirty().count(),
+        0,
+        "dirty logging never started"
+    );
+}
+
+/// A proxy that forwards one connection to `to`, cutting both directions once
+/// `cut_after` bytes went towards the target. Returns the bytes it forwarded that way.
+async fn proxy(
+    to: SocketAddr,
+    cut_after: Option<u64>,
+) -> (SocketAddr, tokio::task::JoinHandle<u64>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        let (a, _) = l.accept().await.unwrap();
+        let b = TcpStream::connect(to).await.unwrap();
+        let (mut ar, mut aw) = a.into_split();
+        let (mut br, mut bw) = b.into_split();
+        let forward = async {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0u64;
+            loop {
+                let r = ar.read(&mut buf).await.unwrap_or(0);
+                if r == 0 {
+                    return n;
+                }
+                let take = match cut_after {
+                    Some(c) => (c - n).min(r as u64) as usize,
+                    None => r,
+                };
+                if bw.write_all(&buf[..take]).await.is_err() {
+                    return n;
+                }
+                n += take as u64;
+                if cut_after == Some(n) {
+                    return n;
+                }
+            }
+        };
+        let back = async {
+            let _ = tokio::io::copy(&mut br, &mut aw).await;
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            n = forward => n,
+            _ = back => unreachable!(),
+        }
+        // Dropping every half resets both connections.
+    });
+    (addr, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_in_precopy_keeps_the_vm_on_the_source() {
+    let vm = Vm::create(config("cut", 16, 1, Pattern::Idle, 0)).unwrap();
+    fill(&vm);
+    vm.start();
+    let hash = vm.memory().sha256();
+    let disk = Disk::owned_by("a");
+    let tgt = Tgt::new("b", &disk);
+    let log = Arc::clone(&tgt.log);
+    let (taddr, th) = spawn_target(mcfg(), tgt).await;
+    let (paddr, ph) = proxy(taddr, Some(3 << 20)).await;
+    let mut src = Src::new("a", &disk);
+    let o = migrate_via(&vm, &mcfg(), &mut src, paddr, th).await;
+    assert_eq!(ph.await.unwrap(), 3 << 20);
+    let e = o.source.unwrap_err();
+    assert_eq!(e.step, Step::PreCopy, "{e}");
+    assert!(e.vm_running && vm.is_running());
+    assert!(o.target.is_err());
+    assert_eq!(log.lock().unwrap().resumed, 0);
+    assert_eq!(src.quiesced, 0);
+    vm.quiesce();
+    assert_eq!(vm.memory().sha256(), hash, "memory intact");
+    vm.start();
+    // A second attempt over a sound link succeeds.
+    let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
+    let (vm_b, _) = succeeded(o, vm);
+    vm_b.quiesce();
+    assert_eq!(vm_b.memory().sha256(), hash);
+}
+
+/// How a fake target misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Read pre-copy, then drop the stream when the bitmap arrives.
+    AtBitmap,
+    /// Request the first pages, read half an answer, drop.
+    DuringPull,
+    /// Pull everything, read the device state, take the disk lock, then vanish
+    /// without reporting the resume (the VM must not run on the source).
+    AfterTakingDisk,
+}
+
+/// A target that speaks the protocol but fails on purpose.
+async fn fake_target(fault: Fault, disk: Disk) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (r, w) = s.into_split();
+        let t = Duration::from_secs(5);
+        let mut rd = Reader::new(r, t);
+        let mut wr = Writer::new(w, t);
+        let Message::Hello { config_json } = rd.recv().await.unwrap() else {
+            panic!("no hello")
+        };
+        let cfg: VmConfig = serde_json::from_slice(config_json).unwrap();
+        rd.set_limits(Limits {
+            pages: cfg.page_count(),
+        });
+        wr.send_flush(&Message::Accept).await.unwrap();
+        let words = loop {
+            match rd.recv().await.unwrap() {
+                Message::Pages(_) => {}
+                Message::RoundEnd { round } => {
+                    wr.send_flush(&Message::RoundAck { round }).await.unwrap()
+                }
+                Message::Bitmap { words, .. } => break words.into_owned(),
+                m => panic!("unexpected {m:?}"),
+            }
+        };
+        if let Fault::AtBitmap = fault {
+            return;
+        }
+        let reqs = proto::pull_requests(&words);
+        assert!(!reqs.is_empty(), "test VM must dirty pages");
+        if let Fault::DuringPull = fault {
+            wr.send_flush(&Message::PullRequest {
+                ranges: reqs[0].as_slice().into(),
+            })
+            .await
+            .unwrap();
+            // One batch of the answer, then gone while more are on their way.
+            let _ = rd.recv().await;
+            return;
+        }
+        let bits = count_set(&words);
+        for r in &reqs {
+            wr.send_flush(&Message::PullRequest {
+                ranges: r.as_slice().into(),
+            })
+            .await
+            .unwrap();
+        }
+        wr.send_flush(&Message::PullEnd).await.unwrap();
+        let mut got = 0u64;
+        while got < bits {
+            match rd.recv().await.unwrap() {
+                Message::Pages(v) => got += v.count() as u64,
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert!(matches!(
+            rd.recv().await.unwrap(),
+            Message::DeviceState { .. }
+        ));
+        disk.set(Some("b"));
+    });
+    (addr, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_failures_after_quiesce_resume_the_vm_on_the_source() {
+    for fault in [Fault::AtBitmap, Fault::DuringPull] {
+        let vm = Vm::create(config("sweeper", 8, 1, Pattern::Sweep, 50_000)).unwrap();
+        vm.start();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let disk = Disk::owned_by("a");
+        let (addr, fh) = fake_target(fault, disk.clone()).await;
+        let mut src = Src::new("a", &disk);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut progress = Vec::new();
+        let e = migrate_out(Arc::clone(&vm), stream, &mcfg(), &mut src, &mut |p| {
+            progress.push(p)
+        })
+        .await
+        .unwrap_err();
+        fh.await.unwrap();
+        match fault {
+            Fault::AtBitmap => assert!(matches!(e.step, Step::Bitmap | Step::Pull), "{e}"),
+            _ => assert_eq!(e.step, Step::Pull, "{e}"),
+        }
+        assert!(e.vm_running, "{fault:?}: {e}");
+        assert!(vm.is_running());
+        assert_eq!((src.quiesced, src.reclaims), (1, 1));
+        assert_eq!(disk.owner().as_deref(), Some("a"));
+        let before = vm.device_state().pages_written();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let st = vm.quiesce();
+        assert!(st.pages_written() > before, "workload continues");
+        check_sweep(vm.memory()).unwrap();
+        // The dirty bits of the failed attempt were put back.
+        assert!(vm.memory().dirty().count() > 0);
+        vm.start();
+        let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
+        let (vm_b, _) = succeeded(o, vm);
+        vm_b.quiesce();
+        check_sweep(vm_b.memory()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_lock_decides_when_the_target_vanishes() {
+    let vm = Vm::create(config("orphan", 8, 1, Pattern::Uniform, 5_000)).unwrap();
+    vm.start();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let disk = Disk::owned_by("a");
+    let (addr, fh) = fake_target(Fault::AfterTakingDisk, disk.clone()).await;
+    let mut src = Src::new("a", &disk);
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let e = migrate_out(Arc::clone(&vm), stream, &mcfg(), &mut src, &mut |_| {})
+        .await
+        .unwrap_err();
+    fh.await.unwrap();
+    assert_eq!(e.step, Step::Resume, "{e}");
+    assert!(!e.vm_running, "the target took the disk: no resume here");
+    assert!(!vm.is_running());
+    assert_eq!(disk.owner().as_deref(), Some("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_resume_on_the_target_returns_the_vm() {
+    let vm = Vm::create(config("back", 8, 1, Pattern::Idle, 0)).unwrap();
+    fill(&vm);
+    vm.memory()
+        .write(GuestAddress(100), b"service state")
+        .unwrap();
+    vm.start();
+    let hash = vm.memory().sha256();
+    let disk = Disk::owned_by("a");
+    let mut tgt = Tgt::new("b", &disk);
+    tgt.fail_resume = true;
+    let mut src = Src::new("a", &disk);
+    let o = migrate(&vm, &mcfg(), &mut src, tgt).await;
+    let e = o.source.unwrap_err();
+    assert_eq!(e.step, Step::Resume, "{e}");
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert!(e.vm_running && vm.is_running());
+    let te = o.target.unwrap_err();
+    assert_eq!(te.step, Step::Resume);
+    assert!(!te.vm_running);
+    assert_eq!(disk.owner().as_deref(), Some("a"));
+    vm.quiesce();
+    assert_eq!(vm.memory().sha256(), hash);
+    assert_eq!(hex(&hash).len(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_target_times_out_in_precheck() {
+    let vm = Vm::create(config("quiet", 4, 1, Pattern::Idle, 0)).unwrap();
+    vm.start();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let keep = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(s);
+    });
+    let cfg = MigrationConfig {
+        io_timeout: Duration::from_millis(200),
+        ..mcfg()
+    };
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let e = migrate_out(Arc::clone(&vm), stream, &cfg, &mut src, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.step, Step::PreCheck);
+    assert!(e.to_string().contains("no progress"), "{e}");
+    assert!(vm.is_running());
+    keep.abort();
+}
