@@ -1,5 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod host;
+
 use clap::{Parser, Subcommand};
 
 /// Error type of every subcommand: the binary prints it, with its causes, on one line.
@@ -23,8 +25,19 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Run the hypervisor daemon of one emulated host (in its namespace).
+    Host(host::HostArgs),
+    /// Create, list, show and destroy VMs.
+    Vm(host::VmArgs),
+    /// Live-migrate a running VM to another host.
+    Migrate(host::MigrateArgs),
+}
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {}
+    match cli.command {
+        Command::Host(a) => host::run_host(a),
+        Command::Vm(a) => host::run_vm(a),
+        Command::Migrate(a) => host::run_migrate(a),
+    }
 }
