@@ -362,46 +362,65 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / (1024.0 * 1024.0)
 }
 
-pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
-    let source = locate(&a.name)?;
-    if source.name == a.to {
-        return Err(format!("{} already runs on {}", a.name, a.to).into());
+/// What to migrate where, as the CLI verbs ask for it.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateRequest {
+    pub name: String,
+    pub to: String,
+    pub announce: Option<Announce>,
+    pub options: MigrateOptions,
+}
+
+/// One VM, wherever it runs.
+pub fn vm_show(name: &str) -> Result<VmInfo, CliError> {
+    let h = locate(name)?;
+    Ok(control::call_simple(
+        &control::socket_path(&h.name),
+        &HostRequest::VmShow {
+            name: name.to_string(),
+        },
+    )?)
+}
+
+/// Runs one migration through the source host's daemon; returns the summary and the
+/// source and target host names. Progress goes to stderr when `progress` is set.
+pub fn migrate_call(
+    r: &MigrateRequest,
+    progress: bool,
+) -> Result<(MigrationSummary, String, String), CliError> {
+    let source = locate(&r.name)?;
+    if source.name == r.to {
+        return Err(format!("{} already runs on {}", r.name, r.to).into());
     }
-    let target = host_info(&a.to).map_err(|e| format!("target host {}: {e}", a.to))?;
-    if let Some(mode) = &a.announce {
+    let target = host_info(&r.to).map_err(|e| format!("target host {}: {e}", r.to))?;
+    if let Some(mode) = &r.announce {
         let _: serde_json::Value = control::call_simple(
             &control::socket_path(&target.name),
             &HostRequest::PrepareIncoming {
-                name: a.name.clone(),
+                name: r.name.clone(),
                 announce: mode.to_string(),
             },
         )?;
     }
-    // The vMotion listener may be bound to 0.0.0.0 for tests; then use loopback.
+    // A listener bound to every address is reached on loopback.
     let mut addr = target.vmotion_addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(Ipv4Addr::LOCALHOST.into());
     }
     let req = HostRequest::Migrate {
-        name: a.name.clone(),
+        name: r.name.clone(),
         target: target.name.clone(),
         target_addr: addr,
-        options: MigrateOptions {
-            downtime_ms: a.downtime_ms,
-            max_rounds: a.max_rounds,
-            on_no_convergence: a.on_no_convergence.clone(),
-            bandwidth_mbps: a.bandwidth_mbps,
-        },
+        options: r.options.clone(),
     };
-    if !a.quiet && !a.json {
+    if progress {
         eprintln!(
-            "migrating {} from {} to {} ({})",
-            a.name, source.name, target.name, addr
+            "migrating {} from {} to {} (vMotion {})",
+            r.name, source.name, target.name, addr
         );
     }
-    let quiet = a.quiet || a.json;
     let v = control::call(&control::socket_path(&source.name), &req, None, |p| {
-        if quiet {
+        if !progress {
             return;
         }
         if let Ok(p) = serde_json::from_value::<Progress>(p) {
@@ -409,10 +428,26 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
         }
     })?;
     let s: MigrationSummary = serde_json::from_value(v)?;
+    Ok((s, source.name, target.name))
+}
+
+pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
+    let req = MigrateRequest {
+        name: a.name,
+        to: a.to,
+        announce: a.announce,
+        options: MigrateOptions {
+            downtime_ms: a.downtime_ms,
+            max_rounds: a.max_rounds,
+            on_no_convergence: a.on_no_convergence,
+            bandwidth_mbps: a.bandwidth_mbps,
+        },
+    };
+    let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
-        print_summary(&s, &source.name, &target.name);
+        print_summary(&s, &from, &to);
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
 mod host;
+mod measure;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ pub enum Command {
     Vm(host::VmArgs),
     /// Live-migrate a running VM to another host.
     Migrate(host::MigrateArgs),
+    /// Ping a VM from the client namespace while it migrates; report the loss window.
+    Measure(measure::MeasureArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -39,5 +42,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Host(a) => host::run_host(a),
         Command::Vm(a) => host::run_vm(a),
         Command::Migrate(a) => host::run_migrate(a),
+        Command::Measure(a) => measure::run(a),
     }
 }
