@@ -239,6 +239,47 @@ pub fn find_window(events: &[LogEvent], vm: &str, mac: &str, since_us: u64) -> W
     w
 }
 
+/// One line of the story of a migration, as the daemons logged it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    pub t_us: u64,
+    /// Milliseconds after the first entry.
+    pub offset_ms: f64,
+    /// Which daemon's log it comes from.
+    pub daemon: String,
+    pub what: String,
+}
+
+/// The events of the migration of `vm` (MAC `mac`) between `since_us` and `until_us`:
+/// migration phases, resume, announces and the switch's learning of the VM's MAC.
+pub fn timeline(events: &[LogEvent], vm: &str, mac: &str, since_us: u64, until_us: u64) -> Vec<TimelineEntry> {
+    let mut picked: Vec<&LogEvent> = events
+        .iter()
+        .filter(|e| e.t_us >= since_us && e.t_us <= until_us)
+        .filter(|e| e.get("vm") == Some(vm) || e.get("mac") == Some(mac))
+        .collect();
+    picked.sort_by_key(|e| e.t_us);
+    let t0 = picked.first().map(|e| e.t_us).unwrap_or(0);
+    picked
+        .into_iter()
+        .map(|e| {
+            let skip = ["t_us", "daemon", "vm", "mac"];
+            let detail: Vec<String> = e
+                .fields
+                .iter()
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            TimelineEntry {
+                t_us: e.t_us,
+                offset_ms: (e.t_us - t0) as f64 / 1000.0,
+                daemon: e.get("daemon").unwrap_or("").to_string(),
+                what: format!("{} {}", e.message, detail.join(" ")).trim().to_string(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,8 @@ pub struct Report {
     /// window is made of when nothing announces the VM).
     pub unreachable_ms: f64,
     pub window: Window,
+    /// The migration's events from every daemon's log, in time order.
+    pub timeline: Vec<measure::TimelineEntry>,
     pub migration: MigrationSummary,
 }
 
@@ -185,8 +187,16 @@ pub fn read_events(dir: &std::path::Path) -> Vec<LogEvent> {
         if p.extension().and_then(|e| e.to_str()) != Some("log") {
             continue;
         }
+        let daemon = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("?")
+            .to_string();
         if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(text.lines().filter_map(measure::parse_log_line));
+            out.extend(text.lines().filter_map(measure::parse_log_line).map(|mut e| {
+                e.fields.insert("daemon".into(), daemon.clone());
+                e
+            }));
         }
     }
     out
@@ -263,6 +273,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     std::thread::sleep(Duration::from_millis(50));
     let events = read_events(&log_dir);
     let window = measure::find_window(&events, &a.vm, &info.mac.to_string(), since_us);
+    let timeline = measure::timeline(&events, &a.vm, &info.mac.to_string(), since_us, unix_micros());
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -287,6 +298,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         unreachable_ms,
         ping,
         window,
+        timeline,
         migration: summary,
     };
     if a.json {
@@ -303,6 +315,12 @@ fn us(v: Option<u64>) -> String {
 }
 
 pub fn print_report(r: &Report) {
+    if !r.timeline.is_empty() {
+        println!("what the daemons logged (ms from the first event):");
+        for e in &r.timeline {
+            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.daemon, e.what);
+        }
+    }
     println!(
         "loss window of {} ({} -> {}), ping every {} s:",
         r.vm, r.from, r.to, r.interval_s
