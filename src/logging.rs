@@ -1,4 +1,5 @@
-//! `tracing` set-up for the binary: `RUST_LOG` filters, timestamps to the microsecond.
+//! `tracing` set-up for the binary: `RUST_LOG` filters, timestamps to the microsecond,
+//! plain text (no colour codes) when stderr is a log file, so scripts can read it.
 
 use tracing_subscriber::{fmt::time::UtcTime, EnvFilter};
 
@@ -13,6 +14,7 @@ pub fn init() {
         .with_timer(timer)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

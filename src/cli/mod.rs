@@ -2,6 +2,7 @@
 
 mod host;
 mod measure;
+mod udp;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ pub enum Command {
     Migrate(host::MigrateArgs),
     /// Ping a VM from the client namespace while it migrates; report the loss window.
     Measure(measure::MeasureArgs),
+    /// Send one request to a VM's UDP service (port 7777) and print the reply
+    Udp(udp::UdpArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -43,5 +46,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Vm(a) => host::run_vm(a),
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
+        Command::Udp(args) => udp::run(args),
     }
 }

@@ -157,7 +157,7 @@ impl GuestMemory {
     /// Zeroed guest memory of `size` bytes (a multiple of the page size). The host backs
     /// it lazily: untouched pages cost no resident memory.
     pub fn new(size: u64) -> Result<GuestMemory, MemoryError> {
-        if size == 0 || size % PAGE_SIZE as u64 != 0 || size > MAX_MEMORY_BYTES {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > MAX_MEMORY_BYTES {
             return Err(MemoryError::BadSize(size));
         }
         let pages = size / PAGE_SIZE as u64;
@@ -276,7 +276,7 @@ impl GuestMemory {
     /// Reads the aligned little-endian u64 at `addr` (must be 8-byte aligned).
     pub fn read_u64(&self, addr: GuestAddress) -> Result<u64, MemoryError> {
         self.check(addr.0, 8)?;
-        if addr.0 % 8 != 0 {
+        if !addr.0.is_multiple_of(8) {
             let mut b = [0u8; 8];
             self.read(addr, &mut b)?;
             return Ok(u64::from_le_bytes(b));
@@ -287,7 +287,7 @@ impl GuestMemory {
     /// Writes the little-endian u64 `value` at `addr` and marks its page dirty.
     pub fn write_u64(&self, addr: GuestAddress, value: u64) -> Result<(), MemoryError> {
         self.check(addr.0, 8)?;
-        if addr.0 % 8 != 0 {
+        if !addr.0.is_multiple_of(8) {
             return self.write(addr, &value.to_le_bytes());
         }
         self.words[(addr.0 / 8) as usize].store(value, Ordering::Relaxed);

@@ -2,6 +2,8 @@
 //! zero-cost views of freshly zeroed memory. Each block carries a `// SAFETY:` line.
 #![allow(unsafe_code)]
 
+pub mod packet;
+
 use std::sync::atomic::AtomicU64;
 
 /// Allocates `n` zeroed atomic words without touching them, so the kernel backs the

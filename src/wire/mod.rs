@@ -4,7 +4,11 @@
 //! length check; after that no accessor can panic. Parsed, validated values are separate
 //! `Repr` types with `parse`, `buffer_len` and `emit`. Unknown codes are values, not errors.
 
+pub mod arp;
 pub mod ethernet;
+pub mod icmp;
+pub mod ipv4;
+pub mod udp;
 
 use std::fmt;
 use std::str::FromStr;
