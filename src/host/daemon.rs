@@ -413,18 +413,17 @@ impl Host {
                 config.mac, self.cfg.name
             ));
         }
-        let overhead = admission::OverheadTable::builtin()
-            .overhead_mb(config.vcpus, config.memory_mb, config.word_bits)
+        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)
             .map_err(|e| e.to_string())?;
-        let need = config.memory_mb + overhead;
-        admission::check_room(
+        admission::check_room_for(
             &self.cfg.name,
             self.cfg.capacity_mb,
             inv.reserved_mb(),
             &config.name,
-            need,
+            r,
         )
         .map_err(|e| e.to_string())?;
+        let (need, overhead) = (r.total_mb(), r.overhead_mb);
         Ok((need, overhead))
     }
 
