@@ -1,3 +1,284 @@
-//! (placeholder)
+//! Live migration (migration layer): moves a running VM's memory and device state to
+//! another host over one TCP stream, vMotion style.
+//!
+//! Phases: pre-check (hello, admission) → pre-copy rounds while the VM runs → quiesce
+//! → the final dirty bitmap goes to the target → the target pulls those pages → device
+//! state → the target resumes the VM. [`proto`] is the sans-IO wire codec, [`policy`]
+//! the pure convergence decision, [`conn`] the framing adapter over the socket;
+//! [`migrate_out`] and [`migrate_in`] drive the two ends.
+//!
+//! Failure rule: until the target reports the VM resumed, the source can take the VM
+//! back. The disk lock arbitrates: the target takes it before resuming; the source
+//! resumes after a failure only if it can retake it ([`SourceHooks::reclaim`]). So the
+//! VM never runs on both hosts, and runs on one of them once the migration has ended.
 
 pub mod announce;
+pub mod conn;
+pub mod policy;
+pub mod proto;
+mod source;
+mod target;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::{Vm, VmConfig};
+
+pub use conn::ConnError;
+pub use source::migrate_out;
+pub use target::migrate_in;
+
+/// Default TCP port of the migration stream (vMotion's).
+pub const DEFAULT_PORT: u16 = 8000;
+/// Xen's bound on pre-copy traffic: at most this many times memory is sent.
+pub const MAX_BYTES_FACTOR: f64 = 3.0;
+
+/// What to do when pre-copy does not converge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum NoConvergence {
+    /// Stop the VM anyway and pull the rest (longer downtime).
+    #[default]
+    ForceStop,
+    /// Give up; the VM keeps running on the source.
+    Abort,
+}
+
+impl FromStr for NoConvergence {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "force-stop" | "force" => Ok(NoConvergence::ForceStop),
+            "abort" => Ok(NoConvergence::Abort),
+            _ => Err(format!("{s:?}: expected force-stop or abort")),
+        }
+    }
+}
+
+impl fmt::Display for NoConvergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NoConvergence::ForceStop => "force-stop",
+            NoConvergence::Abort => "abort",
+        })
+    }
+}
+
+/// Settings of one migration (both ends read `io_timeout`; the rest is the source's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// Largest acceptable downtime: pre-copy stops once the dirty set can be sent
+    /// within it at the measured bandwidth.
+    pub downtime_target: Duration,
+    /// Most pre-copy rounds.
+    pub max_rounds: u32,
+    pub on_no_convergence: NoConvergence,
+    /// Longest wait for any read or write on the stream.
+    pub io_timeout: Duration,
+    /// Pre-copy bandwidth cap in bytes per second (QEMU's max-bandwidth); `None` =
+    /// as fast as the link goes. The stop-and-copy pull is never capped.
+    pub bandwidth_limit: Option<u64>,
+    /// Hash all guest memory (SHA-256) at quiesce on the source and at resume on the
+    /// target. The target's hash is taken before the vCPUs start, so it adds to the
+    /// downtime (about 0.5 ms per MiB here); the source's runs beside the pull.
+    pub verify_memory: bool,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            downtime_target: Duration::from_millis(30),
+            max_rounds: 30,
+            on_no_convergence: NoConvergence::ForceStop,
+            io_timeout: Duration::from_secs(10),
+            bandwidth_limit: None,
+            verify_memory: true,
+        }
+    }
+}
+
+impl MigrationConfig {
+    pub(crate) fn policy_limits(&self) -> policy::Limits {
+        policy::Limits {
+            downtime_target: self.downtime_target,
+            max_rounds: self.max_rounds.max(1),
+            max_bytes_factor: MAX_BYTES_FACTOR,
+        }
+    }
+}
+
+/// What the source host does at the switch-over points.
+pub trait SourceHooks: Send {
+    /// The VM is quiesced: stop its NIC and give up its disk lock.
+    fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
+    /// The migration failed after quiesce: retake the disk lock. `false` means the
+    /// target owns it (the VM lives there): the source must not resume the VM.
+    fn reclaim(&mut self, vm: &Arc<Vm>) -> bool;
+}
+
+/// What the target host does at admission and switch-over.
+pub trait TargetHooks: Send {
+    /// Is there room, and is the name free? Runs before any page moves.
+    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String>;
+    /// Take the disk lock; an error stops the resume and the source takes the VM back.
+    fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
+    /// The VM runs here: add it to the inventory, announce its MAC.
+    fn resumed(&mut self, vm: &Arc<Vm>);
+}
+
+/// Events of a running migration, for the caller (source side).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Progress {
+    /// A pre-copy round ended: pages it sent, pages dirtied meanwhile, its throughput.
+    Round {
+        round: u32,
+        pages_sent: u64,
+        dirty_pages: u64,
+        throughput_mbps: f64,
+    },
+    /// The VM stopped on the source with `dirty_pages` still to move.
+    Quiesced { t_us: u64, dirty_pages: u64 },
+    /// The bitmap of `bits` pages went to the target.
+    Bitmap { bits: u64 },
+    /// The target pulled `pages` pages.
+    Pulled { pages: u64 },
+    /// The VM runs on the target since `t_us` (the target's clock).
+    Resumed { t_us: u64 },
+}
+
+/// Figures of one migration, from either end.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationSummary {
+    pub vm: String,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Pages sent by each pre-copy round (round 1 = every page).
+    pub pages_sent_per_round: Vec<u64>,
+    /// Bytes on the wire for each pre-copy round.
+    pub bytes_per_round: Vec<u64>,
+    /// Pages that travelled as a zero flag instead of 4 KiB (every round and the pull).
+    pub zero_pages: u64,
+    /// Pages set in the final bitmap (dirty at quiesce).
+    pub bitmap_bits: u64,
+    /// Pages the target pulled; equals `bitmap_bits` after a successful migration.
+    pub pages_pulled: u64,
+    /// Quiesce on the source to resume on the target.
+    pub downtime_us: u64,
+    /// Start of the pre-check to resume (target) or to the resume report (source).
+    pub total_ms: u64,
+    /// Bytes on the wire ÷ `total_ms`, in Mbit/s.
+    pub throughput_mbps: f64,
+    /// Pre-copy reached the downtime target (false: stopped by a limit).
+    pub converged: bool,
+    /// SHA-256 of guest memory at quiesce (empty when not verified).
+    pub memory_sha256_source: String,
+    /// SHA-256 of guest memory at resume, before the vCPUs start (empty when not
+    /// verified).
+    pub memory_sha256_target: String,
+    pub quiesce_t_us: u64,
+    pub resume_t_us: u64,
+    /// Bytes of the pull (stop-and-copy) phase.
+    pub bytes_pulled: u64,
+    /// Every byte of the stream in the main direction (source → target).
+    pub bytes_total: u64,
+}
+
+/// The phase in which a migration failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    PreCheck,
+    PreCopy,
+    Quiesce,
+    Bitmap,
+    Pull,
+    DeviceState,
+    Resume,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::PreCheck => "pre-check",
+            Step::PreCopy => "pre-copy",
+            Step::Quiesce => "quiesce",
+            Step::Bitmap => "bitmap",
+            Step::Pull => "pull",
+            Step::DeviceState => "device state",
+            Step::Resume => "resume",
+        })
+    }
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    #[error("refused by the target: {0}")]
+    Refused(String),
+    #[error("the peer gave up: {0}")]
+    PeerAborted(String),
+    #[error("pre-copy did not converge: {0}")]
+    NoConvergence(policy::Reason),
+    #[error("stream: {0}")]
+    Conn(#[from] ConnError),
+    #[error("unexpected {0} message")]
+    Unexpected(proto::Kind),
+    #[error("bad VM configuration: {0}")]
+    Config(String),
+    #[error("bad device state: {0}")]
+    State(String),
+    #[error("{0}")]
+    Hook(String),
+    #[error("pull does not match the bitmap: {0}")]
+    Pull(String),
+    #[error("cannot allocate guest memory: {0}")]
+    Memory(crate::memory::MemoryError),
+}
+
+/// A failed migration: the step, the cause, and where the VM is now.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed in {step}: {kind}")]
+pub struct MigrationError {
+    pub step: Step,
+    pub kind: ErrorKind,
+    /// The VM runs on this host after the failure. Source: true unless the VM was not
+    /// running before, or `reclaim` said the target owns it. Target: always false (the
+    /// target keeps nothing).
+    pub vm_running: bool,
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 * 8.0 / s / 1e6
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_their_step() {
+        let e = MigrationError {
+            step: Step::DeviceState,
+            kind: ErrorKind::Refused("no room on silo105".into()),
+            vm_running: true,
+        };
+        assert_eq!(
+            e.to_string(),
+            "migration failed in device state: refused by the target: no room on silo105"
+        );
+        assert_eq!(Step::PreCheck.to_string(), "pre-check");
+        assert_eq!("abort".parse(), Ok(NoConvergence::Abort));
+        assert!("maybe".parse::<NoConvergence>().is_err());
+        let c = MigrationConfig::default();
+        assert_eq!(c.downtime_target, Duration::from_millis(30));
+        assert_eq!(c.max_rounds, 30);
+    }
+}

@@ -1,0 +1,249 @@
+//! Framing adapter (I/O layer): the migration codec over an async byte stream.
+//!
+//! [`Reader`] keeps one receive buffer, sized by the largest message the header check
+//! allows, and hands out messages borrowed from it; [`Writer`] coalesces small messages
+//! and writes page batches straight from the caller's buffer. Every read and every
+//! write is bounded by the I/O timeout, so a silent peer ends the migration instead of
+//! hanging it.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::proto::{self, Limits, Message, ProtoError, HEADER_LEN, MAX_MESSAGE};
+
+/// Small messages are sent once this many bytes are queued (or on `flush`).
+const FLUSH_AT: usize = 256 << 10;
+
+/// Errors of the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no progress for {0:?}")]
+    Timeout(Duration),
+    #[error("peer closed the stream")]
+    Closed,
+    #[error("protocol error: {0}")]
+    Proto(#[from] ProtoError),
+}
+
+/// Receiving half.
+pub struct Reader<R> {
+    io: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    timeout: Duration,
+    limits: Limits,
+    received: u64,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub fn new(io: R, timeout: Duration) -> Reader<R> {
+        Reader {
+            io,
+            buf: vec![0; MAX_MESSAGE + (64 << 10)],
+            start: 0,
+            end: 0,
+            timeout,
+            limits: Limits::default(),
+            received: 0,
+        }
+    }
+
+    /// Tightens the decoder's limits once the guest's size is known.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The next message. The header is checked before its payload is awaited, so the
+    /// buffer grows at most to the largest legal message.
+    pub async fn recv(&mut self) -> Result<Message<'_>, ConnError> {
+        let total = loop {
+            let need = match proto::peek(&self.buf[self.start..self.end], &self.limits)? {
+                Some((_, total)) if self.end - self.start >= total => break total,
+                Some((_, total)) => total,
+                None => HEADER_LEN,
+            };
+            self.fill(need).await?;
+        };
+        let at = self.start;
+        self.start += total;
+        match proto::decode(&self.buf[at..at + total], &self.limits)? {
+            Some((msg, _)) => Ok(msg),
+            // peek said the message is complete; decode agrees by construction.
+            None => Err(ConnError::Closed),
+        }
+    }
+
+    /// Reads until `need` bytes are buffered from `start`.
+    async fn fill(&mut self, need: usize) -> Result<(), ConnError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.start + need > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if need > self.buf.len() {
+                self.buf.resize(need, 0);
+            }
+        }
+        while self.end - self.start < need {
+            let n = tokio::time::timeout(self.timeout, self.io.read(&mut self.buf[self.end..]))
+                .await
+                .map_err(|_| ConnError::Timeout(self.timeout))??;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+            self.end += n;
+            self.received += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Sending half.
+pub struct Writer<W> {
+    io: W,
+    buf: Vec<u8>,
+    timeout: Duration,
+    sent: u64,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    pub fn new(io: W, timeout: Duration) -> Writer<W> {
+        Writer {
+            io,
+            buf: Vec::with_capacity(FLUSH_AT + 4096),
+            timeout,
+            sent: 0,
+        }
+    }
+
+    /// Bytes handed to the stream so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Queues a message; writes when enough is queued.
+    pub async fn send(&mut self, msg: &Message<'_>) -> Result<(), ConnError> {
+        proto::encode(msg, &mut self.buf);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a message and everything queued before it, now.
+    pub async fn send_flush(&mut self, msg: &Message<'_>) -> Result<(), ConnError> {
+        proto::encode(msg, &mut self.buf);
+        self.flush().await
+    }
+
+    /// Writes an encoded message (a page batch) after whatever is queued.
+    pub async fn send_encoded(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.flush().await?;
+        self.write(bytes).await
+    }
+
+    /// Writes every queued byte.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.buf.is_empty() {
+            let buf = std::mem::take(&mut self.buf);
+            let r = self.write(&buf).await;
+            self.buf = buf;
+            self.buf.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        tokio::time::timeout(self.timeout, self.io.write_all(bytes))
+            .await
+            .map_err(|_| ConnError::Timeout(self.timeout))??;
+        self.sent += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Sends `msg` at once, giving up after `limit`: for last words to a peer that may
+    /// be gone.
+    pub async fn send_now(&mut self, msg: &Message<'_>, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            self.send(msg).await?;
+            self.flush().await
+        })
+        .await;
+    }
+
+    /// Shuts the sending direction down (the peer reads end-of-stream).
+    pub async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(self.timeout, self.io.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::proto::{Kind, PagesEncoder};
+
+    #[tokio::test]
+    async fn messages_cross_a_pipe_in_small_pieces() {
+        let (a, b) = tokio::io::duplex(7); // tiny pipe: every message arrives in pieces
+        let t = Duration::from_secs(5);
+        let mut w = Writer::new(a, t);
+        let mut r = Reader::new(b, t);
+        let sender = tokio::spawn(async move {
+            w.send(&Message::Accept).await.unwrap();
+            let mut batch = vec![0u8; MAX_MESSAGE];
+            let mut e = PagesEncoder::new(&mut batch, 1).unwrap();
+            for p in 0..300u64.min(proto::MAX_BATCH_PAGES as u64) {
+                e.push_with(p, |b| b.fill(p as u8)).unwrap();
+            }
+            let n = e.finish();
+            w.send_encoded(&batch[..n]).await.unwrap();
+            w.send(&Message::PullEnd).await.unwrap();
+            w.flush().await.unwrap();
+            w.sent()
+        });
+        assert_eq!(r.recv().await.unwrap(), Message::Accept);
+        match r.recv().await.unwrap() {
+            Message::Pages(v) => {
+                assert_eq!(v.count(), 256);
+                for (p, d) in v.iter() {
+                    match d {
+                        Some(d) => assert!(d.iter().all(|&b| b == p as u8)),
+                        None => assert_eq!(p, 0),
+                    }
+                }
+            }
+            m => panic!("{m:?}"),
+        }
+        assert_eq!(r.recv().await.unwrap().kind(), Kind::PullEnd);
+        let sent = sender.await.unwrap();
+        assert_eq!(sent, r.received());
+        assert!(matches!(r.recv().await, Err(ConnError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_silence_are_errors() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut r = Reader::new(b, Duration::from_millis(50));
+        a.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(matches!(
+            r.recv().await,
+            Err(ConnError::Proto(ProtoError::BadMagic(_)))
+        ));
+        let (_a, b) = tokio::io::duplex(1024);
+        let mut r = Reader::new(b, Duration::from_millis(50));
+        assert!(matches!(r.recv().await, Err(ConnError::Timeout(_))));
+    }
+}

@@ -1,0 +1,404 @@
+//! Target end of a migration (adapter): admits the VM, fills fresh guest memory from
+//! the pre-copy rounds, pulls the pages of the final bitmap, and resumes the VM.
+//!
+//! The target owns nothing until it resumes: any failure before that drops the memory
+//! and the half-built VM, and the source takes the VM back. The pull runs its two
+//! directions at once (requests out, pages in), so neither side can block the other
+//! however large the bitmap.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::conn::{ConnError, Reader, Writer};
+use super::proto::{self, Limits, Message, PagesView, ProtoError};
+use super::{
+    mbps, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, Step, TargetHooks,
+};
+use crate::clock::unix_micros;
+use crate::guest::{DeviceState, Vm, VmConfig};
+use crate::memory::{count_set, hex, GuestMemory};
+
+type Failure = (Step, ErrorKind);
+
+fn at(step: Step) -> impl Fn(ConnError) -> Failure {
+    move |e| (step, ErrorKind::Conn(e))
+}
+
+/// Writes a batch into guest memory. With `expect`, each page must be set there (a
+/// pull answer) and is cleared, so no page is accepted twice.
+fn apply(
+    mem: &GuestMemory,
+    v: &PagesView<'_>,
+    mut expect: Option<&mut [u64]>,
+) -> Result<u64, String> {
+    let mut zero = 0;
+    for (page, data) in v.iter() {
+        if let Some(bits) = expect.as_deref_mut() {
+            let (w, b) = ((page / 64) as usize, 1u64 << (page % 64));
+            match bits.get_mut(w) {
+                Some(x) if *x & b != 0 => *x &= !b,
+                _ => return Err(format!("page {page} was not requested, or came twice")),
+            }
+        }
+        // The decoder checked page < page count.
+        match data {
+            Some(d) => mem.write_page(page, d).map_err(|e| e.to_string())?,
+            None => {
+                zero += 1;
+                // Fresh memory is zero already; touching it would make it resident.
+                if !mem.is_zero_page(page).unwrap_or(true) {
+                    mem.zero_page(page).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    Ok(zero)
+}
+
+struct Target {
+    name: String,
+    rd: Reader<OwnedReadHalf>,
+    wr: Writer<OwnedWriteHalf>,
+    started: Instant,
+    pages_per_round: Vec<u64>,
+    bytes_per_round: Vec<u64>,
+    zero_pages: u64,
+}
+
+/// What the pre-copy and bitmap phases leave for the switch-over.
+struct Quiesced {
+    words: Vec<u64>,
+    quiesce_t_us: u64,
+    converged: bool,
+}
+
+/// Receives a VM from the source at the other end of `stream`. On `Ok` the VM runs
+/// here. On `Err` nothing is kept, and the source is told why when possible.
+pub async fn migrate_in(
+    stream: TcpStream,
+    cfg: &MigrationConfig,
+    hooks: &mut dyn TargetHooks,
+) -> Result<(Arc<Vm>, MigrationSummary), MigrationError> {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut t = Target {
+        name: String::new(),
+        rd: Reader::new(rd, cfg.io_timeout),
+        wr: Writer::new(wr, cfg.io_timeout),
+        started: Instant::now(),
+        pages_per_round: Vec::new(),
+        bytes_per_round: Vec::new(),
+        zero_pages: 0,
+    };
+    match t.run(cfg, hooks).await {
+        Ok(r) => Ok(r),
+        Err((step, kind)) => {
+            if !matches!(kind, ErrorKind::Refused(_) | ErrorKind::PeerAborted(_)) {
+                let reason = format!("target failed in {step}: {kind}");
+                t.wr.send_now(
+                    &Message::Abort {
+                        reason: reason.into(),
+                    },
+                    std::time::Duration::from_millis(200),
+                )
+                .await;
+            }
+            tracing::warn!(
+                t_us = unix_micros(),
+                vm = %t.name,
+                step = %step,
+                error = %kind,
+                "incoming migration failed; nothing kept"
+            );
+            Err(MigrationError {
+                step,
+                kind,
+                vm_running: false,
+            })
+        }
+    }
+}
+
+impl Target {
+    async fn run(
+        &mut self,
+        cfg: &MigrationConfig,
+        hooks: &mut dyn TargetHooks,
+    ) -> Result<(Arc<Vm>, MigrationSummary), Failure> {
+        let (config, mem) = self.precheck(hooks).await?;
+        let q = self.precopy(&mem).await?;
+        let bits = count_set(&q.words);
+        let (pulled, bytes_pulled) = self.pull(&mem, &q.words).await?;
+
+        let step = Step::DeviceState;
+        let state: DeviceState = match self.rd.recv().await.map_err(at(step))? {
+            Message::DeviceState { json } => {
+                serde_json::from_slice(json).map_err(|e| (step, ErrorKind::State(e.to_string())))?
+            }
+            Message::Abort { reason } => {
+                return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
+            }
+            m => return Err((step, ErrorKind::Unexpected(m.kind()))),
+        };
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err((
+                step,
+                ErrorKind::State(format!(
+                    "{} vCPUs in the state, {} configured",
+                    state.vcpus.len(),
+                    config.vcpus
+                )),
+            ));
+        }
+
+        // Resume: hash (before any vCPU runs), take the disk, start.
+        let step = Step::Resume;
+        let vm = Vm::restore(config, Arc::clone(&mem), state);
+        drop(mem);
+        let sha = if cfg.verify_memory {
+            let m = Arc::clone(vm.memory());
+            let h = tokio::task::spawn_blocking(move || m.sha256())
+                .await
+                .map_err(|e| (step, ErrorKind::Hook(format!("memory hash: {e}"))))?;
+            Some(h)
+        } else {
+            None
+        };
+        hooks
+            .before_resume(&vm)
+            .map_err(|e| (step, ErrorKind::Hook(e)))?;
+        vm.start();
+        let resume_t_us = unix_micros();
+        let total = self.started.elapsed();
+        hooks.resumed(&vm);
+        tracing::info!(
+            t_us = resume_t_us,
+            vm = %self.name,
+            phase = "resume",
+            downtime_us = resume_t_us.saturating_sub(q.quiesce_t_us),
+            "migration phase"
+        );
+        // The VM runs here now, whatever happens to the stream.
+        if let Err(e) = self
+            .wr
+            .send_flush(&Message::Resumed {
+                t_us: resume_t_us,
+                sha256: sha,
+            })
+            .await
+        {
+            tracing::warn!(vm = %self.name, error = %e, "cannot report the resume to the source");
+        }
+        let source_sha = match self.rd.recv().await {
+            Ok(Message::Complete { sha256 }) => sha256,
+            Ok(m) => {
+                tracing::warn!(vm = %self.name, kind = %m.kind(), "unexpected message after resume");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "no completion from the source");
+                None
+            }
+        };
+        self.wr.shutdown().await;
+
+        let summary = MigrationSummary {
+            vm: self.name.clone(),
+            rounds: self.pages_per_round.len() as u32,
+            pages_sent_per_round: std::mem::take(&mut self.pages_per_round),
+            bytes_per_round: std::mem::take(&mut self.bytes_per_round),
+            zero_pages: self.zero_pages,
+            bitmap_bits: bits,
+            pages_pulled: pulled,
+            downtime_us: resume_t_us.saturating_sub(q.quiesce_t_us),
+            total_ms: total.as_millis() as u64,
+            throughput_mbps: mbps(self.rd.received(), total),
+            converged: q.converged,
+            memory_sha256_source: source_sha.map(|h| hex(&h)).unwrap_or_default(),
+            memory_sha256_target: sha.map(|h| hex(&h)).unwrap_or_default(),
+            quiesce_t_us: q.quiesce_t_us,
+            resume_t_us,
+            bytes_pulled,
+            bytes_total: self.rd.received(),
+        };
+        tracing::info!(
+            t_us = unix_micros(),
+            vm = %summary.vm,
+            phase = "done",
+            rounds = summary.rounds,
+            downtime_us = summary.downtime_us,
+            total_ms = summary.total_ms,
+            pages_pulled = summary.pages_pulled,
+            "migration phase"
+        );
+        Ok((vm, summary))
+    }
+
+    async fn precheck(
+        &mut self,
+        hooks: &mut dyn TargetHooks,
+    ) -> Result<(VmConfig, Arc<GuestMemory>), Failure> {
+        let step = Step::PreCheck;
+        let refuse = |reason: String| (step, ErrorKind::Refused(reason));
+        let config: Result<VmConfig, String> = match self.rd.recv().await {
+            Ok(Message::Hello { config_json }) => serde_json::from_slice::<VmConfig>(config_json)
+                .map_err(|e| format!("bad VM configuration: {e}"))
+                .and_then(|c| c.validate().map(|()| c).map_err(|e| e.to_string())),
+            Ok(m) => return Err((step, ErrorKind::Unexpected(m.kind()))),
+            Err(ConnError::Proto(e @ ProtoError::BadVersion(_))) => Err(e.to_string()),
+            Err(e) => return Err((step, ErrorKind::Conn(e))),
+        };
+        let admitted = config.and_then(|c| {
+            self.name = c.name.clone();
+            tracing::info!(
+                t_us = unix_micros(),
+                vm = %c.name,
+                phase = "precheck",
+                memory_mb = c.memory_mb,
+                vcpus = c.vcpus,
+                "migration phase"
+            );
+            hooks.admit(&c)?;
+            let mem = GuestMemory::new(c.memory_bytes()).map_err(|e| e.to_string())?;
+            Ok((c, Arc::new(mem)))
+        });
+        match admitted {
+            Ok((c, mem)) => {
+                self.rd.set_limits(Limits {
+                    pages: mem.page_count(),
+                });
+                self.wr
+                    .send_flush(&Message::Accept)
+                    .await
+                    .map_err(at(step))?;
+                Ok((c, mem))
+            }
+            Err(reason) => {
+                self.wr
+                    .send_now(
+                        &Message::Refuse {
+                            reason: reason.as_str().into(),
+                        },
+                        std::time::Duration::from_millis(500),
+                    )
+                    .await;
+                Err(refuse(reason))
+            }
+        }
+    }
+
+    /// Applies pre-copy rounds until the bitmap arrives.
+    async fn precopy(&mut self, mem: &GuestMemory) -> Result<Quiesced, Failure> {
+        let step = Step::PreCopy;
+        loop {
+            let before = self.rd.received();
+            match self.rd.recv().await.map_err(at(step))? {
+                Message::Pages(v) => {
+                    let round = v.round() as usize;
+                    let current = self.pages_per_round.len();
+                    // Rounds count up from 1, one at a time.
+                    if round == 0 || round > current + 1 || round < current {
+                        return Err((step, ErrorKind::Unexpected(proto::Kind::Pages)));
+                    }
+                    let zero = apply(mem, &v, None).map_err(|e| (step, ErrorKind::Pull(e)))?;
+                    let count = v.count() as u64;
+                    if round > current {
+                        self.pages_per_round.push(0);
+                        self.bytes_per_round.push(0);
+                    }
+                    self.zero_pages += zero;
+                    self.pages_per_round[round - 1] += count;
+                    self.bytes_per_round[round - 1] += self.rd.received() - before;
+                }
+                Message::Bitmap {
+                    quiesce_t_us,
+                    pages,
+                    converged,
+                    words,
+                } => {
+                    if pages != mem.page_count() {
+                        return Err((
+                            Step::Bitmap,
+                            ErrorKind::Pull(format!(
+                                "bitmap of {pages} pages for a guest of {}",
+                                mem.page_count()
+                            )),
+                        ));
+                    }
+                    let words = words.into_owned();
+                    tracing::info!(
+                        t_us = unix_micros(),
+                        vm = %self.name,
+                        phase = "bitmap",
+                        bits = count_set(&words),
+                        source_quiesce_t_us = quiesce_t_us,
+                        "migration phase"
+                    );
+                    return Ok(Quiesced {
+                        words,
+                        quiesce_t_us,
+                        converged,
+                    });
+                }
+                Message::Abort { reason } => {
+                    return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
+                }
+                m => return Err((step, ErrorKind::Unexpected(m.kind()))),
+            }
+        }
+    }
+
+    /// Requests every page of the bitmap and applies the answers. Returns the pages
+    /// and bytes pulled.
+    async fn pull(&mut self, mem: &GuestMemory, words: &[u64]) -> Result<(u64, u64), Failure> {
+        let step = Step::Pull;
+        let bits = count_set(words);
+        let requests = proto::pull_requests(words);
+        let before = self.rd.received();
+        let wr = &mut self.wr;
+        let send = async move {
+            for ranges in &requests {
+                wr.send_flush(&Message::PullRequest {
+                    ranges: ranges.as_slice().into(),
+                })
+                .await?;
+            }
+            wr.send_flush(&Message::PullEnd).await
+        };
+        let rd = &mut self.rd;
+        let mut zero_pages = 0u64;
+        let receive = async {
+            let mut remaining = words.to_vec();
+            let mut pulled = 0u64;
+            while pulled < bits {
+                match rd.recv().await.map_err(at(step))? {
+                    Message::Pages(v) if v.round() == 0 => {
+                        zero_pages += apply(mem, &v, Some(&mut remaining))
+                            .map_err(|e| (step, ErrorKind::Pull(e)))?;
+                        pulled += v.count() as u64;
+                    }
+                    Message::Abort { reason } => {
+                        return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
+                    }
+                    m => return Err((step, ErrorKind::Unexpected(m.kind()))),
+                }
+            }
+            Ok(pulled)
+        };
+        let (_, pulled) = tokio::try_join!(async { send.await.map_err(at(step)) }, receive)?;
+        self.zero_pages += zero_pages;
+        let bytes = self.rd.received() - before;
+        tracing::info!(
+            t_us = unix_micros(),
+            vm = %self.name,
+            phase = "pull",
+            pages = pulled,
+            bytes,
+            "migration phase"
+        );
+        Ok((pulled, bytes))
+    }
+}
