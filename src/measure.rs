@@ -24,23 +24,13 @@ pub enum PingLine {
 /// Parses one line of iputils `ping -D -O` output.
 pub fn parse_ping_line(line: &str) -> Option<PingLine> {
     let line = line.trim();
-    if let Some(rest) = line.strip_suffix("% packet loss").or_else(|| {
-        line.contains(" packets transmitted, ")
-            .then_some(line)
-    }) {
+    if let Some(rest) = line
+        .strip_suffix("% packet loss")
+        .or_else(|| line.contains(" packets transmitted, ").then_some(line))
+    {
         let mut it = rest.split(',');
-        let transmitted = it
-            .next()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        let received = it
-            .next()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
+        let transmitted = it.next()?.split_whitespace().next()?.parse().ok()?;
+        let received = it.next()?.split_whitespace().next()?.parse().ok()?;
         return Some(PingLine::Totals {
             transmitted,
             received,
@@ -65,7 +55,7 @@ pub fn parse_ping_line(line: &str) -> Option<PingLine> {
 fn field<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     let start = s.find(key)? + key.len();
     let v = &s[start..];
-    Some(v.split(|c: char| c.is_whitespace() || c == ',').next()?)
+    v.split(|c: char| c.is_whitespace() || c == ',').next()
 }
 
 /// "1732590000.123456" → µs.
@@ -164,7 +154,9 @@ pub fn parse_log_line(line: &str) -> Option<LogEvent> {
     let mut fields = BTreeMap::new();
     for w in words {
         match w.split_once('=') {
-            Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            Some((k, v))
+                if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
                 fields.insert(k.to_string(), v.trim_matches('"').to_string());
             }
             _ if fields.is_empty() => message.push(w),
@@ -194,16 +186,16 @@ pub struct Window {
 
 impl Window {
     pub fn downtime_us(&self) -> Option<u64> {
-        Some(self.resume_t_us?.checked_sub(self.quiesce_t_us?)?)
+        self.resume_t_us?.checked_sub(self.quiesce_t_us?)
     }
     pub fn announce_after_resume_us(&self) -> Option<u64> {
-        Some(self.first_announce_t_us?.checked_sub(self.resume_t_us?)?)
+        self.first_announce_t_us?.checked_sub(self.resume_t_us?)
     }
     pub fn fdb_move_after_announce_us(&self) -> Option<u64> {
-        Some(self.fdb_move_t_us?.checked_sub(self.first_announce_t_us?)?)
+        self.fdb_move_t_us?.checked_sub(self.first_announce_t_us?)
     }
     pub fn fdb_move_after_resume_us(&self) -> Option<u64> {
-        Some(self.fdb_move_t_us?.checked_sub(self.resume_t_us?)?)
+        self.fdb_move_t_us?.checked_sub(self.resume_t_us?)
     }
 }
 
@@ -225,13 +217,15 @@ pub fn find_window(events: &[LogEvent], vm: &str, mac: &str, since_us: u64) -> W
             "announce sent" if is_vm && w.resume_t_us.is_some() => {
                 w.first_announce_t_us.get_or_insert(e.t_us);
             }
-            "mac moved" if e.get("mac") == Some(mac) && w.quiesce_t_us.is_some() => {
-                if w.fdb_move_t_us.is_none() {
-                    w.fdb_move_t_us = Some(e.t_us);
-                    w.fdb_port_before = e.get("from").map(str::to_string);
-                    w.fdb_port_after = e.get("to").map(str::to_string);
-                    w.fdb_moved_by = e.get("ethertype").map(str::to_string);
-                }
+            "mac moved"
+                if e.get("mac") == Some(mac)
+                    && w.quiesce_t_us.is_some()
+                    && w.fdb_move_t_us.is_none() =>
+            {
+                w.fdb_move_t_us = Some(e.t_us);
+                w.fdb_port_before = e.get("from").map(str::to_string);
+                w.fdb_port_after = e.get("to").map(str::to_string);
+                w.fdb_moved_by = e.get("ethertype").map(str::to_string);
             }
             _ => {}
         }
@@ -252,7 +246,13 @@ pub struct TimelineEntry {
 
 /// The events of the migration of `vm` (MAC `mac`) between `since_us` and `until_us`:
 /// migration phases, resume, announces and the switch's learning of the VM's MAC.
-pub fn timeline(events: &[LogEvent], vm: &str, mac: &str, since_us: u64, until_us: u64) -> Vec<TimelineEntry> {
+pub fn timeline(
+    events: &[LogEvent],
+    vm: &str,
+    mac: &str,
+    since_us: u64,
+    until_us: u64,
+) -> Vec<TimelineEntry> {
     let mut picked: Vec<&LogEvent> = events
         .iter()
         .filter(|e| e.t_us >= since_us && e.t_us <= until_us)
@@ -274,7 +274,9 @@ pub fn timeline(events: &[LogEvent], vm: &str, mac: &str, since_us: u64, until_u
                 t_us: e.t_us,
                 offset_ms: (e.t_us - t0) as f64 / 1000.0,
                 daemon: e.get("daemon").unwrap_or("").to_string(),
-                what: format!("{} {}", e.message, detail.join(" ")).trim().to_string(),
+                what: format!("{} {}", e.message, detail.join(" "))
+                    .trim()
+                    .to_string(),
             }
         })
         .collect()
@@ -304,7 +306,11 @@ mod tests {
         assert_eq!(s.pings_received, 3);
         assert_eq!(s.pings_lost, 2);
         assert_eq!(s.lost_seqs, vec![3, 4]);
-        assert!((s.longest_gap_ms - 40.1).abs() < 1e-9, "{}", s.longest_gap_ms);
+        assert!(
+            (s.longest_gap_ms - 40.1).abs() < 1e-9,
+            "{}",
+            s.longest_gap_ms
+        );
         assert_eq!(s.gap_start_t_us, 1_764_127_200_010_200);
     }
 

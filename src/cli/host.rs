@@ -275,10 +275,8 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
             };
             let mut vms = Vec::new();
             for h in &hosts {
-                let list: Vec<VmInfo> = control::call_simple(
-                    &control::socket_path(&h.name),
-                    &HostRequest::VmList,
-                )?;
+                let list: Vec<VmInfo> =
+                    control::call_simple(&control::socket_path(&h.name), &HostRequest::VmList)?;
                 vms.extend(list);
             }
             if json {
@@ -492,12 +490,22 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     println!(
         "  pre-copy rounds     {}{}",
         s.rounds,
-        if s.converged { "" } else { " (did not converge: stopped by policy)" }
+        if s.converged {
+            ""
+        } else {
+            " (did not converge: stopped by policy)"
+        }
     );
     println!("  zero pages skipped  {}", s.zero_pages);
-    println!("  bitmap              {} dirty pages at quiesce", s.bitmap_bits);
+    println!(
+        "  bitmap              {} dirty pages at quiesce",
+        s.bitmap_bits
+    );
     println!("  pages pulled        {}", s.pages_pulled);
-    println!("  downtime            {} us (quiesce -> resume on target)", s.downtime_us);
+    println!(
+        "  downtime            {} us (quiesce -> resume on target)",
+        s.downtime_us
+    );
     println!("  total time          {} ms", s.total_ms);
     println!("  throughput          {:.0} Mbit/s", s.throughput_mbps);
     println!("  memory sha256       source {}", s.memory_sha256_source);

@@ -19,10 +19,12 @@ use super::CliError;
 
 /// Ping a VM from the client namespace around a migration and report the loss window.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  vfabric measure vm1 --to silo105 --interval 0.01\n\n\
+#[command(
+    after_help = "Example:\n  vfabric measure vm1 --to silo105 --interval 0.01\n\n\
     Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
     The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
-    (<log dir>/*.log, written by netns-scripts/up.sh).")]
+    (<log dir>/*.log, written by netns-scripts/up.sh)."
+)]
 pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
@@ -193,10 +195,14 @@ pub fn read_events(dir: &std::path::Path) -> Vec<LogEvent> {
             .unwrap_or("?")
             .to_string();
         if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(text.lines().filter_map(measure::parse_log_line).map(|mut e| {
-                e.fields.insert("daemon".into(), daemon.clone());
-                e
-            }));
+            out.extend(
+                text.lines()
+                    .filter_map(measure::parse_log_line)
+                    .map(|mut e| {
+                        e.fields.insert("daemon".into(), daemon.clone());
+                        e
+                    }),
+            );
         }
     }
     out
@@ -207,7 +213,10 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
     }
     let info = vm_show(&a.vm)?;
-    let log_dir = a.log_dir.clone().unwrap_or_else(vfabric::control::runtime_dir);
+    let log_dir = a
+        .log_dir
+        .clone()
+        .unwrap_or_else(vfabric::control::runtime_dir);
     let say = |s: String| {
         if !a.json {
             eprintln!("{s}");
@@ -241,7 +250,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     let req = MigrateRequest {
         name: a.vm.clone(),
         to: a.to.clone(),
-        announce: a.announce.clone(),
+        announce: a.announce,
         ..MigrateRequest::default()
     };
     let quiet = a.json;
@@ -262,7 +271,9 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(a.after_ms).max(Duration::from_secs_f64(a.interval * 2.0)));
+    std::thread::sleep(
+        Duration::from_millis(a.after_ms).max(Duration::from_secs_f64(a.interval * 2.0)),
+    );
     let (lines, raw) = pinger.stop();
     if let Some(p) = &a.ping_log {
         std::fs::write(p, raw.join("\n") + "\n")
@@ -273,7 +284,13 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     std::thread::sleep(Duration::from_millis(50));
     let events = read_events(&log_dir);
     let window = measure::find_window(&events, &a.vm, &info.mac.to_string(), since_us);
-    let timeline = measure::timeline(&events, &a.vm, &info.mac.to_string(), since_us, unix_micros());
+    let timeline = measure::timeline(
+        &events,
+        &a.vm,
+        &info.mac.to_string(),
+        since_us,
+        unix_micros(),
+    );
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -335,12 +352,18 @@ pub fn print_report(r: &Report) {
             format!(" (icmp_seq {:?})", r.ping.lost_seqs)
         }
     );
-    println!("  longest gap between replies  {:.3} ms", r.ping.longest_gap_ms);
+    println!(
+        "  longest gap between replies  {:.3} ms",
+        r.ping.longest_gap_ms
+    );
     println!(
         "  downtime (quiesce -> resume)  {:.3} ms",
         r.downtime_us as f64 / 1000.0
     );
-    println!("  resume -> first announce      {}", us(r.rarp_after_resume_us));
+    println!(
+        "  resume -> first announce      {}",
+        us(r.rarp_after_resume_us)
+    );
     println!(
         "  first announce -> FDB move    {}{}",
         us(r.fdb_move_after_rarp_us),

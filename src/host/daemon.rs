@@ -238,10 +238,11 @@ fn nic_loop(host: Arc<Host>, uplink: Arc<PacketSocket>) {
             }
             vm.nic_rx.fetch_add(1, Ordering::Relaxed);
             out.clear();
-            vm.nic
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .handle(frame, vm.vm.memory(), &mut out);
+            vm.nic.lock().unwrap_or_else(|p| p.into_inner()).handle(
+                frame,
+                vm.vm.memory(),
+                &mut out,
+            );
             for reply in &out {
                 match uplink.send(reply) {
                     Ok(()) => {
@@ -288,7 +289,11 @@ async fn disk_writer(vm: Weak<VmShared>, host: String) {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map(|pages| pages * 4)
         .unwrap_or(0)
 }
@@ -304,13 +309,19 @@ fn parse_policy(s: &str) -> Result<NoConvergence, String> {
 }
 
 impl Host {
-    async fn handle(self: Arc<Self>, req: HostRequest, progress: Progress) -> Result<serde_json::Value, String> {
+    async fn handle(
+        self: Arc<Self>,
+        req: HostRequest,
+        progress: Progress,
+    ) -> Result<serde_json::Value, String> {
         match req {
             HostRequest::Info => Ok(to_json(&self.info())),
             HostRequest::VmCreate { config } => self.create(config).map(|i| to_json(&i)),
             HostRequest::VmList => Ok(to_json(&self.list())),
             HostRequest::VmShow { name } => self.show(&name).map(|i| to_json(&i)),
-            HostRequest::VmDestroy { name } => self.destroy(&name).map(|()| serde_json::Value::Null),
+            HostRequest::VmDestroy { name } => {
+                self.destroy(&name).map(|()| serde_json::Value::Null)
+            }
             HostRequest::PrepareIncoming { name, announce } => {
                 let a: Announce = announce.parse().map_err(|e| format!("{e}"))?;
                 self.lock_inv().announce_next.insert(name, a);
@@ -493,7 +504,7 @@ impl Host {
             .map_err(|e| e.to_string())?;
         let vm = Vm::create(config.clone()).map_err(|e| e.to_string())?;
         vm.start();
-        self.install(&mut inv, vm, disk, need, overhead, self.cfg.announce.clone());
+        self.install(&mut inv, vm, disk, need, overhead, self.cfg.announce);
         tracing::info!(
             vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
             vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
@@ -515,7 +526,11 @@ impl Host {
         let e = self.uninstall(&mut inv, name).ok_or("VM vanished")?;
         drop(inv);
         e.shared.vm.quiesce();
-        e.shared.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+        e.shared
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Err(err) = self.datastore.remove_disk(name) {
             tracing::warn!(vm = name, error = %err, "could not remove disk");
         }
@@ -529,7 +544,11 @@ impl Host {
         for name in names {
             if let Some(e) = self.uninstall(&mut inv, &name) {
                 e.shared.vm.quiesce();
-                e.shared.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+                e.shared
+                    .disk
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
             }
         }
     }
@@ -762,11 +781,11 @@ impl TargetHooks for TargetSide {
         let announce = inv
             .announce_next
             .remove(&cfg.name)
-            .unwrap_or_else(|| host.cfg.announce.clone());
+            .unwrap_or_else(|| host.cfg.announce);
         let Some(disk) = self.disk.take() else {
             return;
         };
-        let handles = host.install(&mut inv, vm.clone(), disk, reserved, overhead, announce.clone());
+        let handles = host.install(&mut inv, vm.clone(), disk, reserved, overhead, announce);
         if let Some(e) = inv.vms.get_mut(&cfg.name) {
             e.resumed_t_us = Some(resumed_t_us);
         }
@@ -801,9 +820,12 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
         match uplink.send(&frame) {
             Ok(()) => {
                 let t = unix_micros();
-                let _ = handles
-                    .first_announce
-                    .compare_exchange(0, t, Ordering::AcqRel, Ordering::Relaxed);
+                let _ = handles.first_announce.compare_exchange(
+                    0,
+                    t,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
                 tracing::info!(vm = %name, host = %host_name, mac = %mac,
                     kind = %kind, seq, t_us = t, "announce sent");
             }
