@@ -93,7 +93,12 @@ impl Hosts {
         let o = self.cli(args);
         assert!(!o.status.success(), "vfabric {args:?} should fail");
         let err = String::from_utf8(o.stderr).unwrap();
-        assert_eq!(err.lines().count(), 1, "one clear line, got: {err}");
+        let errors: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("vfabric: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one clear error line, got: {err}");
+        assert_eq!(err.lines().last(), Some(errors[0]), "{err}");
         assert!(!err.contains("panicked"), "{err}");
         err
     }
@@ -128,7 +133,7 @@ fn vm_moves_back_and_forth_and_leaves_nothing_behind() {
         "--workload",
         "sweep",
         "--dirty-rate",
-        "2000",
+        "50000",
     ]);
     let list = h.json(&["vm", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -138,7 +143,7 @@ fn vm_moves_back_and_forth_and_leaves_nothing_behind() {
         Some("silo104")
     );
     // Let the workload touch memory so that freeing it shows.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     let rss_before = h.host_info("silo104")["rss_kib"].as_u64().unwrap();
 
     let s = h.json(&["migrate", "vm1", "--to", "silo105", "--json"]);
@@ -264,7 +269,8 @@ fn bad_input_gives_one_clear_line() {
     ]);
     h.fail(&["migrate", "x", "--to", "silo104"]);
     h.fail(&["migrate", "x", "--to", "nowhere"]);
-    // A target that is not listening: the VM stays put.
-    let o = h.cli(&["vm", "show", "x", "--json"]);
-    assert!(o.status.success());
+    // Nothing of the refused requests changed the VM.
+    let v = h.json(&["vm", "show", "x", "--json"]);
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["ip"], "10.0.0.1");
 }
