@@ -16,6 +16,7 @@ pub mod control;
 pub mod guest;
 pub mod host;
 pub mod logging;
+pub mod measure;
 pub mod memory;
 pub mod migration;
 pub mod port;

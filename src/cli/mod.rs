@@ -1,5 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod host;
+mod measure;
 mod switch;
 mod udp;
 
@@ -27,15 +29,30 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Send one request to a VM's UDP service (port 7777) and print the reply
-    Udp(udp::UdpArgs),
+    /// Run the userspace learning switch (holds the TAP ports).
     Switch(switch::SwitchArgs),
+    /// Show or flush the switch's forwarding table.
     Fdb(switch::FdbArgs),
+    /// Show the switch's ports and their counters.
     Ports(switch::PortsArgs),
+    /// Run the hypervisor daemon of one emulated host (in its namespace).
+    Host(host::HostArgs),
+    /// Create, list, show and destroy VMs.
+    Vm(host::VmArgs),
+    /// Live-migrate a running VM to another host.
+    Migrate(host::MigrateArgs),
+    /// Ping a VM from the client namespace while it migrates; report the loss window.
+    Measure(measure::MeasureArgs),
+    /// Send one request to a VM's UDP service (port 7777) and print the reply.
+    Udp(udp::UdpArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Host(a) => host::run_host(a),
+        Command::Vm(a) => host::run_vm(a),
+        Command::Migrate(a) => host::run_migrate(a),
+        Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),

@@ -18,14 +18,12 @@
 
 use std::net::Ipv4Addr;
 
+use crate::guest::SERVICE_PAGES;
 use crate::memory::{GuestAddress, GuestMemory, MemoryError, PAGE_SIZE};
 use crate::wire::{arp, ethernet, icmp, ipv4, udp, EtherType, MacAddr, WireError};
 
 /// The UDP port of the guest's request service.
 pub const UDP_SERVICE_PORT: u16 = 7777;
-/// Guest pages `0..SERVICE_PAGES` hold the service state; workloads never write them.
-/// Mirrors the guest memory layout constant of the same name in `crate::guest`.
-const SERVICE_PAGES: u64 = 16;
 /// Marks initialised service state in page 0.
 pub const SERVICE_MAGIC: u64 = u64::from_le_bytes(*b"VFSVC001");
 /// Longest key of the key-value store, in bytes.

@@ -1,4 +1,7 @@
-//! (placeholder)
+//! The hypervisor host: admission control, the shared datastore and its disk locks,
+//! the control API, and the daemon that runs VMs and migrates them.
 
 pub mod admission;
+pub mod api;
+pub mod daemon;
 pub mod datastore;

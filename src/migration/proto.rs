@@ -611,7 +611,7 @@ pub fn decode<'a>(
                 .chunks_exact(8)
                 .map(|c| u64_at(c, 0))
                 .collect();
-            if pages % 64 != 0 && words.last().is_some_and(|w| w >> (pages % 64) != 0) {
+            if !pages.is_multiple_of(64) && words.last().is_some_and(|w| w >> (pages % 64) != 0) {
                 return Err(bad("bits set past the last page"));
             }
             Message::Bitmap {

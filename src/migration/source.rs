@@ -451,7 +451,7 @@ impl Source<'_> {
                 for page in r.start..r.start + r.count {
                     let (w, b) = ((page / 64) as usize, 1u64 << (page % 64));
                     // The decoder bounded the range by the guest's size.
-                    if remaining.get(w).map_or(true, |x| x & b == 0) {
+                    if remaining.get(w).is_none_or(|x| x & b == 0) {
                         return Err((
                             step,
                             ErrorKind::Pull(format!(

@@ -1,0 +1,513 @@
+//! `vfabric host`, `vfabric vm …` and `vfabric migrate`: the hypervisor daemon and the
+//! verbs that talk to it over its control socket.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use vfabric::control;
+use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
+use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
+use vfabric::host::daemon::{self, HostConfig};
+use vfabric::migration::announce::{Announce, Schedule};
+use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
+use vfabric::wire::MacAddr;
+
+use super::CliError;
+
+/// Run the hypervisor daemon of one emulated host.
+#[derive(Debug, Args)]
+#[command(after_help = "Example (in the host's namespace):\n  \
+    ip netns exec vf-silo104 vfabric host --name silo104 --vmotion-addr 10.20.0.104:8000 \\\n    \
+    --uplink vmnic0 --capacity-mb 4096 --datastore /var/lib/vfabric/datastore")]
+pub struct HostArgs {
+    /// Host name; also names the control socket (<run dir>/<name>.sock).
+    #[arg(long)]
+    name: String,
+    /// Address of the vMotion listener (TCP).
+    #[arg(long, default_value = "0.0.0.0:8000")]
+    vmotion_addr: SocketAddr,
+    /// Interface the VMs' NICs use (a packet socket on it); omit to run VMs without network.
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Memory the host offers to VMs, MB (memory plus overhead per VM, from table 9.1).
+    #[arg(long, default_value_t = 4096)]
+    capacity_mb: u64,
+    /// Shared datastore directory holding the VMs' disk files and locks.
+    #[arg(long, default_value = "/var/lib/vfabric/datastore")]
+    datastore: PathBuf,
+    /// How an incoming VM is announced after it resumes: rarp, garp or none.
+    #[arg(long, default_value = "rarp")]
+    announce: Announce,
+    /// Announce schedule: offsets in ms after resume (QEMU's default).
+    #[arg(long, default_value = "0,50,200,450,800")]
+    announce_schedule: Schedule,
+    /// Downtime target of outgoing migrations, ms.
+    #[arg(long, default_value_t = 30)]
+    downtime_ms: u64,
+    /// Pre-copy round limit of outgoing migrations.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// What an outgoing migration does when pre-copy does not converge: force or abort.
+    #[arg(long, default_value = "force", value_parser = parse_policy)]
+    on_no_convergence: NoConvergence,
+    /// Migration I/O timeout, ms: a peer silent for this long fails the migration.
+    #[arg(long, default_value_t = 5000)]
+    io_timeout_ms: u64,
+}
+
+fn parse_policy(s: &str) -> Result<NoConvergence, String> {
+    match s {
+        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
+        "abort" => Ok(NoConvergence::Abort),
+        other => Err(format!("{other:?} is not force or abort")),
+    }
+}
+
+pub fn run_host(a: HostArgs) -> Result<(), CliError> {
+    vfabric::logging::init();
+    let migration = MigrationConfig {
+        downtime_target: Duration::from_millis(a.downtime_ms),
+        max_rounds: a.max_rounds,
+        on_no_convergence: a.on_no_convergence,
+        io_timeout: Duration::from_millis(a.io_timeout_ms.max(1)),
+        ..MigrationConfig::default()
+    };
+    let cfg = HostConfig {
+        socket: control::socket_path(&a.name),
+        name: a.name,
+        vmotion_addr: a.vmotion_addr,
+        uplink: a.uplink,
+        capacity_mb: a.capacity_mb,
+        datastore: a.datastore,
+        announce: a.announce,
+        schedule: a.announce_schedule,
+        migration,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Create, list, show and destroy VMs.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    cmd: VmCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Create a VM on a host and start it.
+    Create(CreateArgs),
+    /// List the VMs of every host (or of one).
+    List {
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM, free its memory and delete its disk.
+    Destroy { name: String },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// VM name.
+    name: String,
+    /// Host to create it on.
+    #[arg(long)]
+    host: String,
+    /// Guest memory, MB.
+    #[arg(long, default_value_t = 256)]
+    memory_mb: u64,
+    /// Virtual CPUs: 1, 2 or 4.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest word size: 32 or 64 (sets the memory overhead).
+    #[arg(long, default_value_t = 64)]
+    word_bits: u8,
+    /// The VM's MAC (default: a locally administered address derived from the name).
+    #[arg(long)]
+    mac: Option<MacAddr>,
+    /// The VM's IPv4 address (it answers ARP, ping and UDP 7777 on it).
+    #[arg(long)]
+    ip: Ipv4Addr,
+    /// What the vCPUs write: idle, uniform, hot:PAGES or sweep.
+    #[arg(long, default_value = "sweep")]
+    workload: Pattern,
+    /// Pages the vCPUs dirty per second ("max" for unthrottled).
+    #[arg(long, default_value = "1000", value_parser = parse_rate)]
+    dirty_rate: u64,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    if s == "max" {
+        return Ok(u64::MAX);
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a number of pages per second or \"max\""))
+}
+
+/// A locally administered unicast MAC derived from the VM name (FNV-1a).
+fn mac_for(name: &str) -> MacAddr {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    MacAddr([0x02, 0x00, b[0], b[1], b[2], b[3]])
+}
+
+/// Every host daemon that answers in the runtime directory.
+fn hosts() -> Result<Vec<HostInfo>, CliError> {
+    let dir = control::runtime_dir();
+    let rd = std::fs::read_dir(&dir).map_err(|e| {
+        format!(
+            "cannot read runtime directory {}: {e} (is any host running? set VFABRIC_RUN_DIR)",
+            dir.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let p = entry.path();
+        if p.extension().and_then(|e| e.to_str()) != Some("sock") {
+            continue;
+        }
+        if let Ok(info) = control::call_simple::<_, HostInfo>(&p, &HostRequest::Info) {
+            out.push(info);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn host_info(name: &str) -> Result<HostInfo, CliError> {
+    Ok(control::call_simple(
+        &control::socket_path(name),
+        &HostRequest::Info,
+    )?)
+}
+
+/// The host that runs VM `name`.
+fn locate(name: &str) -> Result<HostInfo, CliError> {
+    hosts()?
+        .into_iter()
+        .find(|h| h.vms.iter().any(|v| v == name))
+        .ok_or_else(|| format!("no running host has a VM named {name}").into())
+}
+
+fn print_vm_header() {
+    println!(
+        "{:<10} {:<9} {:<10} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
+        "NAME", "HOST", "STATE", "VCPUS", "MEM_MB", "MAC", "IP", "WORKLOAD", "UDP_CTR"
+    );
+}
+
+fn print_vm(v: &VmInfo) {
+    println!(
+        "{:<10} {:<9} {:<10} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
+        v.name,
+        v.host,
+        v.state,
+        v.vcpus,
+        v.memory_mb,
+        v.mac.to_string(),
+        v.ip.to_string(),
+        v.workload,
+        v.udp_counter
+    );
+}
+
+pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
+    match a.cmd {
+        VmCmd::Create(c) => {
+            let config = VmConfig {
+                mac: c.mac.unwrap_or_else(|| mac_for(&c.name)),
+                name: c.name,
+                vcpus: c.vcpus,
+                memory_mb: c.memory_mb,
+                word_bits: c.word_bits,
+                ip: c.ip,
+                workload: WorkloadConfig {
+                    pattern: c.workload,
+                    dirty_rate: c.dirty_rate,
+                },
+            };
+            config.validate()?;
+            let info: VmInfo = control::call_simple(
+                &control::socket_path(&c.host),
+                &HostRequest::VmCreate { config },
+            )?;
+            println!(
+                "created {} on {}: {} MB + {} MB overhead reserved, MAC {}, IP {}",
+                info.name, info.host, info.memory_mb, info.overhead_mb, info.mac, info.ip
+            );
+        }
+        VmCmd::List { host, json } => {
+            let hosts = match host {
+                Some(h) => vec![host_info(&h)?],
+                None => hosts()?,
+            };
+            let mut vms = Vec::new();
+            for h in &hosts {
+                let list: Vec<VmInfo> =
+                    control::call_simple(&control::socket_path(&h.name), &HostRequest::VmList)?;
+                vms.extend(list);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                print_vm_header();
+                for v in &vms {
+                    print_vm(v);
+                }
+            }
+        }
+        VmCmd::Show { name, json } => {
+            let h = locate(&name)?;
+            let v: VmInfo = control::call_simple(
+                &control::socket_path(&h.name),
+                &HostRequest::VmShow { name },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_vm_header();
+                print_vm(&v);
+                println!(
+                    "reserved {} MB ({} MB overhead, {}-bit, {} vCPU), disk owner {}, dirty rate {} pages/s, nic rx {} tx {}",
+                    v.reserved_mb,
+                    v.overhead_mb,
+                    v.word_bits,
+                    v.vcpus,
+                    v.disk_owner.as_deref().unwrap_or("none"),
+                    v.dirty_rate,
+                    v.nic_rx,
+                    v.nic_tx
+                );
+            }
+        }
+        VmCmd::Destroy { name } => {
+            let h = locate(&name)?;
+            let _: serde_json::Value = control::call_simple(
+                &control::socket_path(&h.name),
+                &HostRequest::VmDestroy { name: name.clone() },
+            )?;
+            println!("destroyed {name} on {}", h.name);
+        }
+    }
+    Ok(())
+}
+
+/// Live-migrate a running VM to another host.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The VM to move.
+    name: String,
+    /// Target host name.
+    #[arg(long)]
+    to: String,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Downtime target, ms (default: the source host's).
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Pre-copy round limit (default: the source host's).
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// When pre-copy does not converge: force or abort.
+    #[arg(long)]
+    on_no_convergence: Option<String>,
+    /// Cap the migration stream, Mbit/s.
+    #[arg(long)]
+    bandwidth_mbps: Option<u64>,
+    /// How the target announces the VM after resume: rarp, garp or none
+    /// (default: the target host's setting).
+    #[arg(long)]
+    announce: Option<Announce>,
+    /// Print no progress.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn mib(pages: u64) -> f64 {
+    pages as f64 * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// What to migrate where, as the CLI verbs ask for it.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateRequest {
+    pub name: String,
+    pub to: String,
+    pub announce: Option<Announce>,
+    pub options: MigrateOptions,
+}
+
+/// One VM, wherever it runs.
+pub fn vm_show(name: &str) -> Result<VmInfo, CliError> {
+    let h = locate(name)?;
+    Ok(control::call_simple(
+        &control::socket_path(&h.name),
+        &HostRequest::VmShow {
+            name: name.to_string(),
+        },
+    )?)
+}
+
+/// Runs one migration through the source host's daemon; returns the summary and the
+/// source and target host names. Progress goes to stderr when `progress` is set.
+pub fn migrate_call(
+    r: &MigrateRequest,
+    progress: bool,
+) -> Result<(MigrationSummary, String, String), CliError> {
+    let source = locate(&r.name)?;
+    if source.name == r.to {
+        return Err(format!("{} already runs on {}", r.name, r.to).into());
+    }
+    let target = host_info(&r.to).map_err(|e| format!("target host {}: {e}", r.to))?;
+    if let Some(mode) = &r.announce {
+        let _: serde_json::Value = control::call_simple(
+            &control::socket_path(&target.name),
+            &HostRequest::PrepareIncoming {
+                name: r.name.clone(),
+                announce: mode.to_string(),
+            },
+        )?;
+    }
+    // A listener bound to every address is reached on loopback.
+    let mut addr = target.vmotion_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(Ipv4Addr::LOCALHOST.into());
+    }
+    let req = HostRequest::Migrate {
+        name: r.name.clone(),
+        target: target.name.clone(),
+        target_addr: addr,
+        options: r.options.clone(),
+    };
+    if progress {
+        eprintln!(
+            "migrating {} from {} to {} (vMotion {})",
+            r.name, source.name, target.name, addr
+        );
+    }
+    let v = control::call(&control::socket_path(&source.name), &req, None, |p| {
+        if !progress {
+            return;
+        }
+        if let Ok(p) = serde_json::from_value::<Progress>(p) {
+            eprintln!("  {}", describe(&p));
+        }
+    })?;
+    let s: MigrationSummary = serde_json::from_value(v)?;
+    Ok((s, source.name, target.name))
+}
+
+pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
+    let req = MigrateRequest {
+        name: a.name,
+        to: a.to,
+        announce: a.announce,
+        options: MigrateOptions {
+            downtime_ms: a.downtime_ms,
+            max_rounds: a.max_rounds,
+            on_no_convergence: a.on_no_convergence,
+            bandwidth_mbps: a.bandwidth_mbps,
+        },
+    };
+    let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print_summary(&s, &from, &to);
+    }
+    Ok(())
+}
+
+fn describe(p: &Progress) -> String {
+    match p {
+        Progress::Round {
+            round,
+            pages_sent,
+            dirty_pages,
+            throughput_mbps,
+        } => format!(
+            "pre-copy round {round}: sent {pages_sent} pages ({:.1} MiB), {dirty_pages} dirtied meanwhile, {throughput_mbps:.0} Mbit/s",
+            mib(*pages_sent)
+        ),
+        Progress::Quiesced { dirty_pages, .. } => {
+            format!("quiesced on the source; {dirty_pages} pages still dirty")
+        }
+        Progress::Bitmap { bits } => format!("memory bitmap sent: {bits} dirty pages"),
+        Progress::Pulled { pages } => format!("target pulled {pages} pages"),
+        Progress::Resumed { .. } => "resumed on the target".to_string(),
+        #[allow(unreachable_patterns)]
+        other => format!("{other:?}"),
+    }
+}
+
+fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
+    println!("migrated {} from {from} to {to}", s.vm);
+    for (i, (p, b)) in s
+        .pages_sent_per_round
+        .iter()
+        .zip(&s.bytes_per_round)
+        .enumerate()
+    {
+        println!(
+            "  round {:>2}: {:>9} pages  {:>10.1} MiB on the wire",
+            i + 1,
+            p,
+            *b as f64 / (1024.0 * 1024.0)
+        );
+    }
+    println!(
+        "  pre-copy rounds     {}{}",
+        s.rounds,
+        if s.converged {
+            ""
+        } else {
+            " (did not converge: stopped by policy)"
+        }
+    );
+    println!("  zero pages skipped  {}", s.zero_pages);
+    println!(
+        "  bitmap              {} dirty pages at quiesce",
+        s.bitmap_bits
+    );
+    println!("  pages pulled        {}", s.pages_pulled);
+    println!(
+        "  downtime            {} us (quiesce -> resume on target)",
+        s.downtime_us
+    );
+    println!("  total time          {} ms", s.total_ms);
+    println!("  throughput          {:.0} Mbit/s", s.throughput_mbps);
+    println!("  memory sha256       source {}", s.memory_sha256_source);
+    println!("                      target {}", s.memory_sha256_target);
+}

@@ -1,0 +1,381 @@
+//! `vfabric measure`: ping a VM from the client namespace with the system's real `ping`
+//! while it migrates, and explain the loss window from the daemons' own logs.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use vfabric::clock::unix_micros;
+use vfabric::measure::{self, LogEvent, PingLine, PingStats, Window};
+use vfabric::migration::announce::Announce;
+use vfabric::migration::MigrationSummary;
+
+use super::host::{migrate_call, vm_show, MigrateRequest};
+use super::CliError;
+
+/// Ping a VM from the client namespace around a migration and report the loss window.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  vfabric measure vm1 --to silo105 --interval 0.01\n\n\
+    Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
+    The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
+    (<log dir>/*.log, written by netns-scripts/up.sh)."
+)]
+pub struct MeasureArgs {
+    /// The VM to ping and move.
+    vm: String,
+    /// Target host.
+    #[arg(long)]
+    to: String,
+    /// Seconds between probes (the book's `ping -t` is 1; 0.01 for a close look).
+    #[arg(long, default_value_t = 0.01)]
+    interval: f64,
+    /// Namespace the probes leave from.
+    #[arg(long, default_value = "vf-client")]
+    client_netns: String,
+    /// How the target announces the VM: rarp, garp or none (default: the target's setting).
+    #[arg(long)]
+    announce: Option<Announce>,
+    /// Ping this long before migrating, ms.
+    #[arg(long, default_value_t = 1000)]
+    before_ms: u64,
+    /// Keep pinging this long after replies are back, ms.
+    #[arg(long, default_value_t = 1000)]
+    after_ms: u64,
+    /// Give up waiting for replies to come back after this long, s.
+    #[arg(long, default_value_t = 120)]
+    max_wait_s: u64,
+    /// Directory of the daemons' logs (default: the runtime directory).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Keep ping's own output in this file.
+    #[arg(long)]
+    ping_log: Option<PathBuf>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The measurement's result.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub interval_s: f64,
+    pub announce: String,
+    #[serde(flatten)]
+    pub ping: PingStats,
+    pub downtime_us: u64,
+    pub rarp_after_resume_us: Option<u64>,
+    pub fdb_move_after_rarp_us: Option<u64>,
+    pub fdb_move_after_resume_us: Option<u64>,
+    pub fdb_port_before: Option<String>,
+    pub fdb_port_after: Option<String>,
+    pub fdb_moved_by: Option<String>,
+    /// From the first lost reply to the switch's move of the MAC, ms (what the loss
+    /// window is made of when nothing announces the VM).
+    pub unreachable_ms: f64,
+    pub window: Window,
+    /// The migration's events from every daemon's log, in time order.
+    pub timeline: Vec<measure::TimelineEntry>,
+    pub migration: MigrationSummary,
+}
+
+struct Pinger {
+    child: Child,
+    lines: Arc<Mutex<Vec<PingLine>>>,
+    raw: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pinger {
+    fn start(netns: &str, ip: &str, interval: f64) -> Result<Pinger, CliError> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns, "ping", "-D", "-O", "-n", "-i"])
+            .arg(format!("{interval}"))
+            .arg(ip)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run `ip netns exec {netns} ping`: {e}"))?;
+        let stdout = child.stdout.take().ok_or("ping has no stdout")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let (l2, r2) = (lines.clone(), raw.clone());
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(p) = measure::parse_ping_line(&line) {
+                    l2.lock().unwrap_or_else(|p| p.into_inner()).push(p);
+                }
+                r2.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Ok(Pinger {
+            child,
+            lines,
+            raw,
+            reader: Some(reader),
+        })
+    }
+
+    fn last_reply_us(&self) -> Option<u64> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                PingLine::Reply { t_us, .. } => Some(*t_us),
+                _ => None,
+            })
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                Some(format!("ping exited ({status}): {}", err.trim()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Stops ping with SIGINT so that it prints its totals, and returns every line.
+    fn stop(mut self) -> (Vec<PingLine>, Vec<String>) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(|p| p.into_inner()));
+        let raw = std::mem::take(&mut *self.raw.lock().unwrap_or_else(|p| p.into_inner()));
+        (lines, raw)
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every event with `t_us` in the `*.log` files of `dir`.
+pub fn read_events(dir: &std::path::Path) -> Vec<LogEvent> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in rd.flatten() {
+        let p = entry.path();
+        if p.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        let daemon = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("?")
+            .to_string();
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            out.extend(
+                text.lines()
+                    .filter_map(measure::parse_log_line)
+                    .map(|mut e| {
+                        e.fields.insert("daemon".into(), daemon.clone());
+                        e
+                    }),
+            );
+        }
+    }
+    out
+}
+
+pub fn run(a: MeasureArgs) -> Result<(), CliError> {
+    if !(a.interval > 0.0 && a.interval <= 60.0) {
+        return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
+    }
+    let info = vm_show(&a.vm)?;
+    let log_dir = a
+        .log_dir
+        .clone()
+        .unwrap_or_else(vfabric::control::runtime_dir);
+    let say = |s: String| {
+        if !a.json {
+            eprintln!("{s}");
+        }
+    };
+    say(format!(
+        "pinging {} ({}) from {} every {} s",
+        a.vm, info.ip, a.client_netns, a.interval
+    ));
+    let mut pinger = Pinger::start(&a.client_netns, &info.ip.to_string(), a.interval)?;
+    // Wait for the VM to answer before moving it: a window measured from nothing is noise.
+    let t0 = Instant::now();
+    loop {
+        if let Some(e) = pinger.exited() {
+            return Err(e.into());
+        }
+        let answered = pinger.last_reply_us().is_some();
+        if answered && t0.elapsed() >= Duration::from_millis(a.before_ms) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(10).max(Duration::from_millis(a.before_ms * 2)) {
+            return Err(format!(
+                "{} ({}) does not answer ping from {} before the migration",
+                a.vm, info.ip, a.client_netns
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let since_us = unix_micros();
+    let req = MigrateRequest {
+        name: a.vm.clone(),
+        to: a.to.clone(),
+        announce: a.announce,
+        ..MigrateRequest::default()
+    };
+    let quiet = a.json;
+    let (summary, from, to) = migrate_call(&req, !quiet)?;
+    let done_us = unix_micros();
+    // Replies come back once the switch has followed the VM.
+    let wait = Instant::now();
+    loop {
+        if pinger.last_reply_us().is_some_and(|t| t > done_us) {
+            break;
+        }
+        if wait.elapsed() > Duration::from_secs(a.max_wait_s) {
+            say(format!(
+                "no reply within {} s after the migration; giving up",
+                a.max_wait_s
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(
+        Duration::from_millis(a.after_ms).max(Duration::from_secs_f64(a.interval * 2.0)),
+    );
+    let (lines, raw) = pinger.stop();
+    if let Some(p) = &a.ping_log {
+        std::fs::write(p, raw.join("\n") + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    let ping = measure::ping_stats(&lines);
+    // Give the daemons' log writers a moment to flush.
+    std::thread::sleep(Duration::from_millis(50));
+    let events = read_events(&log_dir);
+    let window = measure::find_window(&events, &a.vm, &info.mac.to_string(), since_us);
+    let timeline = measure::timeline(
+        &events,
+        &a.vm,
+        &info.mac.to_string(),
+        since_us,
+        unix_micros(),
+    );
+    let unreachable_ms = match window.fdb_move_t_us {
+        Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
+        _ => ping.longest_gap_ms,
+    };
+    let report = Report {
+        vm: a.vm.clone(),
+        from,
+        to,
+        interval_s: a.interval,
+        announce: a
+            .announce
+            .as_ref()
+            .map(|x| x.to_string())
+            .unwrap_or_else(|| "host default".into()),
+        downtime_us: summary.downtime_us,
+        rarp_after_resume_us: window.announce_after_resume_us(),
+        fdb_move_after_rarp_us: window.fdb_move_after_announce_us(),
+        fdb_move_after_resume_us: window.fdb_move_after_resume_us(),
+        fdb_port_before: window.fdb_port_before.clone(),
+        fdb_port_after: window.fdb_port_after.clone(),
+        fdb_moved_by: window.fdb_moved_by.clone(),
+        unreachable_ms,
+        ping,
+        window,
+        timeline,
+        migration: summary,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn us(v: Option<u64>) -> String {
+    v.map(|v| format!("{:.3} ms", v as f64 / 1000.0))
+        .unwrap_or_else(|| "not seen".into())
+}
+
+pub fn print_report(r: &Report) {
+    if !r.timeline.is_empty() {
+        println!("what the daemons logged (ms from the first event):");
+        for e in &r.timeline {
+            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.daemon, e.what);
+        }
+    }
+    println!(
+        "loss window of {} ({} -> {}), ping every {} s:",
+        r.vm, r.from, r.to, r.interval_s
+    );
+    println!(
+        "  pings sent {}, lost {}{}",
+        r.ping.pings_sent,
+        r.ping.pings_lost,
+        if r.ping.lost_seqs.is_empty() {
+            String::new()
+        } else {
+            format!(" (icmp_seq {:?})", r.ping.lost_seqs)
+        }
+    );
+    println!(
+        "  longest gap between replies  {:.3} ms",
+        r.ping.longest_gap_ms
+    );
+    println!(
+        "  downtime (quiesce -> resume)  {:.3} ms",
+        r.downtime_us as f64 / 1000.0
+    );
+    println!(
+        "  resume -> first announce      {}",
+        us(r.rarp_after_resume_us)
+    );
+    println!(
+        "  first announce -> FDB move    {}{}",
+        us(r.fdb_move_after_rarp_us),
+        match (&r.fdb_port_before, &r.fdb_port_after, &r.fdb_moved_by) {
+            (Some(b), Some(a), Some(by)) => format!(" ({b} -> {a}, moved by a {by} frame)"),
+            _ => String::new(),
+        }
+    );
+    if r.rarp_after_resume_us.is_none() {
+        println!(
+            "  no announce: the switch kept sending to the old port; resume -> FDB move {}",
+            us(r.fdb_move_after_resume_us)
+        );
+    }
+}

@@ -1,0 +1,858 @@
+//! The hypervisor daemon (`vfabric host`): an adapter that owns the VMs of one emulated
+//! host, its uplink packet socket, its vMotion listener and its control socket.
+//!
+//! The migration engine ([`crate::migration`]) does the moving; this module decides what
+//! the host does around it: admission, the disk lock hand-over, the VM's NIC on the
+//! uplink, and the RARP announce after an incoming VM resumes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::clock::unix_micros;
+use crate::control::{self, Progress};
+use crate::guest::nic::{self, Nic};
+use crate::guest::{Vm, VmConfig};
+use crate::host::admission;
+use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
+use crate::host::datastore::{Datastore, DiskLock};
+use crate::migration::announce::{self, Announce, Schedule};
+use crate::migration::{self, MigrationConfig, NoConvergence, SourceHooks, TargetHooks};
+use crate::port::packet::PacketSocket;
+use crate::wire::ethernet::Frame;
+use crate::wire::MacAddr;
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot listen for vMotion on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open uplink {0}")]
+    Uplink(String, #[source] crate::port::packet::PacketError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Datastore(#[from] crate::host::datastore::DatastoreError),
+}
+
+/// How one host daemon is set up.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub name: String,
+    /// Address of the vMotion listener (port 0 picks a free one).
+    pub vmotion_addr: SocketAddr,
+    /// The uplink interface the VMs' NICs use; None runs the VMs without a network.
+    pub uplink: Option<String>,
+    pub capacity_mb: u64,
+    pub datastore: PathBuf,
+    pub socket: PathBuf,
+    pub announce: Announce,
+    pub schedule: Schedule,
+    pub migration: MigrationConfig,
+}
+
+/// Lifecycle of a VM on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VmState {
+    Running,
+    MigratingOut,
+}
+
+impl VmState {
+    fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::MigratingOut => "migrating",
+        }
+    }
+}
+
+/// What the NIC thread, the announcer and the disk writer share about one VM.
+struct VmShared {
+    vm: Arc<Vm>,
+    nic: Mutex<Nic>,
+    disk: Mutex<Option<DiskLock>>,
+    alive: AtomicBool,
+    nic_rx: AtomicU64,
+    nic_tx: AtomicU64,
+}
+
+struct VmEntry {
+    shared: Arc<VmShared>,
+    state: VmState,
+    reserved_mb: u64,
+    overhead_mb: u64,
+    resumed_t_us: Option<u64>,
+    first_announce_t_us: Arc<AtomicU64>,
+    announce: Announce,
+}
+
+#[derive(Default)]
+struct Inventory {
+    vms: HashMap<String, VmEntry>,
+    /// Reservations of incoming migrations that have not resumed yet.
+    pending: HashMap<String, u64>,
+    /// Announce overrides for the next incoming migration of a VM.
+    announce_next: HashMap<String, Announce>,
+}
+
+impl Inventory {
+    fn reserved_mb(&self) -> u64 {
+        self.vms.values().map(|e| e.reserved_mb).sum::<u64>() + self.pending.values().sum::<u64>()
+    }
+}
+
+struct Host {
+    cfg: HostConfig,
+    vmotion_addr: SocketAddr,
+    datastore: Arc<Datastore>,
+    inv: Mutex<Inventory>,
+    /// VMs by MAC, for the NIC thread.
+    by_mac: RwLock<HashMap<MacAddr, Arc<VmShared>>>,
+    uplink: Option<Arc<PacketSocket>>,
+    stop: AtomicBool,
+}
+
+/// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
+/// its disk lock released, and the control socket removed.
+pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result<(), HostError> {
+    let datastore = Datastore::open(&cfg.datastore)?;
+    let uplink = match &cfg.uplink {
+        Some(ifname) => Some(Arc::new(
+            PacketSocket::open(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
+        )),
+        None => None,
+    };
+    let listener = TcpListener::bind(cfg.vmotion_addr)
+        .await
+        .map_err(|source| HostError::Listen {
+            addr: cfg.vmotion_addr,
+            source,
+        })?;
+    let vmotion_addr = listener.local_addr().map_err(|source| HostError::Listen {
+        addr: cfg.vmotion_addr,
+        source,
+    })?;
+    let control = control::bind(&cfg.socket)?;
+    let host = Arc::new(Host {
+        cfg,
+        vmotion_addr,
+        datastore: Arc::new(datastore),
+        inv: Mutex::new(Inventory::default()),
+        by_mac: RwLock::new(HashMap::new()),
+        uplink,
+        stop: AtomicBool::new(false),
+    });
+    tracing::info!(
+        host = %host.cfg.name,
+        vmotion = %vmotion_addr,
+        uplink = host.cfg.uplink.as_deref().unwrap_or("-"),
+        capacity_mb = host.cfg.capacity_mb,
+        socket = %host.cfg.socket.display(),
+        "host ready"
+    );
+    let nic_thread = host.uplink.clone().map(|up| {
+        let h = host.clone();
+        std::thread::Builder::new()
+            .name("nic".into())
+            .spawn(move || nic_loop(h, up))
+            .expect("spawn nic thread")
+    });
+    let accept = {
+        let h = host.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let h = h.clone();
+                        tokio::spawn(async move { h.incoming(stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "vMotion accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })
+    };
+    let handler = {
+        let h = host.clone();
+        move |req: HostRequest, progress: Progress| {
+            let h = h.clone();
+            async move { h.handle(req, progress).await }
+        }
+    };
+    control::serve(control, handler, shutdown).await;
+    accept.abort();
+    host.stop.store(true, Ordering::SeqCst);
+    if let Some(t) = nic_thread {
+        let _ = t.join();
+    }
+    host.shutdown_vms();
+    let _ = std::fs::remove_file(&host.cfg.socket);
+    tracing::info!(host = %host.cfg.name, "host stopped");
+    Ok(())
+}
+
+/// The VMs' NIC: frames from the uplink go to the VM whose MAC they are for (broadcast
+/// and multicast to every VM); a VM that is not running neither answers nor forwards.
+fn nic_loop(host: Arc<Host>, uplink: Arc<PacketSocket>) {
+    let mut buf = vec![0u8; 65536 + 64];
+    let mut out = Vec::new();
+    while !host.stop.load(Ordering::Relaxed) {
+        let n = match uplink.recv(&mut buf, Duration::from_millis(200)) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "uplink receive failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let frame = &buf[..n];
+        let Ok(eth) = Frame::new_checked(frame) else {
+            continue;
+        };
+        let dst = eth.dst_addr();
+        let targets: Vec<Arc<VmShared>> = {
+            let map = host.by_mac.read().unwrap_or_else(|p| p.into_inner());
+            if dst.is_multicast() {
+                map.values().cloned().collect()
+            } else {
+                map.get(&dst).cloned().into_iter().collect()
+            }
+        };
+        for vm in targets {
+            if !vm.alive.load(Ordering::Acquire) || !vm.vm.is_running() {
+                continue;
+            }
+            vm.nic_rx.fetch_add(1, Ordering::Relaxed);
+            out.clear();
+            vm.nic.lock().unwrap_or_else(|p| p.into_inner()).handle(
+                frame,
+                vm.vm.memory(),
+                &mut out,
+            );
+            for reply in &out {
+                match uplink.send(reply) {
+                    Ok(()) => {
+                        vm.nic_tx.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "uplink send failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Appends a record to the VM's disk every second while it runs here and holds the lock,
+/// so a lost disk hand-over shows in the file.
+async fn disk_writer(vm: Weak<VmShared>, host: String) {
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(shared) = vm.upgrade() else { return };
+        if !shared.alive.load(Ordering::Acquire) {
+            return;
+        }
+        if !shared.vm.is_running() {
+            continue;
+        }
+        let guard = shared.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lock) = guard.as_ref() {
+            seq += 1;
+            let record = format!(
+                "t_us={} host={} vm={} seq={}",
+                unix_micros(),
+                host,
+                shared.vm.config().name,
+                seq
+            );
+            if let Err(e) = lock.append(&record) {
+                tracing::warn!(vm = %shared.vm.config().name, error = %e, "disk write failed");
+            }
+        }
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|pages| pages * 4)
+        .unwrap_or(0)
+}
+
+fn parse_policy(s: &str) -> Result<NoConvergence, String> {
+    match s {
+        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
+        "abort" => Ok(NoConvergence::Abort),
+        other => Err(format!(
+            "invalid --on-no-convergence {other:?} (expected force or abort)"
+        )),
+    }
+}
+
+impl Host {
+    async fn handle(
+        self: Arc<Self>,
+        req: HostRequest,
+        progress: Progress,
+    ) -> Result<serde_json::Value, String> {
+        match req {
+            HostRequest::Info => Ok(to_json(&self.info())),
+            HostRequest::VmCreate { config } => self.create(config).map(|i| to_json(&i)),
+            HostRequest::VmList => Ok(to_json(&self.list())),
+            HostRequest::VmShow { name } => self.show(&name).map(|i| to_json(&i)),
+            HostRequest::VmDestroy { name } => {
+                self.destroy(&name).map(|()| serde_json::Value::Null)
+            }
+            HostRequest::PrepareIncoming { name, announce } => {
+                let a: Announce = announce.parse().map_err(|e| format!("{e}"))?;
+                self.lock_inv().announce_next.insert(name, a);
+                Ok(serde_json::Value::Null)
+            }
+            HostRequest::Migrate {
+                name,
+                target,
+                target_addr,
+                options,
+            } => self
+                .migrate(name, target, target_addr, options, progress)
+                .await
+                .map(|s| to_json(&s)),
+        }
+    }
+
+    fn lock_inv(&self) -> std::sync::MutexGuard<'_, Inventory> {
+        self.inv.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn info(&self) -> HostInfo {
+        let inv = self.lock_inv();
+        let mut vms: Vec<String> = inv.vms.keys().cloned().collect();
+        vms.sort();
+        HostInfo {
+            name: self.cfg.name.clone(),
+            vmotion_addr: self.vmotion_addr,
+            uplink: self.cfg.uplink.clone(),
+            capacity_mb: self.cfg.capacity_mb,
+            reserved_mb: inv.reserved_mb(),
+            vms,
+            rss_kib: rss_kib(),
+        }
+    }
+
+    fn vm_info(&self, e: &VmEntry) -> VmInfo {
+        let c = e.shared.vm.config();
+        VmInfo {
+            name: c.name.clone(),
+            host: self.cfg.name.clone(),
+            state: if e.shared.vm.is_running() || e.state != VmState::Running {
+                e.state.as_str().to_string()
+            } else {
+                "stopped".to_string()
+            },
+            vcpus: c.vcpus,
+            memory_mb: c.memory_mb,
+            word_bits: c.word_bits,
+            mac: c.mac,
+            ip: c.ip,
+            workload: format!("{}", c.workload.pattern),
+            dirty_rate: c.workload.dirty_rate,
+            reserved_mb: e.reserved_mb,
+            overhead_mb: e.overhead_mb,
+            disk_owner: self.datastore.owner(&c.name),
+            udp_counter: nic::read_counter(e.shared.vm.memory()),
+            nic_rx: e.shared.nic_rx.load(Ordering::Relaxed),
+            nic_tx: e.shared.nic_tx.load(Ordering::Relaxed),
+            resumed_t_us: e.resumed_t_us,
+            first_announce_t_us: match e.first_announce_t_us.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t),
+            },
+            announce: e.announce.to_string(),
+        }
+    }
+
+    fn list(&self) -> Vec<VmInfo> {
+        let inv = self.lock_inv();
+        let mut v: Vec<VmInfo> = inv.vms.values().map(|e| self.vm_info(e)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    fn show(&self, name: &str) -> Result<VmInfo, String> {
+        let inv = self.lock_inv();
+        inv.vms
+            .get(name)
+            .map(|e| self.vm_info(e))
+            .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))
+    }
+
+    /// Checks that `config` may come to this host and reserves room for it.
+    fn admit(&self, inv: &mut Inventory, config: &VmConfig) -> Result<(u64, u64), String> {
+        config.validate().map_err(|e| e.to_string())?;
+        if inv.vms.contains_key(&config.name) || inv.pending.contains_key(&config.name) {
+            return Err(format!(
+                "a VM named {} already exists on host {}",
+                config.name, self.cfg.name
+            ));
+        }
+        if inv
+            .vms
+            .values()
+            .any(|e| e.shared.vm.config().mac == config.mac)
+        {
+            return Err(format!(
+                "MAC {} is already used by another VM on host {}",
+                config.mac, self.cfg.name
+            ));
+        }
+        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)
+            .map_err(|e| e.to_string())?;
+        admission::check_room_for(
+            &self.cfg.name,
+            self.cfg.capacity_mb,
+            inv.reserved_mb(),
+            &config.name,
+            r,
+        )
+        .map_err(|e| e.to_string())?;
+        let (need, overhead) = (r.total_mb(), r.overhead_mb);
+        Ok((need, overhead))
+    }
+
+    /// Puts a running VM into the inventory and onto the NIC.
+    fn install(
+        self: &Arc<Self>,
+        inv: &mut Inventory,
+        vm: Arc<Vm>,
+        disk: DiskLock,
+        reserved_mb: u64,
+        overhead_mb: u64,
+        announce: Announce,
+    ) -> Arc<VmEntryHandles> {
+        let cfg = vm.config().clone();
+        let shared = Arc::new(VmShared {
+            nic: Mutex::new(Nic::new(cfg.mac, cfg.ip)),
+            vm,
+            disk: Mutex::new(Some(disk)),
+            alive: AtomicBool::new(true),
+            nic_rx: AtomicU64::new(0),
+            nic_tx: AtomicU64::new(0),
+        });
+        let first_announce = Arc::new(AtomicU64::new(0));
+        inv.vms.insert(
+            cfg.name.clone(),
+            VmEntry {
+                shared: shared.clone(),
+                state: VmState::Running,
+                reserved_mb,
+                overhead_mb,
+                resumed_t_us: None,
+                first_announce_t_us: first_announce.clone(),
+                announce,
+            },
+        );
+        self.by_mac
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cfg.mac, shared.clone());
+        tokio::spawn(disk_writer(Arc::downgrade(&shared), self.cfg.name.clone()));
+        Arc::new(VmEntryHandles {
+            shared,
+            first_announce,
+        })
+    }
+
+    /// Takes a VM off this host: off the NIC, out of the inventory. Returns its entry.
+    fn uninstall(&self, inv: &mut Inventory, name: &str) -> Option<VmEntry> {
+        let e = inv.vms.remove(name)?;
+        e.shared.alive.store(false, Ordering::Release);
+        self.by_mac
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&e.shared.vm.config().mac);
+        Some(e)
+    }
+
+    fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, String> {
+        let mut inv = self.lock_inv();
+        let (need, overhead) = self.admit(&mut inv, &config)?;
+        self.datastore
+            .create_disk(&config.name)
+            .map_err(|e| e.to_string())?;
+        let disk = self
+            .datastore
+            .lock(&config.name, &self.cfg.name)
+            .map_err(|e| e.to_string())?;
+        let vm = Vm::create(config.clone()).map_err(|e| e.to_string())?;
+        vm.start();
+        self.install(&mut inv, vm, disk, need, overhead, self.cfg.announce);
+        tracing::info!(
+            vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
+            vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
+            reserved_mb = need, t_us = unix_micros(), "vm created"
+        );
+        let e = inv.vms.get(&config.name).ok_or("VM vanished")?;
+        Ok(self.vm_info(e))
+    }
+
+    fn destroy(&self, name: &str) -> Result<(), String> {
+        let mut inv = self.lock_inv();
+        match inv.vms.get(name) {
+            None => return Err(format!("no VM named {name} on host {}", self.cfg.name)),
+            Some(e) if e.state != VmState::Running => {
+                return Err(format!("VM {name} is migrating; try again when it ends"))
+            }
+            Some(_) => {}
+        }
+        let e = self.uninstall(&mut inv, name).ok_or("VM vanished")?;
+        drop(inv);
+        e.shared.vm.quiesce();
+        e.shared
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Err(err) = self.datastore.remove_disk(name) {
+            tracing::warn!(vm = name, error = %err, "could not remove disk");
+        }
+        tracing::info!(vm = name, host = %self.cfg.name, t_us = unix_micros(), "vm destroyed");
+        Ok(())
+    }
+
+    fn shutdown_vms(&self) {
+        let mut inv = self.lock_inv();
+        let names: Vec<String> = inv.vms.keys().cloned().collect();
+        for name in names {
+            if let Some(e) = self.uninstall(&mut inv, &name) {
+                e.shared.vm.quiesce();
+                e.shared
+                    .disk
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+            }
+        }
+    }
+
+    fn migration_config(&self, o: &MigrateOptions) -> Result<MigrationConfig, String> {
+        let mut cfg = self.cfg.migration.clone();
+        if let Some(ms) = o.downtime_ms {
+            cfg.downtime_target = Duration::from_millis(ms);
+        }
+        if let Some(r) = o.max_rounds {
+            cfg.max_rounds = r;
+        }
+        if let Some(p) = &o.on_no_convergence {
+            cfg.on_no_convergence = parse_policy(p)?;
+        }
+        if let Some(b) = o.bandwidth_mbps {
+            cfg.bandwidth_limit = Some(b.saturating_mul(1_000_000) / 8);
+        }
+        Ok(cfg)
+    }
+
+    async fn migrate(
+        self: Arc<Self>,
+        name: String,
+        target: String,
+        target_addr: SocketAddr,
+        options: MigrateOptions,
+        progress: Progress,
+    ) -> Result<migration::MigrationSummary, String> {
+        let cfg = self.migration_config(&options)?;
+        let shared = {
+            let mut inv = self.lock_inv();
+            let e = inv
+                .vms
+                .get_mut(&name)
+                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+            if e.state != VmState::Running {
+                return Err(format!("VM {name} is already migrating"));
+            }
+            e.state = VmState::MigratingOut;
+            e.shared.clone()
+        };
+        tracing::info!(
+            vm = %name, from = %self.cfg.name, to = %target, target_addr = %target_addr,
+            t_us = unix_micros(), "migration requested"
+        );
+        let connect = tokio::time::timeout(cfg.io_timeout, TcpStream::connect(target_addr)).await;
+        let stream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.set_state(&name, VmState::Running);
+                return Err(format!(
+                    "pre-check failed: cannot connect to {target} at {target_addr}: {e}"
+                ));
+            }
+            Err(_) => {
+                self.set_state(&name, VmState::Running);
+                return Err(format!(
+                    "pre-check failed: connecting to {target} at {target_addr} timed out"
+                ));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut hooks = SourceSide {
+            shared: shared.clone(),
+            datastore: self.datastore.clone(),
+            host: self.cfg.name.clone(),
+        };
+        let vm = shared.vm.clone();
+        let mut report = |p: migration::Progress| progress.send(&p);
+        let result = migration::migrate_out(vm, stream, &cfg, &mut hooks, &mut report).await;
+        drop(hooks);
+        let mut inv = self.lock_inv();
+        match result {
+            Ok(summary) => {
+                // Step 6: the VM runs on the target; free it here.
+                let entry = self.uninstall(&mut inv, &name);
+                drop(inv);
+                drop(shared);
+                drop(entry);
+                tracing::info!(
+                    vm = %name, host = %self.cfg.name, t_us = unix_micros(),
+                    rss_kib = rss_kib(), "vm memory freed after migration"
+                );
+                Ok(summary)
+            }
+            Err(e) => {
+                if shared.vm.is_running() {
+                    if let Some(entry) = inv.vms.get_mut(&name) {
+                        entry.state = VmState::Running;
+                    }
+                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
+                        "migration failed; VM runs on the source");
+                    Err(format!("{e}; {name} keeps running on {}", self.cfg.name))
+                } else {
+                    // The target took the disk lock: the VM lives there now.
+                    let entry = self.uninstall(&mut inv, &name);
+                    drop(inv);
+                    drop(entry);
+                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
+                        "migration reply lost after the target took over; VM removed here");
+                    Err(format!("{e}; {name} was taken over by {target}"))
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, name: &str, state: VmState) {
+        if let Some(e) = self.lock_inv().vms.get_mut(name) {
+            e.state = state;
+        }
+    }
+
+    async fn incoming(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let mut hooks = TargetSide {
+            host: self.clone(),
+            name: None,
+            disk: None,
+            resumed: false,
+        };
+        let cfg = self.cfg.migration.clone();
+        match migration::migrate_in(stream, &cfg, &mut hooks).await {
+            Ok((vm, summary)) => {
+                tracing::info!(
+                    vm = %vm.config().name, host = %self.cfg.name, peer = %peer,
+                    downtime_us = summary.downtime_us, t_us = unix_micros(),
+                    "incoming migration complete"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(host = %self.cfg.name, peer = %peer, error = %e,
+                    t_us = unix_micros(), "incoming migration failed");
+            }
+        }
+    }
+}
+
+/// Handles returned by [`Host::install`], for the announcer.
+struct VmEntryHandles {
+    shared: Arc<VmShared>,
+    first_announce: Arc<AtomicU64>,
+}
+
+/// The source's side of the disk-lock hand-over.
+struct SourceSide {
+    shared: Arc<VmShared>,
+    datastore: Arc<Datastore>,
+    host: String,
+}
+
+impl SourceHooks for SourceSide {
+    fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
+        // Step 3: the source gives up the disk so that the target can take it.
+        self.shared
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        tracing::info!(vm = %vm.config().name, host = %self.host, t_us = unix_micros(),
+            "disk lock released");
+        Ok(())
+    }
+
+    fn reclaim(&mut self, vm: &Arc<Vm>) -> bool {
+        let name = &vm.config().name;
+        match self.datastore.lock(name, &self.host) {
+            Ok(lock) => {
+                *self.shared.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+                tracing::info!(vm = %name, host = %self.host, t_us = unix_micros(),
+                    "disk lock retaken");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, host = %self.host, error = %e,
+                    "disk lock not retaken: the target owns the VM");
+                false
+            }
+        }
+    }
+}
+
+/// The target's side: admission, disk lock, inventory and announce.
+struct TargetSide {
+    host: Arc<Host>,
+    name: Option<String>,
+    disk: Option<DiskLock>,
+    resumed: bool,
+}
+
+impl Drop for TargetSide {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            if !self.resumed {
+                self.host.lock_inv().pending.remove(name);
+            }
+        }
+    }
+}
+
+impl TargetHooks for TargetSide {
+    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
+        let mut inv = self.host.lock_inv();
+        let (need, _) = self.host.admit(&mut inv, cfg)?;
+        inv.pending.insert(cfg.name.clone(), need);
+        self.name = Some(cfg.name.clone());
+        Ok(())
+    }
+
+    fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
+        let name = &vm.config().name;
+        let lock = self
+            .host
+            .datastore
+            .lock(name, &self.host.cfg.name)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
+            "disk lock taken");
+        self.disk = Some(lock);
+        Ok(())
+    }
+
+    fn resumed(&mut self, vm: &Arc<Vm>) {
+        let resumed_t_us = unix_micros();
+        let cfg = vm.config().clone();
+        let host = &self.host;
+        let mut inv = host.lock_inv();
+        let reserved = inv.pending.remove(&cfg.name).unwrap_or(0);
+        let overhead = reserved.saturating_sub(cfg.memory_mb);
+        let announce = inv
+            .announce_next
+            .remove(&cfg.name)
+            .unwrap_or_else(|| host.cfg.announce);
+        let Some(disk) = self.disk.take() else {
+            return;
+        };
+        let handles = host.install(&mut inv, vm.clone(), disk, reserved, overhead, announce);
+        if let Some(e) = inv.vms.get_mut(&cfg.name) {
+            e.resumed_t_us = Some(resumed_t_us);
+        }
+        drop(inv);
+        self.resumed = true;
+        tracing::info!(vm = %cfg.name, host = %host.cfg.name, t_us = resumed_t_us, "vm resumed");
+        start_announce(host, handles, announce);
+    }
+}
+
+/// Step 5's announce: the first frame goes out now, the rest on the schedule.
+fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce) {
+    let (name, mac, ip) = {
+        let c = handles.shared.vm.config();
+        (c.name.clone(), c.mac, c.ip)
+    };
+    let Some(frame) = announce::frame(&kind, mac, ip) else {
+        tracing::info!(vm = %name, "announce disabled");
+        return;
+    };
+    let Some(uplink) = host.uplink.clone() else {
+        tracing::info!(vm = %name, "no uplink: announce skipped");
+        return;
+    };
+    let schedule = host.cfg.schedule.0.clone();
+    let host_name = host.cfg.name.clone();
+    let start = Instant::now();
+    let send = move |seq: usize| {
+        if !handles.shared.alive.load(Ordering::Acquire) {
+            return;
+        }
+        match uplink.send(&frame) {
+            Ok(()) => {
+                let t = unix_micros();
+                let _ = handles.first_announce.compare_exchange(
+                    0,
+                    t,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+                tracing::info!(vm = %name, host = %host_name, mac = %mac,
+                    kind = %kind, seq, t_us = t, "announce sent");
+            }
+            Err(e) => tracing::warn!(vm = %name, error = %e, "announce send failed"),
+        }
+    };
+    let mut offsets: Vec<(usize, Duration)> = schedule.into_iter().enumerate().collect();
+    // A frame due at once leaves on this thread, right after resume.
+    if offsets.first().is_some_and(|(_, at)| at.is_zero()) {
+        send(0);
+        offsets.remove(0);
+    }
+    if offsets.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            for (seq, at) in offsets {
+                if let Some(wait) = at.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                send(seq);
+            }
+        });
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
