@@ -34,6 +34,7 @@ delete_namespaces() {
 remove_leftovers() {
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
     rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid
+    rm -rf "$VF_DATASTORE"
     rmdir "$VFABRIC_RUN_DIR" 2>/dev/null || true    # only if empty: logs are kept
 }
 

@@ -9,11 +9,17 @@
 #   VF_MIRROR        if set, the switch also creates a mirror TAP of that name in the
 #                    root namespace (tcpdump -i "$VF_MIRROR" sees every frame)
 #   VF_SWITCH_ARGS   extra arguments for `vfabric switch` (e.g. --ageing-secs 30)
+#   VF_HOST_ARGS     extra arguments for both `vfabric host` daemons (e.g. --announce none)
+#   VF_HOST_CAPACITY_MB  memory each host offers to VMs (default 4096)
 
 VF_PREFIX=${VF_PREFIX:-vf}
 VFABRIC_RUN_DIR=${VFABRIC_RUN_DIR:-/run/vfabric}
 export VFABRIC_RUN_DIR
 VF_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+VF_HOST_CAPACITY_MB=${VF_HOST_CAPACITY_MB:-4096}
+# The shared storage both hosts see (VM disk files and their locks).
+VF_DATASTORE="$VFABRIC_RUN_DIR/datastore"
 
 NS_CLIENT="$VF_PREFIX-client"
 NS_SILO104="$VF_PREFIX-silo104"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Builds the fabric: three namespaces (client, silo104, silo105), the vMotion veth pair
-# between the hosts, and the vfabric switch joining the client's eth0 and the hosts'
-# vmnic0 through TAP ports. Settings: see lib.sh. Undo with down.sh.
+# between the hosts, the vfabric switch joining the client's eth0 and the hosts'
+# vmnic0 through TAP ports, and a hypervisor daemon in each host namespace.
+# Settings: see lib.sh. Undo with down.sh.
+#
+# Usage: up.sh [--no-hosts]   (--no-hosts: the switch and namespaces only)
 #
 # Steps run in order from main(); each is a function, so more (host daemons, demo
 # traffic) slot in as one more function and one more line in main().
@@ -64,12 +67,38 @@ configure_addresses() {
     done
 }
 
+# One hypervisor daemon per host namespace: vMotion listener on vmk1, VM NICs on vmnic0,
+# a datastore directory both hosts see.
+start_hosts() {
+    local host ns vmk pid
+    mkdir -p "$VF_DATASTORE"
+    for host in silo104 silo105; do
+        if [ "$host" = silo104 ]; then ns=$NS_SILO104 vmk=${SILO104_VMK%/*}; else ns=$NS_SILO105 vmk=${SILO105_VMK%/*}; fi
+        # shellcheck disable=SC2086 # VF_HOST_ARGS is a list of words
+        setsid nohup ip netns exec "$ns" "$VFABRIC_BIN" host --name "$host" \
+            --vmotion-addr "$vmk:8000" --uplink vmnic0 \
+            --capacity-mb "$VF_HOST_CAPACITY_MB" --datastore "$VF_DATASTORE" \
+            ${VF_HOST_ARGS:-} \
+            >"$VFABRIC_RUN_DIR/$host.log" 2>&1 </dev/null &
+        pid=$!
+        write_pidfile "$host" "$pid"
+        wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "$pid" "$VFABRIC_RUN_DIR/$host.log"
+    done
+}
+
 on_error() {
     log "failed; removing what was created"
     "$(dirname "${BASH_SOURCE[0]}")/down.sh" || true
 }
 
 main() {
+    local hosts=1
+    case "${1:-}" in
+        --no-hosts) hosts=0 ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        "") ;;
+        *) die "unknown option $1 (try --help)" ;;
+    esac
     need_root
     ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
     ensure_bin
@@ -79,9 +108,13 @@ main() {
     create_vmotion_link
     start_switch
     configure_addresses
+    [ "$hosts" = 1 ] && start_hosts
     trap - ERR
-    log "up: namespaces ${ALL_NS[*]}; switch log $VFABRIC_RUN_DIR/switch.log"
+    log "up: namespaces ${ALL_NS[*]}; logs in $VFABRIC_RUN_DIR"
     log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; $VFABRIC_BIN fdb show"
+    if [ "$hosts" = 1 ]; then
+        log "     $VFABRIC_BIN vm create vm1 --host silo104 --ip 10.10.0.100; ip netns exec $NS_CLIENT ping 10.10.0.100"
+    fi
 }
 
 main "$@"

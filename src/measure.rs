@@ -268,7 +268,10 @@ pub fn timeline(
                 .fields
                 .iter()
                 .filter(|(k, _)| !skip.contains(&k.as_str()))
-                .map(|(k, v)| format!("{k}={v}"))
+                .map(|(k, v)| match v.parse::<f64>() {
+                    Ok(f) if v.contains('.') => format!("{k}={f:.1}"),
+                    _ => format!("{k}={v}"),
+                })
                 .collect();
             TimelineEntry {
                 t_us: e.t_us,

@@ -55,9 +55,16 @@ pub struct MeasureArgs {
     /// Keep ping's own output in this file.
     #[arg(long)]
     ping_log: Option<PathBuf>,
-    /// Print one JSON object.
+    /// Before and after the migration, send the VM's UDP service an `incr` from the
+    /// client namespace and report the counter (it must carry on: memory moved).
+    #[arg(long)]
+    udp_check: bool,
+    /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
 }
 
 /// The measurement's result.
@@ -80,6 +87,11 @@ pub struct Report {
     /// From the first lost reply to the switch's move of the MAC, ms (what the loss
     /// window is made of when nothing announces the VM).
     pub unreachable_ms: f64,
+    pub memory_sha256_source: String,
+    pub memory_sha256_target: String,
+    /// The guest UDP counter as the client read it before and after (with --udp-check).
+    pub udp_counter_before: Option<u64>,
+    pub udp_counter_after: Option<u64>,
     pub window: Window,
     /// The migration's events from every daemon's log, in time order.
     pub timeline: Vec<measure::TimelineEntry>,
@@ -246,6 +258,11 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let udp_before = if a.udp_check {
+        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+    } else {
+        None
+    };
     let since_us = unix_micros();
     let req = MigrateRequest {
         name: a.vm.clone(),
@@ -275,6 +292,11 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         Duration::from_millis(a.after_ms).max(Duration::from_secs_f64(a.interval * 2.0)),
     );
     let (lines, raw) = pinger.stop();
+    let udp_after = if a.udp_check {
+        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+    } else {
+        None
+    };
     if let Some(p) = &a.ping_log {
         std::fs::write(p, raw.join("\n") + "\n")
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
@@ -314,16 +336,49 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         fdb_moved_by: window.fdb_moved_by.clone(),
         unreachable_ms,
         ping,
+        memory_sha256_source: summary.memory_sha256_source.clone(),
+        memory_sha256_target: summary.memory_sha256_target.clone(),
+        udp_counter_before: udp_before,
+        udp_counter_after: udp_after,
         window,
         timeline,
         migration: summary,
     };
+    let json = serde_json::to_string(&report)?;
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, format!("{json}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{json}");
     } else {
         print_report(&report);
     }
     Ok(())
+}
+
+/// Sends `incr` to the guest's UDP service from `netns` with this same binary, as a
+/// user would from a shell, and returns the counter it answered.
+fn udp_incr(netns: &str, ip: &str) -> Result<u64, CliError> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(exe)
+        .args(["udp", ip, "incr"])
+        .output()
+        .map_err(|e| format!("cannot run the UDP client in {netns}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("counter ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "UDP service of {ip} did not answer incr: {}{}",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into()
+        })
 }
 
 fn us(v: Option<u64>) -> String {
@@ -372,6 +427,20 @@ pub fn print_report(r: &Report) {
             _ => String::new(),
         }
     );
+    if let (Some(b), Some(a)) = (r.udp_counter_before, r.udp_counter_after) {
+        println!("  UDP counter (guest memory)    {b} before, {a} after");
+    }
+    if !r.memory_sha256_source.is_empty() {
+        let same = if r.memory_sha256_source == r.memory_sha256_target {
+            "identical"
+        } else {
+            "DIFFERENT"
+        };
+        println!(
+            "  memory digest at quiesce/resume {same}: {}",
+            r.memory_sha256_source
+        );
+    }
     if r.rarp_after_resume_us.is_none() {
         println!(
             "  no announce: the switch kept sending to the old port; resume -> FDB move {}",

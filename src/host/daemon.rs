@@ -817,9 +817,11 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
         if !handles.shared.alive.load(Ordering::Acquire) {
             return;
         }
+        // The timestamp is taken before the write: once written, the switch may have
+        // moved the MAC before this thread runs again.
+        let t = unix_micros();
         match uplink.send(&frame) {
             Ok(()) => {
-                let t = unix_micros();
                 let _ = handles.first_announce.compare_exchange(
                     0,
                     t,

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The vMotion demo, start to finish: builds vfabric, brings the fabric up (switch, three
+# namespaces, two hypervisor daemons), creates vm1 on silo104, pings it from the client
+# namespace with the system's ping while tcpdump captures the fabric, migrates vm1 to
+# silo105, and tells what happened in order. Cleans up unless --keep.
+#
+# Usage: demo.sh [--keep] [--json] [--interval S] [--memory-mb N] [--dirty-rate N]
+#                [--announce rarp|garp|none]
+#   --keep         leave the topology up afterwards to try things by hand
+#   --json         end the output with one JSON object of the figures
+#   --interval S   seconds between pings (default 0.01; the book's `ping -t` is 1)
+#   --memory-mb N  vm1's memory (default 256)
+#   --dirty-rate N pages per second vm1's vCPU rewrites (default 1000; "max" = unthrottled)
+#   --announce M   how silo105 announces vm1 after resume (default rarp)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+KEEP=0 JSON=0 INTERVAL=0.01 MEMORY=256 RATE=1000 ANNOUNCE=rarp
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --keep) KEEP=1 ;;
+        --json) JSON=1 ;;
+        --interval) INTERVAL=${2:?--interval needs a value}; shift ;;
+        --memory-mb) MEMORY=${2:?--memory-mb needs a value}; shift ;;
+        --dirty-rate) RATE=${2:?--dirty-rate needs a value}; shift ;;
+        --announce) ANNOUNCE=${2:?--announce needs a value}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "demo.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+. "$here/lib.sh"
+export VF_MIRROR=${VF_MIRROR:-$VF_PREFIX-mirror}
+VM_IP=10.10.0.100
+PCAP="$VFABRIC_RUN_DIR/demo.pcap"
+REPORT="$VFABRIC_RUN_DIR/demo.json"
+
+step() { printf '\n== %s\n' "$*"; }
+
+need_root
+ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
+if [ -z "${VFABRIC_BIN:-}" ]; then
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+    step "building vfabric (cargo build --release)"
+    (cd "$VF_REPO" && cargo build --release) || die "cargo build failed"
+    VFABRIC_BIN="$VF_REPO/target/release/vfabric"
+fi
+export VFABRIC_BIN
+vf() { "$VFABRIC_BIN" "$@"; }
+
+TCPDUMP_PID=
+cleanup() {
+    local rc=$?
+    if [ -n "$TCPDUMP_PID" ]; then
+        kill -INT "$TCPDUMP_PID" 2>/dev/null || true
+        wait "$TCPDUMP_PID" 2>/dev/null || true
+    fi
+    if [ "$KEEP" = 1 ] && [ "$rc" = 0 ]; then
+        cat <<EOF
+
+== the fabric is still up (--keep); try, as root:
+   export VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR
+   $VFABRIC_BIN vm list                         # where vm1 runs now
+   $VFABRIC_BIN fdb show                        # the switch's table
+   ip netns exec $NS_CLIENT ping $VM_IP        # ping vm1
+   $VFABRIC_BIN migrate vm1 --to silo104         # move it back
+   $VFABRIC_BIN measure vm1 --to silo104 --client-netns $NS_CLIENT --interval 1
+   tcpdump -eni $VF_MIRROR                       # every frame on the fabric
+   ip netns exec $NS_CLIENT $VFABRIC_BIN udp $VM_IP get
+   VF_PREFIX=$VF_PREFIX $here/down.sh          # remove it all
+EOF
+    else
+        [ "$KEEP" = 1 ] && log "failed; removing the fabric despite --keep"
+        "$here/down.sh" >/dev/null 2>&1 || "$here/down.sh" || true
+    fi
+}
+trap cleanup EXIT
+
+step "bringing the fabric up: switch, $NS_CLIENT, $NS_SILO104, $NS_SILO105, host daemons"
+"$here/down.sh" >/dev/null 2>&1 || true
+"$here/up.sh"
+
+step "creating vm1 on silo104 ($MEMORY MB, sweep workload dirtying $RATE pages/s, $VM_IP)"
+vf vm create vm1 --host silo104 --memory-mb "$MEMORY" --ip "$VM_IP" \
+    --workload sweep --dirty-rate "$RATE"
+
+step "capturing every frame of the fabric on the switch's mirror port $VF_MIRROR"
+tcpdump -i "$VF_MIRROR" -n -U -w "$PCAP" 2>"$VFABRIC_RUN_DIR/tcpdump.log" &
+TCPDUMP_PID=$!
+for _ in $(seq 50); do
+    grep -q listening "$VFABRIC_RUN_DIR/tcpdump.log" 2>/dev/null && break
+    sleep 0.1
+done
+
+step "pinging vm1 from $NS_CLIENT every $INTERVAL s and migrating it to silo105"
+vf measure vm1 --to silo105 --client-netns "$NS_CLIENT" --interval "$INTERVAL" \
+    --announce "$ANNOUNCE" --udp-check --ping-log "$VFABRIC_RUN_DIR/demo-ping.txt" \
+    --json-out "$REPORT"
+
+kill -INT "$TCPDUMP_PID" 2>/dev/null || true
+wait "$TCPDUMP_PID" 2>/dev/null || true
+TCPDUMP_PID=
+
+step "the switch's table now"
+vf fdb show
+
+step "the announce frames in the capture"
+VM_MAC=$(vf vm show vm1 --json | sed -n 's/.*"mac": "\(.*\)".*/\1/p')
+tcpdump -r "$PCAP" -nn -e "ether proto 0x8035 or (arp and ether dst ff:ff:ff:ff:ff:ff and ether src $VM_MAC)" \
+    2>/dev/null | head -5 || true
+cat <<EOF
+
+The capture is kept: $PCAP
+  read it with:  tcpdump -r $PCAP -nn -e
+  the RARP only: tcpdump -r $PCAP -nn -e -xx 'ether proto 0x8035'
+ping's own output: $VFABRIC_RUN_DIR/demo-ping.txt; daemon logs: $VFABRIC_RUN_DIR/*.log
+EOF
+if [ "$JSON" = 1 ]; then
+    echo
+    cat "$REPORT"
+fi
