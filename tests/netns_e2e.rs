@@ -1,0 +1,496 @@
+//! End-to-end namespace tests (root): a VM pinged by the kernel's `ping` from the client
+//! namespace migrates between the two hypervisor daemons; the target announces it with
+//! RARP; the switch follows. Each test builds its own fabric with a unique prefix.
+//!
+//! The tests measure time windows, so they run one at a time: two cores shared by
+//! several fabrics would measure the machine, not the fabric.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{bin, require_root, Topology};
+use serde_json::Value;
+use vfabric::measure::{parse_log_line, parse_ping_line, ping_stats, PingLine};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const VM_IP: &str = "10.10.0.100";
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Creates vm1 on silo104 and waits until the client can ping it; returns its MAC.
+fn create_vm(t: &Topology, memory_mb: u32) -> String {
+    ok(
+        t.vfabric(&[
+            "vm",
+            "create",
+            "vm1",
+            "--host",
+            "silo104",
+            "--memory-mb",
+            &memory_mb.to_string(),
+            "--ip",
+            VM_IP,
+            "--workload",
+            "sweep",
+            "--dirty-rate",
+            "1000",
+        ]),
+        "vm create",
+    );
+    assert!(t.ping("client", VM_IP, 2), "vm1 does not answer ping");
+    t.vfabric_json(&["vm", "show", "vm1"])["mac"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn measure(t: &Topology, to: &str, interval: &str, extra: &[&str]) -> Value {
+    let ns = t.ns("client");
+    let mut args = vec![
+        "measure",
+        "vm1",
+        "--to",
+        to,
+        "--client-netns",
+        &ns,
+        "--interval",
+        interval,
+        "--log-dir",
+    ];
+    let dir = t.run_dir.path().to_str().unwrap().to_string();
+    args.push(&dir);
+    args.extend_from_slice(extra);
+    t.vfabric_json(&args)
+}
+
+fn migrate(t: &Topology, to: &str) -> Value {
+    t.vfabric_json(&["migrate", "vm1", "--to", to])
+}
+
+/// A tcpdump writing a pcap file inside a namespace until stopped.
+struct Capture {
+    child: Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(t: &Topology, host: &str, ifname: &str, filter: &str, name: &str) -> Capture {
+        let file = t.run_dir.path().join(name);
+        let err = t.run_dir.path().join(format!("{name}.err"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.ns(host),
+                "tcpdump",
+                "-i",
+                ifname,
+                "-n",
+                "-U",
+            ])
+            .arg("-w")
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("tcpdump");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "tcpdump did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Capture { child, file }
+    }
+
+    /// Stops tcpdump and returns (timestamp µs, frame bytes) of every captured frame.
+    fn stop(mut self) -> Vec<(u64, Vec<u8>)> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        read_pcap(&std::fs::read(&self.file).expect("pcap file"))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a classic pcap file (microsecond or nanosecond timestamps, either byte order).
+fn read_pcap(b: &[u8]) -> Vec<(u64, Vec<u8>)> {
+    assert!(b.len() >= 24, "pcap too short");
+    let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
+    let (le, nanos) = match magic {
+        0xa1b2c3d4 => (true, false),
+        0xa1b23c4d => (true, true),
+        0xd4c3b2a1 => (false, false),
+        0x4d3cb2a1 => (false, true),
+        m => panic!("not a pcap file (magic {m:#x})"),
+    };
+    let u32_at = |o: usize| {
+        let a: [u8; 4] = b[o..o + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    };
+    let mut out = Vec::new();
+    let mut o = 24;
+    while o + 16 <= b.len() {
+        let sec = u32_at(o) as u64;
+        let frac = u32_at(o + 4) as u64;
+        let len = u32_at(o + 8) as usize;
+        o += 16;
+        if o + len > b.len() {
+            break;
+        }
+        let us = if nanos { frac / 1000 } else { frac };
+        out.push((sec * 1_000_000 + us, b[o..o + len].to_vec()));
+        o += len;
+    }
+    out
+}
+
+fn mac_bytes(mac: &str) -> vfabric::wire::MacAddr {
+    mac.parse().unwrap()
+}
+
+#[test]
+fn ping_every_10ms_loses_at_most_five_per_move_there_and_back() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    create_vm(&t, 64);
+    for (to, from) in [("silo105", "silo104"), ("silo104", "silo105")] {
+        let m = measure(&t, to, "0.01", &["--udp-check"]);
+        eprintln!(
+            "{from} -> {to}: sent {} lost {} longest gap {} ms, downtime {} us, resume->rarp {} us, rarp->fdb move {} us",
+            m["pings_sent"], m["pings_lost"], m["longest_gap_ms"], m["downtime_us"],
+            m["rarp_after_resume_us"], m["fdb_move_after_rarp_us"]
+        );
+        assert!(m["pings_sent"].as_u64().unwrap() >= 100, "{m}");
+        assert!(m["pings_lost"].as_u64().unwrap() <= 5, "too many lost: {m}");
+        assert_eq!(m["fdb_port_before"], from);
+        assert_eq!(m["fdb_port_after"], to);
+        assert_eq!(m["fdb_moved_by"], "rarp");
+        assert_eq!(m["memory_sha256_source"], m["memory_sha256_target"]);
+        let before = m["udp_counter_before"].as_u64().unwrap();
+        assert_eq!(m["udp_counter_after"].as_u64().unwrap(), before + 1, "{m}");
+        let fdb = t.vfabric_json(&["fdb", "show"]);
+        let vm_mac = t.vfabric_json(&["vm", "show", "vm1"])["mac"].clone();
+        let entry = fdb
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["mac"] == vm_mac)
+            .expect("vm1 in the FDB");
+        assert_eq!(entry["port"], to);
+    }
+}
+
+#[test]
+fn ping_every_second_loses_at_most_one_over_ten_migrations() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    create_vm(&t, 32);
+    let mut ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("client"),
+            "ping",
+            "-D",
+            "-O",
+            "-n",
+            "-i",
+            "1",
+            VM_IP,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let hosts = ["silo105", "silo104"];
+    for i in 0..10 {
+        let s = migrate(&t, hosts[i % 2]);
+        assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
+        std::thread::sleep(Duration::from_millis(1300));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-INT", &ping.id().to_string()])
+        .status();
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<PingLine> = text.lines().filter_map(parse_ping_line).collect();
+    let s = ping_stats(&lines);
+    eprintln!(
+        "ping -i 1 over 10 migrations: sent {}, lost {} {:?}, longest gap {:.1} ms",
+        s.pings_sent, s.pings_lost, s.lost_seqs, s.longest_gap_ms
+    );
+    assert!(s.pings_sent >= 15, "{text}");
+    assert!(
+        s.pings_lost <= 1,
+        "the book allows one on a bad day:\n{text}"
+    );
+}
+
+#[test]
+fn client_capture_shows_the_exact_rarp_after_resume_and_the_switch_follows_within_1ms() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    let mac = create_vm(&t, 32);
+    let on_client = Capture::start(&t, "client", "eth0", "ether proto 0x8035", "client.pcap");
+    let on_target = Capture::start(&t, "silo105", "vmnic0", "ether proto 0x8035", "target.pcap");
+    let s = migrate(&t, "silo105");
+    // QEMU's schedule ends 800 ms after resume.
+    std::thread::sleep(Duration::from_millis(1200));
+    let client = on_client.stop();
+    let target = on_target.stop();
+    let resume_us = s["resume_t_us"].as_u64().unwrap();
+    let expected = vfabric::migration::announce::rarp_frame(mac_bytes(&mac));
+
+    // The client sees all five, byte for byte, after the resume.
+    assert_eq!(client.len(), 5, "RARP frames seen by the client");
+    for (ts, frame) in &client {
+        assert_eq!(frame.as_slice(), &expected[..], "RARP bytes");
+        assert!(
+            *ts >= resume_us,
+            "RARP at {ts} before resume at {resume_us}"
+        );
+    }
+    let first_gap = client[0].0 - resume_us;
+    eprintln!("first RARP reached the client {first_gap} us after resume");
+    let offsets: Vec<u64> = client
+        .iter()
+        .map(|(ts, _)| (ts - client[0].0) / 1000)
+        .collect();
+    eprintln!("RARP schedule seen by the client (ms): {offsets:?}");
+    for (seen, want) in offsets.iter().zip([0u64, 50, 200, 450, 800]) {
+        assert!(seen.abs_diff(want) <= 20, "schedule {offsets:?}");
+    }
+
+    // The target's port sent them, and the switch moved the MAC on the first one.
+    assert_eq!(target.len(), 5, "RARP frames leaving silo105's vmnic0");
+    let arrival = target[0].0;
+    let moved = t
+        .switch_log()
+        .lines()
+        .filter_map(parse_log_line)
+        .find(|e| e.message == "mac moved" && e.get("mac") == Some(mac.as_str()))
+        .expect("mac moved event in the switch log");
+    assert_eq!(moved.get("from"), Some("silo104"));
+    assert_eq!(moved.get("to"), Some("silo105"));
+    assert_eq!(moved.get("ethertype"), Some("rarp"));
+    let lag = moved.t_us as i64 - arrival as i64;
+    eprintln!("FDB moved {lag} us after the first RARP entered the switch's port");
+    assert!((0..1000).contains(&lag), "FDB move {lag} us after the RARP");
+    let fdb = t.vfabric_json(&["fdb", "show"]);
+    let e = fdb
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mac"] == mac.as_str())
+        .unwrap();
+    assert_eq!(e["port"], "silo105");
+
+    // tcpdump itself decodes our frame cleanly.
+    let text = ok(
+        Command::new("tcpdump")
+            .args(["-r"])
+            .arg(t.run_dir.path().join("client.pcap"))
+            .args(["-nn", "-e"])
+            .output()
+            .unwrap(),
+        "tcpdump -r",
+    );
+    assert!(
+        text.contains(&format!("Reverse Request who-is {mac} tell {mac}")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("malformed") && !text.contains("truncated"),
+        "{text}"
+    );
+}
+
+#[test]
+fn udp_state_in_guest_memory_survives_the_move() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    create_vm(&t, 32);
+    let udp = |req: &[&str]| {
+        let mut args = vec![bin(), "udp", VM_IP];
+        args.extend_from_slice(req);
+        ok(t.exec("client", &args), "vfabric udp")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(udp(&["put", "owner", "network team"]), "ok");
+    for i in 1..=3 {
+        assert_eq!(udp(&["incr"]), format!("counter {i}"));
+    }
+    migrate(&t, "silo105");
+    assert_eq!(udp(&["get", "owner"]), "value network team");
+    assert_eq!(udp(&["incr"]), "counter 4");
+    migrate(&t, "silo104");
+    assert_eq!(udp(&["get"]), "counter 4");
+    assert_eq!(udp(&["incr"]), "counter 5");
+}
+
+#[test]
+fn without_an_announce_the_vm_stays_unreachable_much_longer() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    create_vm(&t, 32);
+    // Shorter neighbour timers in the client, so that what repairs the switch without an
+    // announce (the client's ARP re-resolution, broadcast, answered by the VM from its
+    // new port) comes within seconds instead of the default 15-45 s + probes.
+    for (k, v) in [
+        ("net.ipv4.neigh.eth0.base_reachable_time_ms", "2000"),
+        ("net.ipv4.neigh.eth0.delay_first_probe_time", "1"),
+    ] {
+        ok(
+            t.exec("client", &["sysctl", "-q", &format!("{k}={v}")]),
+            "sysctl",
+        );
+    }
+    let with = measure(&t, "silo105", "0.01", &["--announce", "rarp"]);
+    let without = measure(
+        &t,
+        "silo104",
+        "0.01",
+        &["--announce", "none", "--max-wait-s", "60"],
+    );
+    eprintln!(
+        "with RARP: lost {} longest gap {} ms; without: lost {} longest gap {} ms, FDB moved by {} {} us after resume",
+        with["pings_lost"],
+        with["longest_gap_ms"],
+        without["pings_lost"],
+        without["longest_gap_ms"],
+        without["fdb_moved_by"],
+        without["fdb_move_after_resume_us"]
+    );
+    assert!(without["rarp_after_resume_us"].is_null(), "{without}");
+    let gap_with = with["longest_gap_ms"].as_f64().unwrap();
+    let gap_without = without["longest_gap_ms"].as_f64().unwrap();
+    assert!(
+        gap_without > 5.0 * gap_with && gap_without > 500.0,
+        "without an announce the gap should be far longer: {gap_with} vs {gap_without} ms"
+    );
+    assert_ne!(without["fdb_moved_by"], "rarp");
+    assert_eq!(without["fdb_port_after"], "silo104");
+}
+
+#[test]
+fn demo_script_tells_the_story_and_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let prefix = format!("vd{:04x}", std::process::id() & 0xffff);
+    let run = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(common::repo().join("netns-scripts/demo.sh"))
+        .args(["--json", "--memory-mb", "64"])
+        .env("VF_PREFIX", &prefix)
+        .env("VFABRIC_RUN_DIR", run.path())
+        .env("VFABRIC_BIN", bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for story in [
+        "pre-copy round 1",
+        "quiesce",
+        "bitmap",
+        "pull",
+        "vm resumed",
+        "announce sent",
+        "mac moved",
+        "longest gap",
+        "UDP counter",
+        "Reverse Request who-is",
+        "tcpdump -r",
+    ] {
+        assert!(
+            stdout.contains(story) || String::from_utf8_lossy(&out.stderr).contains(story),
+            "the demo's story lacks {story:?}:\n{stdout}"
+        );
+    }
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
+    let j: Value = serde_json::from_str(last).expect("demo --json ends with one JSON object");
+    for key in [
+        "pings_sent",
+        "pings_lost",
+        "longest_gap_ms",
+        "downtime_us",
+        "rarp_after_resume_us",
+        "fdb_move_after_rarp_us",
+        "fdb_port_before",
+        "fdb_port_after",
+        "udp_counter_before",
+        "udp_counter_after",
+        "memory_sha256_source",
+        "memory_sha256_target",
+    ] {
+        assert!(!j[key].is_null(), "demo JSON lacks {key}: {j}");
+    }
+    assert_eq!(j["fdb_port_before"], "silo104");
+    assert_eq!(j["fdb_port_after"], "silo105");
+    assert_eq!(j["memory_sha256_source"], j["memory_sha256_target"]);
+    assert!(run.path().join("demo.pcap").exists(), "the capture is kept");
+    // Nothing of the fabric is left.
+    let ns = ok(
+        Command::new("ip").args(["netns", "list"]).output().unwrap(),
+        "ip netns",
+    );
+    assert!(!ns.contains(&prefix), "namespaces left behind: {ns}");
+    assert!(!run.path().join("switch.sock").exists());
+}
