@@ -117,6 +117,9 @@ The capture is kept: $PCAP
   the RARP only: tcpdump -r $PCAP -nn -e -xx 'ether proto 0x8035'
 ping's own output: $VFABRIC_RUN_DIR/demo-ping.txt; daemon logs: $VFABRIC_RUN_DIR/*.log
 EOF
+if [ "$KEEP" = 0 ]; then
+    echo "To keep the fabric up and try things by hand (migrate back, ping, capture): $0 --keep"
+fi
 if [ "$JSON" = 1 ]; then
     echo
     cat "$REPORT"

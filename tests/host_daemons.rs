@@ -180,6 +180,19 @@ fn vm_moves_back_and_forth_and_leaves_nothing_behind() {
     for word in ["round", "pages pulled", "downtime", "memory sha256"] {
         assert!(out.contains(word), "missing {word:?} in:\n{out}");
     }
+    // The VM wrote its disk once a second wherever it ran. Three moves allow at most
+    // four runs of one writer (silo104, silo105, silo104, silo105): more would mean two
+    // hosts wrote the disk at once.
+    std::thread::sleep(Duration::from_millis(1200));
+    let disk = std::fs::read_to_string(h.datastore().join("vm1.vmdk")).unwrap();
+    let mut writers: Vec<&str> = disk
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("host=")))
+        .collect();
+    writers.dedup();
+    assert_eq!(writers.first(), Some(&"silo104"), "{disk}");
+    assert!(writers.len() <= 4, "disk writers interleave: {writers:?}");
+    assert_eq!(writers.last(), Some(&"silo105"), "{disk}");
     h.ok(&["vm", "destroy", "vm1"]);
     assert!(h
         .json(&["vm", "list", "--json"])
