@@ -225,7 +225,7 @@ fn ping_every_second_loses_at_most_one_over_ten_migrations() {
     let _s = serial();
     let t = Topology::up();
     create_vm(&t, 32);
-    let mut ping = Command::new("ip")
+    let ping = Command::new("ip")
         .args([
             "netns",
             "exec",
