@@ -9,6 +9,7 @@
 #   VF_MIRROR        if set, the switch also creates a mirror TAP of that name in the
 #                    root namespace (tcpdump -i "$VF_MIRROR" sees every frame)
 #   VF_SWITCH_ARGS   extra arguments for `vfabric switch` (e.g. --ageing-secs 30)
+#   VF_HOSTS         0: up.sh starts no host daemons (same as up.sh --no-hosts)
 #   VF_HOST_ARGS     extra arguments for both `vfabric host` daemons (e.g. --announce none)
 #   VF_HOST_CAPACITY_MB  memory each host offers to VMs (default 4096)
 

@@ -4,7 +4,7 @@
 # vmnic0 through TAP ports, and a hypervisor daemon in each host namespace.
 # Settings: see lib.sh. Undo with down.sh.
 #
-# Usage: up.sh [--no-hosts]   (--no-hosts: the switch and namespaces only)
+# Usage: up.sh [--no-hosts]   (--no-hosts, or VF_HOSTS=0: the switch and namespaces only)
 #
 # Steps run in order from main(); each is a function, so more (host daemons, demo
 # traffic) slot in as one more function and one more line in main().
@@ -92,7 +92,7 @@ on_error() {
 }
 
 main() {
-    local hosts=1
+    local hosts=${VF_HOSTS:-1}
     case "${1:-}" in
         --no-hosts) hosts=0 ;;
         -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
