@@ -87,6 +87,19 @@ struct VmShared {
     nic_tx: AtomicU64,
 }
 
+impl VmShared {
+    /// Gives up the VM's disk lock (the VM no longer writes its disk from here).
+    fn release_disk(&self) {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Stops the vCPUs and gives up the disk.
+    fn stop(&self) {
+        self.vm.quiesce();
+        self.release_disk();
+    }
+}
+
 struct VmEntry {
     shared: Arc<VmShared>,
     state: VmState,
@@ -525,12 +538,7 @@ impl Host {
         }
         let e = self.uninstall(&mut inv, name).ok_or("VM vanished")?;
         drop(inv);
-        e.shared.vm.quiesce();
-        e.shared
-            .disk
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        e.shared.stop();
         if let Err(err) = self.datastore.remove_disk(name) {
             tracing::warn!(vm = name, error = %err, "could not remove disk");
         }
@@ -543,12 +551,7 @@ impl Host {
         let names: Vec<String> = inv.vms.keys().cloned().collect();
         for name in names {
             if let Some(e) = self.uninstall(&mut inv, &name) {
-                e.shared.vm.quiesce();
-                e.shared
-                    .disk
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
+                e.shared.stop();
             }
         }
     }
@@ -703,11 +706,7 @@ struct SourceSide {
 impl SourceHooks for SourceSide {
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
         // Step 3: the source gives up the disk so that the target can take it.
-        self.shared
-            .disk
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.shared.release_disk();
         tracing::info!(vm = %vm.config().name, host = %self.host, t_us = unix_micros(),
             "disk lock released");
         Ok(())
