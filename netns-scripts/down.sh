@@ -40,6 +40,7 @@ remove_leftovers() {
 
 main() {
     need_root
+    ensure_packages ip:iproute2
     stop_daemons
     delete_namespaces
     remove_leftovers

@@ -19,20 +19,21 @@ use super::CliError;
 
 /// Ping a VM from the client namespace around a migration and report the loss window.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Example:\n  vfabric measure vm1 --to silo105 --interval 0.01\n\n\
+#[command(after_help = "Examples:\n  \
+    vfabric measure vm1 --to silo105                   # one probe a second, like ping -t\n  \
+    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n\n\
     Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
     The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
-    (<log dir>/*.log, written by netns-scripts/up.sh)."
-)]
+    (<log dir>/*.log, written by netns-scripts/up.sh).")]
 pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
     /// Target host.
     #[arg(long)]
     to: String,
-    /// Seconds between probes (the book's `ping -t` is 1; 0.01 for a close look).
-    #[arg(long, default_value_t = 0.01)]
+    /// Seconds between probes: the book's `ping -t` sends one a second; use 0.01 for a
+    /// close look at the window (root may go down to 0.002).
+    #[arg(long, default_value_t = 1.0)]
     interval: f64,
     /// Namespace the probes leave from.
     #[arg(long, default_value = "vf-client")]
