@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
 # Compares the vfabric switch with the Linux bridge and vde_switch on the same shape:
 # three namespaces (client, silo104, silo105), each with one interface on the switch.
-# For each switch: iperf3, one TCP stream client -> silo104 for BENCH_SECS (default 10),
-# and the median of BENCH_PINGS (default 200) ping RTTs at -i 0.01.
-# Prints a table with ratios to the kernel bridge. Cleans up after itself, also on
-# failure or Ctrl-C. Needs root. Usage: bench/switch.sh
+# All three fabrics are built first; then, for BENCH_ROUNDS rounds (default 3), each
+# switch in turn (the order rotates every round) gets one iperf3 TCP stream
+# client -> silo104 for BENCH_SECS (default 10) and BENCH_PINGS (default 200) pings at
+# -i 0.01, of which the median RTT is kept. Interleaving the switches round by round
+# exposes them to the same background load; the summary gives per-switch medians and
+# the median of the per-round ratios to the bridge.
+# Cleans up after itself, also on failure or Ctrl-C. Needs root.
+# Usage: bench/switch.sh   (env: BENCH_SECS, BENCH_PINGS, BENCH_ROUNDS, BENCH_PREFIX)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 SECS=${BENCH_SECS:-10}
 PINGS=${BENCH_PINGS:-200}
+ROUNDS=${BENCH_ROUNDS:-3}
 P=${BENCH_PREFIX:-vb$$}     # namespace prefix, unique per run
 P=${P:0:8}
+VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-bench.XXXXXX)
-RESULTS=()
+SWITCHES=(kernel-bridge vfabric vde_switch)
+declare -A TAG=([kernel-bridge]=b [vfabric]=v [vde_switch]=d)
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root"
+[[ "$P" =~ ^[a-z0-9]+$ ]] || die "BENCH_PREFIX must be lower-case letters and digits"
+if ip netns list | awk '{print $1}' | grep -q "^$P-"; then
+    die "namespaces with prefix $P- exist already (another run?); set BENCH_PREFIX"
+fi
 missing=()
 for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 vde_switch:vde2 tcpdump:tcpdump; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
@@ -35,11 +46,10 @@ fi
 cleanup() {
     set +e
     local ns f
-    # vfabric topology
     VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" "$REPO/netns-scripts/down.sh" >/dev/null 2>&1
-    # vde_switch
     if [ -f "$WORK/vde.pid" ]; then kill "$(cat "$WORK/vde.pid")" 2>/dev/null; fi
-    # anything left in our namespaces (iperf3 servers), then the namespaces themselves
+    # Whatever still runs in our namespaces (iperf3 servers, tcpdump), then the
+    # namespaces themselves (veths and TAPs go with them).
     for ns in $(ip netns list | awk '{print $1}' | grep -E "^$P-" || true); do
         for f in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$f" 2>/dev/null; done
         ip netns del "$ns" 2>/dev/null
@@ -49,7 +59,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# hosts_up TAG IF_CLIENT IF_HOST: addresses and links in namespaces $P-TAG-{client,...}
+make_ns() {
+    local h
+    for h in client silo104 silo105; do
+        ip netns add "$P-$1-$h"
+        ip -n "$P-$1-$h" link set lo up
+    done
+}
+
+# hosts_up TAG: addresses and links in namespaces $P-TAG-{client,silo104,silo105}
 hosts_up() {
     local t=$1
     ip -n "$P-$t-client" addr add 10.10.0.1/24 dev eth0
@@ -60,43 +78,7 @@ hosts_up() {
     ip -n "$P-$t-silo105" link set vmnic0 up
 }
 
-make_ns() {
-    local h
-    for h in client silo104 silo105; do
-        ip netns add "$P-$1-$h"
-        ip -n "$P-$1-$h" link set lo up
-    done
-}
-
-# measure NAME TAG: runs iperf3 and ping through namespaces $P-TAG-*
-measure() {
-    local name=$1 t=$2 gbps rtt maxlen
-    local c="$P-$t-client" s="$P-$t-silo104"
-    ping_ok=0
-    for _ in $(seq 50); do
-        if ip netns exec "$c" ping -c 1 -W 1 -q 10.10.0.104 >/dev/null 2>&1; then ping_ok=1; break; fi
-        sleep 0.1
-    done
-    [ $ping_ok -eq 1 ] || die "$name: no connectivity"
-    ip netns exec "$s" iperf3 -s -D -1 -I "$WORK/iperf-$t.pid" >/dev/null
-    sleep 0.3
-    # Largest frame seen arriving in silo104 in the first seconds: > MTU means GSO
-    # frames crossed the switch whole.
-    timeout 2 ip netns exec "$s" tcpdump -i vmnic0 -nn -c 2000 -q "tcp and dst port 5201" \
-        >"$WORK/tcpdump-$t.txt" 2>/dev/null &
-    local dump=$!
-    gbps=$(ip netns exec "$c" iperf3 -c 10.10.0.104 -t "$SECS" -f g \
-        | awk '/receiver/ {print $(NF-2)}')
-    wait $dump 2>/dev/null || true
-    maxlen=$(awk '{print $NF}' "$WORK/tcpdump-$t.txt" | sort -n | tail -1)
-    rtt=$(ip netns exec "$c" ping -c "$PINGS" -i 0.01 10.10.0.104 \
-        | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n \
-        | awk '{v[NR]=$1} END {if (NR%2) m=v[(NR+1)/2]; else m=(v[NR/2]+v[NR/2+1])/2; printf "%.1f", m*1000}')
-    log "$name: ${gbps} Gbit/s, median RTT ${rtt} us, largest TCP payload seen ${maxlen:-?} B"
-    RESULTS+=("$name $gbps $rtt ${maxlen:-0}")
-}
-
-bench_bridge() {
+setup_bridge() {
     make_ns b
     ip netns add "$P-b-sw"
     ip -n "$P-b-sw" link add br0 type bridge
@@ -109,24 +91,22 @@ bench_bridge() {
         ip -n "$P-b-sw" link set "p-$h" up
     done
     hosts_up b
-    measure "kernel-bridge" b
 }
 
-bench_vfabric() {
-    log "building the release binary"
-    (cd "$REPO" && cargo build --release --quiet)
-    VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" VFABRIC_BIN="$REPO/target/release/vfabric" \
-        "$REPO/netns-scripts/up.sh"
-    measure "vfabric" v
-    VFABRIC_RUN_DIR="$WORK/vfabric" "$REPO/target/release/vfabric" ports >&2
+setup_vfabric() {
+    if [ ! -x "$VFABRIC_BIN" ]; then
+        log "building the release binary"
+        (cd "$REPO" && cargo build --release --quiet)
+    fi
+    VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" VFABRIC_BIN="$VFABRIC_BIN" \
+        "$REPO/netns-scripts/up.sh" 2>/dev/null
 }
 
-bench_vde() {
+setup_vde() {
     make_ns d
-    local tap="${P}d"
+    local tap="${P}d" i=0 h ifn
     vde_switch -d -s "$WORK/vde.ctl" -M "$WORK/vde.mgmt" -p "$WORK/vde.pid" \
         -t "${tap}0" -t "${tap}1" -t "${tap}2"
-    local i=0 h ifn
     for h in client silo104 silo105; do
         ifn=vmnic0; [ $h = client ] && ifn=eth0
         for _ in $(seq 50); do ip link show "$tap$i" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -134,26 +114,95 @@ bench_vde() {
         i=$((i + 1))
     done
     hosts_up d
-    measure "vde_switch" d
 }
 
-bench_bridge
-bench_vfabric
-bench_vde
+# ready TAG: waits for client -> silo104 connectivity, starts the iperf3 server.
+ready() {
+    local c="$P-$1-client" s="$P-$1-silo104" ok=0
+    for _ in $(seq 50); do
+        if ip netns exec "$c" ping -c 1 -W 1 -q 10.10.0.104 >/dev/null 2>&1; then ok=1; break; fi
+        sleep 0.1
+    done
+    [ $ok -eq 1 ] || die "$1: no connectivity"
+    ip netns exec "$s" iperf3 -s -D >/dev/null
+    for _ in $(seq 50); do
+        ip netns exec "$s" ss -ltn 2>/dev/null | grep -q ':5201 ' && return 0
+        sleep 0.1
+    done
+    die "$1: iperf3 server did not start"
+}
 
-printf '\n%-14s %12s %9s %14s %12s %14s\n' "switch" "TCP Gbit/s" "x bridge" "RTT median us" "+us bridge" "max payload B"
-base_g=$(echo "${RESULTS[0]}" | awk '{print $2}')
-base_r=$(echo "${RESULTS[0]}" | awk '{print $3}')
-for r in "${RESULTS[@]}"; do
-    echo "$r" | awk -v bg="$base_g" -v br="$base_r" \
-        '{printf "%-14s %12.2f %9.2f %14.1f %12.1f %14s\n", $1, $2, (bg>0?$2/bg:0), $3, $3-br, $4}'
+# max_payload TAG: largest TCP payload arriving in silo104 during a 2 s stream (> MTU
+# means GSO frames crossed the switch whole).
+max_payload() {
+    local c="$P-$1-client" s="$P-$1-silo104"
+    timeout 3 ip netns exec "$s" tcpdump -i vmnic0 -nn -c 2000 -q "tcp and dst port 5201" \
+        >"$WORK/tcpdump-$1.txt" 2>/dev/null &
+    local dump=$!
+    sleep 0.5
+    ip netns exec "$c" iperf3 -c 10.10.0.104 -t 2 >/dev/null 2>&1 || true
+    wait $dump 2>/dev/null || true
+    awk '{print $NF}' "$WORK/tcpdump-$1.txt" | grep -E '^[0-9]+$' | sort -n | tail -1
+}
+
+# measure TAG: prints "GBIT_S RTT_US"
+measure() {
+    local c="$P-$1-client" gbps rtt
+    gbps=$(ip netns exec "$c" iperf3 -c 10.10.0.104 -t "$SECS" -f g \
+        | awk '/receiver/ {print $(NF-2)}')
+    rtt=$(ip netns exec "$c" ping -c "$PINGS" -i 0.01 10.10.0.104 \
+        | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | sort -n \
+        | awk '{v[NR]=$1} END {if (NR%2) m=v[(NR+1)/2]; else m=(v[NR/2]+v[NR/2+1])/2; printf "%.1f", m*1000}')
+    echo "${gbps:-0} ${rtt:-0}"
+}
+
+median() { sort -g | awk '{v[NR]=$1} END {if (!NR) {print 0; exit} if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+
+setup_bridge
+setup_vfabric
+setup_vde
+declare -A MAXLEN
+for sw in "${SWITCHES[@]}"; do
+    ready "${TAG[$sw]}"
+    MAXLEN[$sw]=$(max_payload "${TAG[$sw]}")
 done
-vf_g=$(echo "${RESULTS[1]}" | awk '{print $2}')
-vf_r=$(echo "${RESULTS[1]}" | awk '{print $3}')
-vde_g=$(echo "${RESULTS[2]}" | awk '{print $2}')
+
+: >"$WORK/results"
+for r in $(seq "$ROUNDS"); do
+    for k in 0 1 2; do
+        sw=${SWITCHES[$(( (k + r - 1) % 3 ))]}
+        read -r g rt < <(measure "${TAG[$sw]}")
+        log "round $r $sw: $g Gbit/s, median RTT $rt us"
+        echo "$r $sw $g $rt" >>"$WORK/results"
+    done
+done
+VFABRIC_RUN_DIR="$WORK/vfabric" "$VFABRIC_BIN" ports >&2
+# Frames the client's kernel dropped before the switch read them (TAP queue full).
+log "vfabric client eth0 TX drops: $(ip -n "$P-v-client" -s link show eth0 | awk '/TX:/ {getline; print $4}')"
+
+col() { awk -v s="$1" -v c="$2" '$2 == s {print $c}' "$WORK/results"; }
+# per-round ratio of switch $1 to switch $2 in column $3 (op: / or -)
+per_round() {
+    awk -v a="$1" -v b="$2" -v c="$3" -v op="$4" '
+        $2 == a {x[$1] = $c} $2 == b {y[$1] = $c}
+        END {for (r in x) if (r in y) print (op == "/" ? (y[r] > 0 ? x[r] / y[r] : 0) : x[r] - y[r])}' \
+        "$WORK/results"
+}
 echo
-awk -v v="$vf_g" -v b="$base_g" -v d="$vde_g" -v vr="$vf_r" -v br="$base_r" 'BEGIN {
-    printf "target vfabric >= 0.75 x bridge throughput: %.2f x  %s\n", v/b, (v/b >= 0.75 ? "met" : "NOT met")
-    printf "target vfabric >= 3 x vde_switch throughput: %.2f x  %s\n", (d>0?v/d:0), (d>0 && v/d >= 3 ? "met" : "NOT met")
-    printf "target added median RTT <= 30 us over bridge: %+.1f us  %s\n", vr-br, (vr-br <= 30 ? "met" : "NOT met")
+echo "$ROUNDS rounds, iperf3 -t $SECS (one TCP stream), ping -c $PINGS -i 0.01; medians"
+printf '%-14s %11s %9s %14s %11s %14s  %s\n' switch "TCP Gbit/s" "x bridge" "RTT median us" "+us bridge" "max payload B" "per round Gbit/s | RTT us"
+for sw in "${SWITCHES[@]}"; do
+    g=$(col "$sw" 3 | median); rt=$(col "$sw" 4 | median)
+    x=$(per_round "$sw" kernel-bridge 3 / | median); d=$(per_round "$sw" kernel-bridge 4 - | median)
+    printf '%-14s %11.2f %9.2f %14.1f %11.1f %14s  %s | %s\n' "$sw" "$g" "$x" "$rt" "$d" "${MAXLEN[$sw]:-?}" \
+        "$(col "$sw" 3 | paste -sd' ')" "$(col "$sw" 4 | paste -sd' ')"
+done
+x=$(per_round vfabric kernel-bridge 3 / | median)
+v=$(per_round vfabric vde_switch 3 / | median)
+d=$(per_round vfabric kernel-bridge 4 - | median)
+echo
+awk -v x="$x" -v v="$v" -v d="$d" 'BEGIN {
+    printf "target vfabric >= 0.75 x bridge throughput: %.2f x  %s\n", x, (x >= 0.75 ? "met" : "NOT met")
+    printf "target vfabric >= 3 x vde_switch throughput: %.2f x  %s\n", v, (v >= 3 ? "met" : "NOT met")
+    printf "target added median RTT <= 30 us over bridge: %+.1f us  %s\n", d, (d <= 30 ? "met" : "NOT met")
 }'

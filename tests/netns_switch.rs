@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{require_root, send_raw, Topology};
+use vfabric::migration::announce::rarp_frame;
 use vfabric::wire::ethernet::{Frame, Repr};
 use vfabric::wire::{EtherType, MacAddr};
 
@@ -29,29 +30,6 @@ fn port_stats(t: &Topology, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no port {name} in {v}"))
 }
 
-/// The announce a hypervisor sends after a migration: broadcast RARP "reverse request"
-/// with the VM's MAC as sender and target hardware address, zero-padded to 60 bytes.
-fn rarp(mac: MacAddr) -> Vec<u8> {
-    let mut f = vec![0u8; 60];
-    Repr {
-        src: mac,
-        dst: MacAddr::BROADCAST,
-        ethertype: EtherType::Rarp,
-    }
-    .emit(&mut Frame::new_checked(&mut f[..]).unwrap());
-    let mut arp = Vec::with_capacity(28);
-    arp.extend_from_slice(&1u16.to_be_bytes()); // hardware type: Ethernet
-    arp.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol type: IPv4
-    arp.extend_from_slice(&[6, 4]); // address lengths
-    arp.extend_from_slice(&3u16.to_be_bytes()); // operation: reverse request
-    arp.extend_from_slice(mac.as_bytes()); // sender hardware address
-    arp.extend_from_slice(&[0; 4]); // sender protocol address
-    arp.extend_from_slice(mac.as_bytes()); // target hardware address
-    arp.extend_from_slice(&[0; 4]); // target protocol address
-    f[14..14 + arp.len()].copy_from_slice(&arp);
-    f
-}
-
 #[test]
 fn ping_crosses_the_switch_both_ways_and_the_fdb_learns() {
     if !require_root() {
@@ -68,12 +46,16 @@ fn ping_crosses_the_switch_both_ways_and_the_fdb_learns() {
     assert_eq!(fdb_port_of(&t, &silo104).as_deref(), Some("silo104"));
     let v = t.vfabric_json(&["fdb", "show"]);
     assert!(v[0]["age_s"].as_f64().is_some(), "{v}");
-    // Text output: one line per entry with MAC, port and age.
+    // Learned while the test ran, not made up.
+    let learned = v[0]["updated_t_us"].as_u64().unwrap_or(0);
+    let now = vfabric::clock::unix_micros();
+    assert!(learned <= now && now - learned < 60_000_000, "{v}");
+    // Text output: one line per entry with MAC, port, age and since when.
     let out = t.vfabric(&["fdb", "show"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.lines()
-            .any(|l| l.starts_with(&client) && l.contains("port client")),
+            .any(|l| l.starts_with(&client) && l.contains("port client") && l.contains(" since ")),
         "{text}"
     );
     let log = t.switch_log();
@@ -101,9 +83,8 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
     let client = t.mac("client", "eth0");
     assert_eq!(fdb_port_of(&t, &client).as_deref(), Some("client"));
     let mac: MacAddr = client.parse().unwrap();
-    let Some(sent) = send_raw(&t, "silo105", "vmnic0", &[rarp(mac)]) else {
-        panic!("python3 is needed for the raw-frame sender");
-    };
+    // The announce a hypervisor sends after a migration, from silo105's uplink.
+    let sent = send_raw(&t, "silo105", "vmnic0", &[rarp_frame(mac).to_vec()]);
     assert_eq!(sent, 1);
     assert!(
         t.wait_for(Duration::from_secs(3), || fdb_port_of(&t, &client)
@@ -120,6 +101,18 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
     for want in ["from=client", "to=silo105", "ethertype=rarp", "t_us="] {
         assert!(moved.contains(want), "{want} missing in {moved}");
     }
+    // The entry's stamp is the move's: the same clock reading as the log line.
+    let t_us: u64 = moved
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("t_us="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no t_us in {moved}"));
+    let v = t.vfabric_json(&["fdb", "show"]);
+    let entry = v
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["mac"] == client.as_str()))
+        .unwrap_or_else(|| panic!("{client} not in {v}"));
+    assert_eq!(entry["updated_t_us"].as_u64(), Some(t_us), "{entry}");
 }
 
 #[test]
@@ -161,9 +154,7 @@ fn garbage_leaves_the_switch_forwarding() {
     frames.push(big.clone());
     big.resize(9000, 0xab);
     frames.push(big);
-    let Some(sent) = send_raw(&t, "client", "eth0", &frames) else {
-        panic!("python3 is needed for the raw-frame sender");
-    };
+    let sent = send_raw(&t, "client", "eth0", &frames);
     assert!(sent > 200, "only {sent} frames sent");
     assert!(
         t.ping("client", "10.10.0.104", 3),

@@ -60,12 +60,13 @@ pub struct FdbArgs {
 
 #[derive(Debug, Subcommand)]
 enum FdbCmd {
-    /// List learned MACs: one line per entry with MAC, port and age
+    /// List learned MACs: one line per entry with MAC, port, age and since when (UTC)
+    /// the MAC is on that port
     Show {
         /// Name of the switch to ask
         #[arg(long, default_value = "switch")]
         switch: String,
-        /// Print a JSON array of {"mac","port","port_id","age_s"}
+        /// Print a JSON array of {"mac","port","port_id","age_s","updated_t_us"}
         #[arg(long)]
         json: bool,
     },
@@ -132,7 +133,13 @@ pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 for r in rows {
-                    println!("{} port {} age {:.1}s", r.mac, r.port, r.age_s);
+                    println!(
+                        "{} port {} age {:.1}s since {}",
+                        r.mac,
+                        r.port,
+                        r.age_s,
+                        utc_time_of_day(r.updated_t_us)
+                    );
                 }
             }
         }
@@ -146,6 +153,16 @@ pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `HH:MM:SS.ffffff` (UTC) of a µs stamp, as the log lines print it; `?` for none.
+fn utc_time_of_day(t_us: u64) -> String {
+    if t_us == 0 {
+        return "?".into();
+    }
+    let secs = t_us / 1_000_000;
+    let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:06}", t_us % 1_000_000)
 }
 
 pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
@@ -192,4 +209,15 @@ pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_print_as_utc_time_of_day() {
+        assert_eq!(utc_time_of_day(1_700_000_000_123_456), "22:13:20.123456");
+        assert_eq!(utc_time_of_day(0), "?");
+    }
 }

@@ -72,12 +72,17 @@ pub struct FdbEntry {
     pub port: PortId,
     /// Time since a frame from `mac` was last seen.
     pub age: Duration,
+    /// Wall-clock stamp (µs since the epoch, as given by the caller) of the frame that
+    /// put `mac` on `port`: its learn or its last move. Refreshes leave it alone, so
+    /// tools read off it when a migrated MAC reached its new port.
+    pub updated_t_us: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     port: PortId,
     last_seen: Instant,
+    updated_t_us: u64,
 }
 
 /// The table. Not thread-safe by itself: the daemon holds it under a lock.
@@ -119,15 +124,17 @@ impl Fdb {
         now.saturating_duration_since(e.last_seen) >= self.cfg.ageing
     }
 
-    /// Records that `mac` sent a frame of type `ethertype` on `port` at `now`. Callers
-    /// pass only unicast, non-zero sources (the forwarding decision filters the rest);
-    /// others are ignored here too.
+    /// Records that `mac` sent a frame of type `ethertype` on `port` at `now`; `t_us`
+    /// is the same moment on the wall clock, only stored (as `updated_t_us`) when the
+    /// entry is learned or moves. Callers pass only unicast, non-zero sources (the
+    /// forwarding decision filters the rest); others are ignored here too.
     pub fn learn(
         &mut self,
         mac: MacAddr,
         port: PortId,
         ethertype: EtherType,
         now: Instant,
+        t_us: u64,
         events: &mut Vec<FdbEvent>,
     ) {
         if !self.learns() || !mac.is_unicast() {
@@ -154,6 +161,7 @@ impl Fdb {
                     Entry {
                         port,
                         last_seen: now,
+                        updated_t_us: t_us,
                     },
                 );
                 events.push(FdbEvent::Moved {
@@ -176,6 +184,7 @@ impl Fdb {
             Entry {
                 port,
                 last_seen: now,
+                updated_t_us: t_us,
             },
         );
         self.inc(port);
@@ -232,6 +241,7 @@ impl Fdb {
                 mac: *mac,
                 port: e.port,
                 age: now.saturating_duration_since(e.last_seen),
+                updated_t_us: e.updated_t_us,
             })
             .collect();
         v.sort_by_key(|e| (e.port, e.mac));
@@ -304,7 +314,7 @@ mod tests {
         let t0 = Instant::now();
         let mut fdb = Fdb::new(FdbConfig::default());
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
         assert_eq!(
             ev,
             vec![FdbEvent::Learned {
@@ -316,7 +326,7 @@ mod tests {
         assert_eq!(fdb.lookup(&mac(2), t0), None);
         // Refreshing on the same port is silent.
         ev.clear();
-        fdb.learn(mac(1), P1, IP, t0 + Duration::from_secs(1), &mut ev);
+        fdb.learn(mac(1), P1, IP, t0 + Duration::from_secs(1), 0, &mut ev);
         assert!(ev.is_empty());
         assert_eq!(fdb.entries(t0 + Duration::from_secs(3))[0].age.as_secs(), 2);
     }
@@ -326,9 +336,9 @@ mod tests {
         let t0 = Instant::now();
         let mut fdb = Fdb::new(FdbConfig::default());
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
         ev.clear();
-        fdb.learn(mac(1), P2, EtherType::Rarp, t0, &mut ev);
+        fdb.learn(mac(1), P2, EtherType::Rarp, t0, 0, &mut ev);
         assert_eq!(
             ev,
             vec![FdbEvent::Moved {
@@ -344,6 +354,35 @@ mod tests {
     }
 
     #[test]
+    fn updated_stamp_marks_learn_and_move_not_refresh() {
+        let t0 = Instant::now();
+        let mut fdb = Fdb::new(FdbConfig::default());
+        let mut ev = vec![];
+        let stamp = |fdb: &Fdb| fdb.entries(t0 + Duration::from_secs(3))[0].updated_t_us;
+        fdb.learn(mac(1), P1, IP, t0, 1_000, &mut ev);
+        assert_eq!(stamp(&fdb), 1_000);
+        fdb.learn(mac(1), P1, IP, t0 + Duration::from_secs(1), 2_000, &mut ev);
+        assert_eq!(stamp(&fdb), 1_000, "a refresh keeps the learn stamp");
+        fdb.learn(
+            mac(1),
+            P2,
+            EtherType::Rarp,
+            t0 + Duration::from_secs(2),
+            3_000,
+            &mut ev,
+        );
+        assert_eq!(stamp(&fdb), 3_000, "a move sets it");
+        // A move refused by the hold-down changes nothing.
+        let mut held = Fdb::new(FdbConfig {
+            hold_down: Duration::from_secs(3),
+            ..FdbConfig::default()
+        });
+        held.learn(mac(1), P1, IP, t0, 1_000, &mut ev);
+        held.learn(mac(1), P2, IP, t0, 2_000, &mut ev);
+        assert_eq!(stamp(&held), 1_000);
+    }
+
+    #[test]
     fn hold_down_refuses_early_moves() {
         let t0 = Instant::now();
         let mut fdb = Fdb::new(FdbConfig {
@@ -351,13 +390,14 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
         ev.clear();
         fdb.learn(
             mac(1),
             P2,
             EtherType::Rarp,
             t0 + Duration::from_millis(2999),
+            0,
             &mut ev,
         );
         assert!(ev.is_empty());
@@ -367,6 +407,7 @@ mod tests {
             P2,
             EtherType::Rarp,
             t0 + Duration::from_millis(3000),
+            0,
             &mut ev,
         );
         assert_eq!(ev.len(), 1);
@@ -381,8 +422,8 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
-        fdb.learn(mac(2), P2, IP, t0 + Duration::from_secs(5), &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
+        fdb.learn(mac(2), P2, IP, t0 + Duration::from_secs(5), 0, &mut ev);
         ev.clear();
         let t = t0 + Duration::from_secs(10);
         assert_eq!(fdb.lookup(&mac(1), t), None);
@@ -408,9 +449,9 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
         ev.clear();
-        fdb.learn(mac(1), P2, IP, t0 + Duration::from_secs(11), &mut ev);
+        fdb.learn(mac(1), P2, IP, t0 + Duration::from_secs(11), 0, &mut ev);
         assert_eq!(
             ev,
             vec![
@@ -434,7 +475,7 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
         assert!(ev.is_empty());
         assert!(fdb.is_empty());
         assert_eq!(fdb.lookup(&mac(1), t0), None);
@@ -445,9 +486,9 @@ mod tests {
         let t0 = Instant::now();
         let mut fdb = Fdb::new(FdbConfig::default());
         let mut ev = vec![];
-        fdb.learn(MacAddr::BROADCAST, P1, IP, t0, &mut ev);
-        fdb.learn(MacAddr([0x01, 0, 0x5e, 0, 0, 1]), P1, IP, t0, &mut ev);
-        fdb.learn(MacAddr::ZERO, P1, IP, t0, &mut ev);
+        fdb.learn(MacAddr::BROADCAST, P1, IP, t0, 0, &mut ev);
+        fdb.learn(MacAddr([0x01, 0, 0x5e, 0, 0, 1]), P1, IP, t0, 0, &mut ev);
+        fdb.learn(MacAddr::ZERO, P1, IP, t0, 0, &mut ev);
         assert!(ev.is_empty() && fdb.is_empty());
     }
 
@@ -460,12 +501,12 @@ mod tests {
         });
         let mut ev = vec![];
         let s = Duration::from_secs;
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
-        fdb.learn(mac(2), P2, IP, t0 + s(1), &mut ev);
-        fdb.learn(mac(3), P2, IP, t0 + s(2), &mut ev);
-        fdb.learn(mac(4), P2, IP, t0 + s(3), &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
+        fdb.learn(mac(2), P2, IP, t0 + s(1), 0, &mut ev);
+        fdb.learn(mac(3), P2, IP, t0 + s(2), 0, &mut ev);
+        fdb.learn(mac(4), P2, IP, t0 + s(3), 0, &mut ev);
         ev.clear();
-        fdb.learn(mac(5), P3, IP, t0 + s(4), &mut ev);
+        fdb.learn(mac(5), P3, IP, t0 + s(4), 0, &mut ev);
         assert_eq!(
             ev,
             vec![
@@ -494,10 +535,10 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
-        fdb.learn(mac(2), P1, IP, t0 + Duration::from_secs(8), &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
+        fdb.learn(mac(2), P1, IP, t0 + Duration::from_secs(8), 0, &mut ev);
         ev.clear();
-        fdb.learn(mac(3), P2, IP, t0 + Duration::from_secs(10), &mut ev);
+        fdb.learn(mac(3), P2, IP, t0 + Duration::from_secs(10), 0, &mut ev);
         assert_eq!(
             ev[0],
             FdbEvent::Aged {
@@ -513,9 +554,9 @@ mod tests {
         let t0 = Instant::now();
         let mut fdb = Fdb::new(FdbConfig::default());
         let mut ev = vec![];
-        fdb.learn(mac(1), P1, IP, t0, &mut ev);
-        fdb.learn(mac(2), P2, IP, t0, &mut ev);
-        fdb.learn(mac(3), P2, IP, t0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
+        fdb.learn(mac(2), P2, IP, t0, 0, &mut ev);
+        fdb.learn(mac(3), P2, IP, t0, 0, &mut ev);
         assert_eq!(fdb.flush_port(P2), 2);
         assert_eq!(fdb.entries(t0).len(), 1);
         assert_eq!(fdb.flush(), 1);

@@ -125,13 +125,15 @@ impl Switch {
     }
 
     /// Decides the fate of `frame` (Ethernet header first, no virtio-net header) that
-    /// arrived on `ingress` at `now`, learning its source on the way. FDB changes are
-    /// appended to `events`. Never panics, whatever the bytes.
+    /// arrived on `ingress` at `now` (`t_us` on the wall clock, recorded with what it
+    /// learns), learning its source on the way. FDB changes are appended to `events`.
+    /// Never panics, whatever the bytes.
     pub fn handle(
         &mut self,
         ingress: PortId,
         frame: &[u8],
         now: Instant,
+        t_us: u64,
         events: &mut Vec<FdbEvent>,
     ) -> Decision {
         let Ok(frame) = Frame::new_checked(frame) else {
@@ -141,7 +143,8 @@ impl Switch {
         if !src.is_unicast() {
             return Decision::Drop(DropReason::InvalidSource);
         }
-        self.fdb.learn(src, ingress, frame.ethertype(), now, events);
+        self.fdb
+            .learn(src, ingress, frame.ethertype(), now, t_us, events);
         let dst = frame.dst_addr();
         if is_link_local(&dst) {
             return Decision::Drop(DropReason::LinkLocal);
@@ -193,16 +196,16 @@ mod tests {
         let mut sw = Switch::new(FdbConfig::default());
         let mut ev = vec![];
         assert_eq!(
-            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Flood
         );
         assert_eq!(ev, vec![FdbEvent::Learned { mac: A, port: P0 }]);
         assert_eq!(
-            sw.handle(P1, &frame(B, A, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P1, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Unicast(P0)
         );
         assert_eq!(
-            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Unicast(P1)
         );
     }
@@ -214,7 +217,7 @@ mod tests {
         let mut ev = vec![];
         for dst in [MacAddr::BROADCAST, MacAddr([0x33, 0x33, 0, 0, 0, 1])] {
             assert_eq!(
-                sw.handle(P0, &frame(A, dst, EtherType::Arp), t, &mut ev),
+                sw.handle(P0, &frame(A, dst, EtherType::Arp), t, 0, &mut ev),
                 Decision::Flood
             );
         }
@@ -225,9 +228,9 @@ mod tests {
         let t = Instant::now();
         let mut sw = Switch::new(FdbConfig::default());
         let mut ev = vec![];
-        sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, &mut ev);
+        sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev);
         assert_eq!(
-            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Drop(DropReason::SamePort)
         );
     }
@@ -237,12 +240,13 @@ mod tests {
         let t = Instant::now();
         let mut sw = Switch::new(FdbConfig::default());
         let mut ev = vec![];
-        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, &mut ev);
+        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev);
         ev.clear();
         sw.handle(
             P2,
             &frame(A, MacAddr::BROADCAST, EtherType::Rarp),
             t + Duration::from_millis(1),
+            0,
             &mut ev,
         );
         assert_eq!(
@@ -255,7 +259,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Unicast(P2)
         );
     }
@@ -268,9 +272,9 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, &mut ev);
+        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev);
         assert_eq!(
-            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Unicast(P1)
         );
         assert_eq!(
@@ -278,6 +282,7 @@ mod tests {
                 P0,
                 &frame(B, A, EtherType::Ipv4),
                 t + Duration::from_secs(1),
+                0,
                 &mut ev
             ),
             Decision::Flood
@@ -292,9 +297,9 @@ mod tests {
             ..FdbConfig::default()
         });
         let mut ev = vec![];
-        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, &mut ev);
+        sw.handle(P1, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev);
         assert_eq!(
-            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, &mut ev),
+            sw.handle(P0, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Flood
         );
         assert!(ev.is_empty());
@@ -311,7 +316,7 @@ mod tests {
             MacAddr([0x01, 0, 0x5e, 0, 0, 1]),
         ] {
             assert_eq!(
-                sw.handle(P0, &frame(src, B, EtherType::Ipv4), t, &mut ev),
+                sw.handle(P0, &frame(src, B, EtherType::Ipv4), t, 0, &mut ev),
                 Decision::Drop(DropReason::InvalidSource)
             );
         }
@@ -325,7 +330,7 @@ mod tests {
         let mut ev = vec![];
         for n in 0..14 {
             assert_eq!(
-                sw.handle(P0, &[0xa5; 14][..n], t, &mut ev),
+                sw.handle(P0, &[0xa5; 14][..n], t, 0, &mut ev),
                 Decision::Drop(DropReason::Runt)
             );
         }
@@ -340,7 +345,7 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            let _ = sw.handle(PortId((len % 3) as u16), &buf, t, &mut ev);
+            let _ = sw.handle(PortId((len % 3) as u16), &buf, t, 0, &mut ev);
         }
     }
 
@@ -351,12 +356,24 @@ mod tests {
         let mut ev = vec![];
         let lldp = MacAddr([0x01, 0x80, 0xc2, 0, 0, 0x0e]);
         assert_eq!(
-            sw.handle(P0, &frame(A, lldp, EtherType::Unknown(0x88cc)), t, &mut ev),
+            sw.handle(
+                P0,
+                &frame(A, lldp, EtherType::Unknown(0x88cc)),
+                t,
+                0,
+                &mut ev
+            ),
             Decision::Drop(DropReason::LinkLocal)
         );
         let stp = MacAddr([0x01, 0x80, 0xc2, 0, 0, 0]);
         assert_eq!(
-            sw.handle(P0, &frame(A, stp, EtherType::Unknown(0x0026)), t, &mut ev),
+            sw.handle(
+                P0,
+                &frame(A, stp, EtherType::Unknown(0x0026)),
+                t,
+                0,
+                &mut ev
+            ),
             Decision::Flood
         );
     }

@@ -112,7 +112,13 @@ pub struct FdbRow {
     pub mac: crate::wire::MacAddr,
     pub port: String,
     pub port_id: PortId,
+    /// Seconds since a frame from `mac` was last seen.
     pub age_s: f64,
+    /// When `mac` was learned on `port` or last moved there: µs since the epoch, taken
+    /// as the frame that did it was read (the `t_us` of its `mac learned`/`mac moved`
+    /// log line). 0 from a daemon that predates the field.
+    #[serde(default)]
+    pub updated_t_us: u64,
 }
 
 struct Shared {
@@ -196,6 +202,7 @@ impl Fabric {
                 port: self.shared.port_name(e.port).to_string(),
                 port_id: e.port,
                 age_s: (e.age.as_secs_f64() * 1000.0).round() / 1000.0,
+                updated_t_us: e.updated_t_us,
             })
             .collect()
     }
@@ -496,7 +503,7 @@ fn forward(
         return None;
     }
     events.clear();
-    let decision = s.core().handle(me.id, &frame[hdr..], now, events);
+    let decision = s.core().handle(me.id, &frame[hdr..], now, t_us, events);
     if !events.is_empty() {
         s.log_events(events, t_us);
     }

@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vfabric::port::packet::PacketSocket;
+
 /// True if the test may run. Without root it prints a loud notice and returns false,
 /// unless CI=true, where it fails: a skipped namespace test must not pass silently.
 pub fn require_root() -> bool {
@@ -202,54 +204,21 @@ impl Drop for Topology {
 }
 
 /// Sends raw Ethernet frames out of `ifname` inside `host`'s namespace through an
-/// AF_PACKET socket. The frames are built in Rust; python3 only makes the system calls
-/// (the crate keeps `unsafe` out of tests). Frames the kernel refuses (shorter than an
+/// AF_PACKET socket, from a thread of its own that enters the namespace (the test's
+/// other threads stay where they are). Frames the kernel refuses (shorter than an
 /// Ethernet header, longer than the MTU) are counted, not fatal. Returns how many were
-/// sent, or None when python3 is missing.
-pub fn send_raw(t: &Topology, host: &str, ifname: &str, frames: &[Vec<u8>]) -> Option<usize> {
-    use std::io::Write;
-    const SENDER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((sys.argv[1], 0))
-sent = 0
-for line in sys.stdin:
-    try:
-        s.send(bytes.fromhex(line.strip()))
-        sent += 1
-    except OSError:
-        pass
-print(sent)
-"#;
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.ns(host),
-            "python3",
-            "-c",
-            SENDER,
-            ifname,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .ok()?;
-    {
-        let mut stdin = child.stdin.take()?;
-        for f in frames {
-            let hex: String = f.iter().map(|b| format!("{b:02x}")).collect();
-            writeln!(stdin, "{hex}").ok()?;
-        }
-    }
-    let out = child.wait_with_output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "raw sender failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+/// sent.
+pub fn send_raw(t: &Topology, host: &str, ifname: &str, frames: &[Vec<u8>]) -> usize {
+    let netns = Path::new("/run/netns").join(t.ns(host));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            vfabric::sys::packet::enter_netns(&netns)
+                .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
+            let sock = PacketSocket::open(ifname)
+                .unwrap_or_else(|e| panic!("packet socket on {ifname} in {host}: {e}"));
+            frames.iter().filter(|f| sock.send(f).is_ok()).count()
+        })
+        .join()
+        .expect("raw sender thread")
+    })
 }
