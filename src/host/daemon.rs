@@ -41,6 +41,8 @@ pub enum HostError {
     Uplink(String, #[source] crate::port::packet::PacketError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error("cannot start the NIC thread")]
+    Thread(#[source] std::io::Error),
     #[error(transparent)]
     Datastore(#[from] crate::host::datastore::DatastoreError),
 }
@@ -174,13 +176,18 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         socket = %host.cfg.socket.display(),
         "host ready"
     );
-    let nic_thread = host.uplink.clone().map(|up| {
-        let h = host.clone();
-        std::thread::Builder::new()
-            .name("nic".into())
-            .spawn(move || nic_loop(h, up))
-            .expect("spawn nic thread")
-    });
+    let nic_thread = match host.uplink.clone() {
+        Some(up) => {
+            let h = host.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("nic".into())
+                    .spawn(move || nic_loop(h, up))
+                    .map_err(HostError::Thread)?,
+            )
+        }
+        None => None,
+    };
     let accept = {
         let h = host.clone();
         tokio::spawn(async move {
