@@ -43,6 +43,15 @@ struct Args {
     /// Hash memory at quiesce and resume (adds the target's hash to the downtime).
     #[arg(long)]
     verify: bool,
+    /// Back guest memory with transparent huge pages (both ends).
+    #[arg(long)]
+    huge_pages: bool,
+    /// Idle pause before each run, ms. Inside a VM with free page reporting the
+    /// hypervisor takes freed memory back within seconds, so a pause makes every run
+    /// start from memory the host must fault in again (a host that receives a VM after
+    /// a quiet spell); without it, later runs reuse memory the previous one freed.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// Be a target on this address, forever.
     #[arg(long, conflicts_with = "connect")]
     listen: Option<SocketAddr>,
@@ -124,6 +133,7 @@ async fn run_source(
     rate: u64,
     to: SocketAddr,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
+    tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     let vm = filled_vm(args, rate)?;
     vm.start();
     // Let the workload reach its pace before the migration starts.
@@ -202,8 +212,8 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
     let bytes = args.memory_mb << 20;
     println!();
     println!(
-        "VM: {} MiB, every page non-zero, {} vCPU(s), verify_memory={}",
-        args.memory_mb, args.vcpus, args.verify
+        "VM: {} MiB, every page non-zero, {} vCPU(s), verify_memory={}, huge_pages={}",
+        args.memory_mb, args.vcpus, args.verify, args.huge_pages
     );
     println!("raw TCP throughput ({how}): {raw_gbps:.2} Gbit/s");
     let limit_ms = bytes as f64 * 8.0 / (raw_gbps * 1e9) * 1e3;
@@ -259,6 +269,7 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    vfabric::memory::set_huge_pages(args.huge_pages);
     if let Some(addr) = args.listen {
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}");

@@ -5,9 +5,11 @@
 //! dirty after writing, so callers cannot forget it. The bitmap is harvested with an
 //! atomic get-and-reset per word; a harvested set that fails to send is merged back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
+
+use crate::sys::mem::GuestRam;
 
 /// Guest page size in bytes.
 pub const PAGE_SIZE: usize = 4096;
@@ -34,6 +36,8 @@ pub enum MemoryError {
     OutOfRange { addr: u64, len: u64, size: u64 },
     #[error("page {0} is outside guest memory")]
     BadPage(u64),
+    #[error("cannot map {size} bytes of guest memory: {reason}")]
+    Map { size: u64, reason: String },
 }
 
 /// One bit per guest page. Marking and harvesting are lock-free.
@@ -145,24 +149,49 @@ pub fn count_set(words: &[u64]) -> u64 {
     words.iter().map(|w| w.count_ones() as u64).sum()
 }
 
+static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
+
+/// Chooses, for the whole process, whether guest memory created from now on asks the
+/// kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`). Off by default: on a
+/// bare-metal host huge pages make fresh memory several times cheaper to fault in, but
+/// inside a VM whose hypervisor reclaims free 2 MiB blocks (virtio-balloon free page
+/// reporting) every fresh huge page is faulted back in by the hypervisor, several
+/// times slower than small pages (measured: docs of the migration benchmark).
+pub fn set_huge_pages(on: bool) {
+    HUGE_PAGES.store(on, Ordering::Relaxed);
+}
+
+/// Whether new guest memory asks for transparent huge pages.
+pub fn huge_pages() -> bool {
+    HUGE_PAGES.load(Ordering::Relaxed)
+}
+
 /// The memory of one emulated VM.
 #[derive(Debug)]
 pub struct GuestMemory {
-    words: Box<[AtomicU64]>,
+    /// Anonymous memory advised for transparent huge pages (see `sys::mem`).
+    words: GuestRam,
     size: u64,
     dirty: DirtyBitmap,
 }
 
 impl GuestMemory {
-    /// Zeroed guest memory of `size` bytes (a multiple of the page size). The host backs
-    /// it lazily: untouched pages cost no resident memory.
+    /// Zeroed guest memory of `size` bytes (a multiple of the page size), in its own
+    /// mapping (huge pages if [`set_huge_pages`] asked for them). The host backs it
+    /// lazily: untouched memory costs no resident memory, and dropping the last
+    /// reference unmaps it.
     pub fn new(size: u64) -> Result<GuestMemory, MemoryError> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) || size > MAX_MEMORY_BYTES {
             return Err(MemoryError::BadSize(size));
         }
         let pages = size / PAGE_SIZE as u64;
+        let words =
+            GuestRam::new((size / 8) as usize, huge_pages()).map_err(|e| MemoryError::Map {
+                size,
+                reason: e.to_string(),
+            })?;
         Ok(GuestMemory {
-            words: crate::sys::zeroed_atomic_words((size / 8) as usize),
+            words,
             size,
             dirty: DirtyBitmap::new(pages),
         })

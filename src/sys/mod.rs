@@ -1,7 +1,9 @@
-//! The crate's only `unsafe` code: system calls without a safe wrapper (TAP ioctls) and
-//! zero-cost views of freshly zeroed memory. Each block carries a `// SAFETY:` line.
+//! The crate's only `unsafe` code: system calls without a safe wrapper (TAP ioctls,
+//! packet sockets, guest RAM mappings) and zero-cost views of freshly zeroed memory.
+//! Each block carries a `// SAFETY:` line.
 #![allow(unsafe_code)]
 
+pub mod mem;
 pub mod packet;
 pub mod tap;
 
