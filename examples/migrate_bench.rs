@@ -40,9 +40,26 @@ struct Args {
     /// Pre-copy downtime target in milliseconds.
     #[arg(long, default_value_t = 30)]
     downtime_target_ms: u64,
-    /// Hash memory at quiesce and resume (adds the target's hash to the downtime).
+    /// Verify memory (digests at both ends) in every run.
     #[arg(long)]
     verify: bool,
+    /// After the runs above, one more with memory verification at this dirty rate
+    /// (pages/s), against a verifying target; omit to skip.
+    #[arg(long, default_value = "1000")]
+    verified_rate: Option<u64>,
+    /// The verifying target for that run (with --connect; start one with
+    /// `--listen ADDR --verify`).
+    #[arg(long)]
+    verified_connect: Option<SocketAddr>,
+    /// Back guest memory with transparent huge pages (both ends).
+    #[arg(long)]
+    huge_pages: bool,
+    /// Idle pause before each run, ms. Inside a VM with free page reporting the
+    /// hypervisor takes freed memory back within seconds, so a pause makes every run
+    /// start from memory the host must fault in again (a host that receives a VM after
+    /// a quiet spell); without it, later runs reuse memory the previous one freed.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// Be a target on this address, forever.
     #[arg(long, conflicts_with = "connect")]
     listen: Option<SocketAddr>,
@@ -110,10 +127,10 @@ fn filled_vm(args: &Args, rate: u64) -> Result<Arc<Vm>, Box<dyn std::error::Erro
     Ok(vm)
 }
 
-fn migration_config(args: &Args) -> MigrationConfig {
+fn migration_config(args: &Args, verify: bool) -> MigrationConfig {
     MigrationConfig {
         downtime_target: Duration::from_millis(args.downtime_target_ms),
-        verify_memory: args.verify,
+        verify_memory: verify,
         io_timeout: Duration::from_secs(60),
         ..MigrationConfig::default()
     }
@@ -123,13 +140,15 @@ async fn run_source(
     args: &Args,
     rate: u64,
     to: SocketAddr,
+    verify: bool,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
+    tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     let vm = filled_vm(args, rate)?;
     vm.start();
     // Let the workload reach its pace before the migration starts.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let stream = TcpStream::connect(to).await?;
-    let cfg = migration_config(args);
+    let cfg = migration_config(args, verify);
     let s = migrate_out(Arc::clone(&vm), stream, &cfg, &mut Hooks, &mut |_| {}).await?;
     drop(vm);
     Ok(s)
@@ -202,8 +221,8 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
     let bytes = args.memory_mb << 20;
     println!();
     println!(
-        "VM: {} MiB, every page non-zero, {} vCPU(s), verify_memory={}",
-        args.memory_mb, args.vcpus, args.verify
+        "VM: {} MiB, every page non-zero, {} vCPU(s), verify_memory={}, huge_pages={}",
+        args.memory_mb, args.vcpus, args.verify, args.huge_pages
     );
     println!("raw TCP throughput ({how}): {raw_gbps:.2} Gbit/s");
     let limit_ms = bytes as f64 * 8.0 / (raw_gbps * 1e9) * 1e3;
@@ -259,35 +278,44 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    vfabric::memory::set_huge_pages(args.huge_pages);
     if let Some(addr) = args.listen {
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}");
-        serve_target(l, migration_config(&args)).await;
+        serve_target(l, migration_config(&args, args.verify)).await;
         return Ok(());
     }
     let bytes = args.memory_mb << 20;
-    let (to, raw, how) = match args.connect {
+    let (to, verified_to, raw, how) = match args.connect {
         Some(to) => {
             let raw = args
                 .raw_gbps
                 .ok_or("--connect needs --raw-gbps (the raw throughput of the path)")?;
-            (to, raw, "measured by the caller")
+            (to, args.verified_connect, raw, "measured by the caller")
         }
         None => {
             let l = TcpListener::bind("127.0.0.1:0").await?;
             let to = l.local_addr()?;
-            tokio::spawn(serve_target(l, migration_config(&args)));
+            tokio::spawn(serve_target(l, migration_config(&args, args.verify)));
+            let lv = TcpListener::bind("127.0.0.1:0").await?;
+            let verified_to = lv.local_addr()?;
+            tokio::spawn(serve_target(lv, migration_config(&args, true)));
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
             for _ in 0..3 {
                 best = best.max(raw_loopback(bytes).await?);
             }
-            (to, best, "in-process tokio copy over loopback, best of 3")
+            (
+                to,
+                Some(verified_to),
+                best,
+                "in-process tokio copy over loopback, best of 3",
+            )
         }
     };
     let mut runs = Vec::new();
     for &rate in &args.rates {
-        let s = run_source(&args, rate, to).await?;
+        let s = run_source(&args, rate, to, args.verify).await?;
         eprintln!(
             "rate {rate}: total {} ms, downtime {:.2} ms, rounds {:?}",
             s.total_ms,
@@ -296,7 +324,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         runs.push((rate, s));
     }
+    let verified = match (args.verified_rate, verified_to) {
+        (Some(rate), Some(vto)) => {
+            let s = run_source(&args, rate, vto, true).await?;
+            if s.memory_sha256_source != s.memory_sha256_target {
+                return Err(format!(
+                    "memory digests differ: source {} target {}",
+                    s.memory_sha256_source, s.memory_sha256_target
+                )
+                .into());
+            }
+            Some((rate, s))
+        }
+        _ => None,
+    };
     let fault_ms = fault_in_ms(bytes)?;
     report(&args, raw, fault_ms, &runs, how);
+    if let Some((rate, s)) = verified {
+        let limit_ms = bytes as f64 * 8.0 / (raw * 1e9) * 1e3;
+        println!(
+            "verified run (verify_memory=true) at {rate} pages/s: total {} ms = {:.2} x physical \
+             limit, downtime {:.2} ms, rounds {}, bitmap {} pages, digests equal ({}…)",
+            s.total_ms,
+            s.total_ms as f64 / limit_ms,
+            s.downtime_us as f64 / 1e3,
+            s.rounds,
+            s.bitmap_bits,
+            &s.memory_sha256_source[..16.min(s.memory_sha256_source.len())]
+        );
+    }
     Ok(())
 }

@@ -113,6 +113,8 @@ impl SourceHooks for Src {
 struct TgtLog {
     admitted: u32,
     resumed: u32,
+    /// `GuestMemory::digest` of the target's memory just before the vCPUs start.
+    digest_at_resume: Option<String>,
 }
 
 struct Tgt {
@@ -153,6 +155,7 @@ impl TargetHooks for Tgt {
         match o.as_deref() {
             None => {
                 *o = Some(self.host.clone());
+                self.log.lock().unwrap().digest_at_resume = Some(hex(&vm.memory().digest()));
                 Ok(())
             }
             Some(h) => Err(format!("disk held by {h}")),
@@ -185,6 +188,8 @@ struct Outcome {
     source: Result<MigrationSummary, MigrationError>,
     target: TargetResult,
     progress: Vec<Progress>,
+    /// The target memory's digest computed from memory itself at resume.
+    digest_at_resume: Option<String>,
 }
 
 async fn migrate_via(
@@ -202,12 +207,16 @@ async fn migrate_via(
         source,
         target,
         progress,
+        digest_at_resume: None,
     }
 }
 
 async fn migrate(vm: &Arc<Vm>, cfg: &MigrationConfig, src: &mut Src, tgt: Tgt) -> Outcome {
+    let log = Arc::clone(&tgt.log);
     let (addr, h) = spawn_target(cfg.clone(), tgt).await;
-    migrate_via(vm, cfg, src, addr, h).await
+    let mut o = migrate_via(vm, cfg, src, addr, h).await;
+    o.digest_at_resume = log.lock().unwrap().digest_at_resume.take();
+    o
 }
 
 /// Checks a successful migration and returns the VM on the target.
@@ -221,10 +230,23 @@ fn succeeded(o: Outcome, source_vm: Arc<Vm>) -> (Arc<Vm>, MigrationSummary) {
     assert_eq!(t.pages_pulled, t.bitmap_bits);
     assert_eq!(s.bitmap_bits, t.bitmap_bits);
     assert_eq!(s.pages_sent_per_round, t.pages_sent_per_round);
+    // Integrity: the source's digest at quiesce, the target's from its page digests,
+    // and the digest of the target's memory itself at resume all agree; so does the
+    // source's memory, still frozen.
     assert_eq!(s.memory_sha256_source.len(), 64);
     assert_eq!(s.memory_sha256_source, s.memory_sha256_target);
     assert_eq!(t.memory_sha256_source, t.memory_sha256_target);
     assert_eq!(s.memory_sha256_source, t.memory_sha256_target);
+    assert_eq!(
+        o.digest_at_resume.as_deref(),
+        Some(t.memory_sha256_target.as_str()),
+        "target memory at resume"
+    );
+    assert_eq!(
+        hex(&source_vm.memory().digest()),
+        s.memory_sha256_source,
+        "source memory since quiesce"
+    );
     assert_eq!(s.downtime_us, t.downtime_us);
     assert!(s.rounds >= 1 && s.rounds <= 30);
     assert_eq!(s.pages_sent_per_round[0], source_vm.memory().page_count());
@@ -304,6 +326,37 @@ async fn uniform_and_hot_set_back_and_forth() {
         assert_eq!(st.vcpus.len(), vcpus as usize);
         assert!(s.rounds >= 1);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_vm_digest_matches_its_memory_after_the_move() {
+    let vm = Vm::create(config("still", 16, 1, Pattern::Idle, 0)).unwrap();
+    fill(&vm);
+    vm.memory().zero_page(100).unwrap();
+    vm.start();
+    let before = hex(&vm.memory().digest());
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
+    let (vm_b, s) = succeeded(o, vm);
+    // An idle guest writes nothing: its running memory still has the digest of both ends.
+    assert_eq!(s.memory_sha256_target, before);
+    assert_eq!(hex(&vm_b.memory().digest()), before);
+
+    // Without verification neither end hashes anything.
+    let cfg = MigrationConfig {
+        verify_memory: false,
+        ..mcfg()
+    };
+    let disk = Disk::owned_by("b");
+    let mut src = Src::new("b", &disk);
+    let (addr, h) = spawn_target(cfg.clone(), Tgt::new("a", &disk)).await;
+    let o = migrate_via(&vm_b, &cfg, &mut src, addr, h).await;
+    let s = o.source.unwrap();
+    let (vm_a, t) = o.target.unwrap();
+    assert!(s.memory_sha256_source.is_empty() && s.memory_sha256_target.is_empty());
+    assert!(t.memory_sha256_source.is_empty() && t.memory_sha256_target.is_empty());
+    assert_eq!(hex(&vm_a.memory().digest()), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +503,7 @@ async fn link_cut_in_precopy_keeps_the_vm_on_the_source() {
     let vm = Vm::create(config("cut", 16, 1, Pattern::Idle, 0)).unwrap();
     fill(&vm);
     vm.start();
-    let hash = vm.memory().sha256();
+    let hash = vm.memory().digest();
     let disk = Disk::owned_by("a");
     let tgt = Tgt::new("b", &disk);
     let log = Arc::clone(&tgt.log);
@@ -466,13 +519,13 @@ async fn link_cut_in_precopy_keeps_the_vm_on_the_source() {
     assert_eq!(log.lock().unwrap().resumed, 0);
     assert_eq!(src.quiesced, 0);
     vm.quiesce();
-    assert_eq!(vm.memory().sha256(), hash, "memory intact");
+    assert_eq!(vm.memory().digest(), hash, "memory intact");
     vm.start();
     // A second attempt over a sound link succeeds.
     let o = migrate(&vm, &mcfg(), &mut src, Tgt::new("b", &disk)).await;
     let (vm_b, _) = succeeded(o, vm);
     vm_b.quiesce();
-    assert_eq!(vm_b.memory().sha256(), hash);
+    assert_eq!(vm_b.memory().digest(), hash);
 }
 
 /// How a fake target misbehaves.
@@ -622,7 +675,7 @@ async fn failed_resume_on_the_target_returns_the_vm() {
         .write(GuestAddress(100), b"service state")
         .unwrap();
     vm.start();
-    let hash = vm.memory().sha256();
+    let hash = vm.memory().digest();
     let disk = Disk::owned_by("a");
     let mut tgt = Tgt::new("b", &disk);
     tgt.fail_resume = true;
@@ -637,7 +690,7 @@ async fn failed_resume_on_the_target_returns_the_vm() {
     assert!(!te.vm_running);
     assert_eq!(disk.owner().as_deref(), Some("a"));
     vm.quiesce();
-    assert_eq!(vm.memory().sha256(), hash);
+    assert_eq!(vm.memory().digest(), hash);
     assert_eq!(hex(&hash).len(), 64);
 }
 

@@ -55,6 +55,10 @@ pub struct HostArgs {
     /// Migration I/O timeout, ms: a peer silent for this long fails the migration.
     #[arg(long, default_value_t = 5000)]
     io_timeout_ms: u64,
+    /// Back guest memory with transparent huge pages (fewer faults on bare metal; slower
+    /// inside a VM whose hypervisor reclaims free memory).
+    #[arg(long)]
+    huge_pages: bool,
 }
 
 fn parse_policy(s: &str) -> Result<NoConvergence, String> {
@@ -67,6 +71,7 @@ fn parse_policy(s: &str) -> Result<NoConvergence, String> {
 
 pub fn run_host(a: HostArgs) -> Result<(), CliError> {
     vfabric::logging::init();
+    vfabric::memory::set_huge_pages(a.huge_pages);
     let migration = MigrationConfig {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,

@@ -221,9 +221,9 @@ mod tests {
         assert!(!vm.is_running());
         assert!(s1.pages_written() > 0);
         assert_eq!(s1.vcpus[1].pages_written, 0, "sweep runs on vCPU 0 only");
-        let h = vm.memory().sha256();
+        let h = vm.memory().digest();
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(vm.memory().sha256(), h, "no writes after quiesce");
+        assert_eq!(vm.memory().digest(), h, "no writes after quiesce");
         check_sweep(vm.memory()).unwrap();
         // Rebuild on "another host" from memory + state: the sweep continues its edge.
         let mem = Arc::clone(vm.memory());

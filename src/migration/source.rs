@@ -5,6 +5,7 @@
 //! bits it harvested and not yet sent. After quiesce, a failure puts back the final
 //! bitmap and resumes the VM only if `SourceHooks::reclaim` retakes its disk.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,14 +21,10 @@ use super::{
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm};
-use crate::memory::{count_set, hex, set_pages};
+use crate::memory::{count_set, hex, set_pages, GuestMemory, PAGE_SIZE};
 
 /// How long last words (an abort notice) may take to a peer that may be gone.
 const LAST_WORDS: Duration = Duration::from_millis(200);
-
-/// Slowest memory hashing the resume wait allows for (an unoptimised build on a
-/// loaded machine); optimised builds hash 1-2 GB/s.
-const HASH_ALLOWANCE_BYTES_PER_SEC: f64 = 20e6;
 
 type Failure = (Step, ErrorKind);
 
@@ -48,6 +45,10 @@ struct Source<'c> {
     pages_per_round: Vec<u64>,
     bytes_per_round: Vec<u64>,
     zero_pages: u64,
+    /// The digest of memory at quiesce, computed beside the pull.
+    digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
+    /// Tells the digest's thread that the downtime is over: it may leave idle priority.
+    digest_hurry: Arc<AtomicBool>,
 }
 
 /// Result of the switch-over phases (bitmap to resume).
@@ -88,6 +89,8 @@ pub async fn migrate_out(
         pages_per_round: Vec::new(),
         bytes_per_round: Vec::new(),
         zero_pages: 0,
+        digest: None,
+        digest_hurry: Arc::new(AtomicBool::new(false)),
     };
     s.rd.set_limits(Limits {
         pages: s.vm.memory().page_count(),
@@ -130,12 +133,6 @@ pub async fn migrate_out(
         converged,
         "migration phase"
     );
-    // The source's hash runs beside the pull: memory is frozen until we resume.
-    let hash = s.cfg.verify_memory.then(|| {
-        let mem = Arc::clone(s.vm.memory());
-        tokio::task::spawn_blocking(move || mem.sha256())
-    });
-
     let done = match s
         .switch_over(&words, converged, quiesce_t_us, &state, progress)
         .await
@@ -150,7 +147,8 @@ pub async fn migrate_out(
     };
     let total = done.resumed_at - s.started;
 
-    let source_sha = match hash {
+    s.digest_hurry.store(true, Ordering::Relaxed);
+    let source_sha = match s.digest.take() {
         Some(h) => h.await.ok(),
         None => None,
     };
@@ -191,7 +189,10 @@ pub async fn migrate_out(
         converged,
         "migration phase"
     );
-    if summary.memory_sha256_source != summary.memory_sha256_target {
+    if !summary.memory_sha256_source.is_empty()
+        && !summary.memory_sha256_target.is_empty()
+        && summary.memory_sha256_source != summary.memory_sha256_target
+    {
         tracing::error!(
             vm = %summary.vm,
             source = %summary.memory_sha256_source,
@@ -200,6 +201,13 @@ pub async fn migrate_out(
         );
     }
     Ok(summary)
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        // Whatever the outcome, a digest still running no longer holds up the downtime.
+        self.digest_hurry.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Source<'_> {
@@ -424,6 +432,31 @@ impl Source<'_> {
             .await
             .map_err(at(Step::Bitmap))?;
         progress(Progress::Bitmap { bits });
+        // The digest at quiesce runs beside the pull, off the critical path: the VM is
+        // quiesced, so memory stays as it is until the target reports the resume. Its
+        // thread takes only idle CPU time, so it cannot lengthen the downtime.
+        if self.cfg.verify_memory {
+            let mem: Arc<GuestMemory> = Arc::clone(self.vm.memory());
+            let hurry = Arc::clone(&self.digest_hurry);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("memory-digest".into())
+                .spawn(move || {
+                    let mut idle = crate::sys::make_current_thread_idle();
+                    let d = mem.digest_with(|| {
+                        // The VM runs on the target (or the migration failed): finish
+                        // at normal priority.
+                        if idle && hurry.load(Ordering::Relaxed) {
+                            idle = !crate::sys::make_current_thread_normal();
+                        }
+                    });
+                    let _ = tx.send(d);
+                });
+            match spawned {
+                Ok(_) => self.digest = Some(rx),
+                Err(e) => tracing::warn!(vm = %self.name, error = %e, "no memory digest"),
+            }
+        }
         tracing::info!(
             t_us = unix_micros(),
             vm = %self.name,
@@ -494,13 +527,11 @@ impl Source<'_> {
             .await
             .map_err(at(step))?;
 
-        // The target hashes its memory before it answers: allow for that.
+        // The target hashes its page digests (32 bytes a page) before it answers.
         let step = Step::Resume;
         let mut wait = self.cfg.io_timeout;
         if self.cfg.verify_memory {
-            wait += Duration::from_secs_f64(
-                self.vm.memory().size() as f64 / HASH_ALLOWANCE_BYTES_PER_SEC,
-            );
+            wait += super::hash_allowance(self.vm.memory().size() / PAGE_SIZE as u64 * 32);
         }
         self.rd.set_timeout(wait);
         let (resume_t_us, target_sha) = match self.rd.recv().await.map_err(at(step))? {

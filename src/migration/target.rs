@@ -19,7 +19,7 @@ use super::{
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm, VmConfig};
-use crate::memory::{count_set, hex, GuestMemory};
+use crate::memory::{count_set, hex, GuestMemory, PageDigests};
 
 type Failure = (Step, ErrorKind);
 
@@ -27,12 +27,14 @@ fn at(step: Step) -> impl Fn(ConnError) -> Failure {
     move |e| (step, ErrorKind::Conn(e))
 }
 
-/// Writes a batch into guest memory. With `expect`, each page must be set there (a
-/// pull answer) and is cleared, so no page is accepted twice.
+/// Writes a batch into guest memory, and each page's digest into `digests` when memory
+/// is verified. With `expect`, each page must be set there (a pull answer) and is
+/// cleared, so no page is accepted twice.
 fn apply(
     mem: &GuestMemory,
     v: &PagesView<'_>,
     mut expect: Option<&mut [u64]>,
+    mut digests: Option<&mut PageDigests>,
 ) -> Result<u64, String> {
     let mut zero = 0;
     for (page, data) in v.iter() {
@@ -44,6 +46,10 @@ fn apply(
             }
         }
         // The decoder checked page < page count.
+        if let Some(digests) = digests.as_deref_mut() {
+            // Hashed from the bytes being written, while they are in the cache.
+            digests.record(page, data);
+        }
         match data {
             Some(d) => mem.write_page(page, d).map_err(|e| e.to_string())?,
             None => {
@@ -66,6 +72,8 @@ struct Target {
     pages_per_round: Vec<u64>,
     bytes_per_round: Vec<u64>,
     zero_pages: u64,
+    /// One digest per page as the pages arrive (when memory is verified).
+    digests: Option<PageDigests>,
 }
 
 /// What the pre-copy and bitmap phases leave for the switch-over.
@@ -92,6 +100,7 @@ pub async fn migrate_in(
         pages_per_round: Vec::new(),
         bytes_per_round: Vec::new(),
         zero_pages: 0,
+        digests: None,
     };
     match t.run(cfg, hooks).await {
         Ok(r) => Ok(r),
@@ -129,6 +138,9 @@ impl Target {
         hooks: &mut dyn TargetHooks,
     ) -> Result<(Arc<Vm>, MigrationSummary), Failure> {
         let (config, mem) = self.precheck(hooks).await?;
+        if cfg.verify_memory {
+            self.digests = Some(PageDigests::new(mem.page_count()));
+        }
         let q = self.precopy(&mem).await?;
         let bits = count_set(&q.words);
         let (pulled, bytes_pulled) = self.pull(&mem, &q.words).await?;
@@ -154,19 +166,11 @@ impl Target {
             ));
         }
 
-        // Resume: hash (before any vCPU runs), take the disk, start.
+        // Resume: take the disk, start.
         let step = Step::Resume;
         let vm = Vm::restore(config, Arc::clone(&mem), state);
+        let memory_bytes = mem.size();
         drop(mem);
-        let sha = if cfg.verify_memory {
-            let m = Arc::clone(vm.memory());
-            let h = tokio::task::spawn_blocking(move || m.sha256())
-                .await
-                .map_err(|e| (step, ErrorKind::Hook(format!("memory hash: {e}"))))?;
-            Some(h)
-        } else {
-            None
-        };
         hooks
             .before_resume(&vm)
             .map_err(|e| (step, ErrorKind::Hook(e)))?;
@@ -181,6 +185,19 @@ impl Target {
             downtime_us = resume_t_us.saturating_sub(q.quiesce_t_us),
             "migration phase"
         );
+        // The digest of memory at resume. The page digests are final once the pull is
+        // in, and the running vCPUs do not touch them, so hashing the list (1/128 of
+        // memory) waits until the VM runs: it costs the downtime nothing.
+        let sha = match self.digests.take() {
+            Some(d) => match tokio::task::spawn_blocking(move || d.digest()).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(vm = %self.name, error = %e, "memory digest failed");
+                    None
+                }
+            },
+            None => None,
+        };
         // The VM runs here now, whatever happens to the stream.
         if let Err(e) = self
             .wr
@@ -192,6 +209,9 @@ impl Target {
         {
             tracing::warn!(vm = %self.name, error = %e, "cannot report the resume to the source");
         }
+        // The source digests all of its memory from the bitmap on: allow for that.
+        self.rd
+            .set_timeout(cfg.io_timeout + super::hash_allowance(memory_bytes));
         let source_sha = match self.rd.recv().await {
             Ok(Message::Complete { sha256 }) => sha256,
             Ok(m) => {
@@ -303,7 +323,8 @@ impl Target {
                     if round == 0 || round > current + 1 || round < current {
                         return Err((step, ErrorKind::Unexpected(proto::Kind::Pages)));
                     }
-                    let zero = apply(mem, &v, None).map_err(|e| (step, ErrorKind::Pull(e)))?;
+                    let zero = apply(mem, &v, None, self.digests.as_mut())
+                        .map_err(|e| (step, ErrorKind::Pull(e)))?;
                     let count = v.count() as u64;
                     if round > current {
                         self.pages_per_round.push(0);
@@ -383,6 +404,7 @@ impl Target {
             wr.send_flush(&Message::PullEnd).await
         };
         let rd = &mut self.rd;
+        let mut digests = self.digests.as_mut();
         let mut zero_pages = 0u64;
         let receive = async {
             let mut remaining = words.to_vec();
@@ -390,7 +412,7 @@ impl Target {
             while pulled < bits {
                 match rd.recv().await.map_err(at(step))? {
                     Message::Pages(v) if v.round() == 0 => {
-                        zero_pages += apply(mem, &v, Some(&mut remaining))
+                        zero_pages += apply(mem, &v, Some(&mut remaining), digests.as_deref_mut())
                             .map_err(|e| (step, ErrorKind::Pull(e)))?;
                         pulled += v.count() as u64;
                     }

@@ -1,7 +1,9 @@
-//! The crate's only `unsafe` code: system calls without a safe wrapper (TAP ioctls) and
-//! zero-cost views of freshly zeroed memory. Each block carries a `// SAFETY:` line.
+//! The crate's only `unsafe` code: system calls without a safe wrapper (TAP ioctls,
+//! packet sockets, guest RAM mappings) and zero-cost views of freshly zeroed memory.
+//! Each block carries a `// SAFETY:` line.
 #![allow(unsafe_code)]
 
+pub mod mem;
 pub mod packet;
 pub mod tap;
 
@@ -24,6 +26,24 @@ pub fn zeroed_atomic_words(n: usize) -> Box<[AtomicU64]> {
     }
 }
 
+/// Moves the calling thread to the `SCHED_IDLE` policy: it runs only on CPU time no
+/// other thread wants. For background work that must not slow what is timed (the
+/// source's memory digest beside the pull). Returns false if the kernel refused.
+pub fn make_current_thread_idle() -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that the
+    // call only reads.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
+}
+
+/// Moves the calling thread back to the normal time-sharing policy (`SCHED_OTHER`).
+/// Unprivileged threads may be refused (RLIMIT_NICE); returns false then.
+pub fn make_current_thread_normal() -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in make_current_thread_idle.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -35,5 +55,26 @@ mod tests {
         assert!(w.iter().all(|x| x.load(Ordering::Relaxed) == 0));
         w[999].store(7, Ordering::Relaxed);
         assert_eq!(w[999].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn a_thread_can_step_aside() {
+        let idle = std::thread::spawn(|| {
+            let ok = super::make_current_thread_idle();
+            // SAFETY (test): sched_getscheduler only reads the calling thread's policy.
+            let idle = (ok, unsafe { libc::sched_getscheduler(0) });
+            let ok = super::make_current_thread_normal();
+            // SAFETY (test): as above.
+            (idle, (ok, unsafe { libc::sched_getscheduler(0) }))
+        })
+        .join()
+        .unwrap();
+        let is_root = crate::sys::tap::is_root();
+        assert_eq!(idle.0, (true, libc::SCHED_IDLE));
+        if is_root {
+            assert_eq!(idle.1, (true, libc::SCHED_OTHER));
+        }
+        // SAFETY (test): as above, for this thread, which kept its policy.
+        assert_ne!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
     }
 }
