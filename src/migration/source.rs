@@ -450,6 +450,9 @@ impl Source<'_> {
                             idle = !crate::sys::make_current_thread_normal();
                         }
                     });
+                    // Let go of the memory before answering: once the digest is in,
+                    // the caller may free the VM and expects its memory gone.
+                    drop(mem);
                     let _ = tx.send(d);
                 });
             match spawned {
