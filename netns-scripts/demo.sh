@@ -87,7 +87,7 @@ vf vm create vm1 --host silo104 --memory-mb "$MEMORY" --ip "$VM_IP" \
     --workload sweep --dirty-rate "$RATE"
 
 step "capturing every frame of the fabric on the switch's mirror port $VF_MIRROR"
-tcpdump -i "$VF_MIRROR" -n -U -w "$PCAP" 2>"$VFABRIC_RUN_DIR/tcpdump.log" &
+tcpdump -i "$VF_MIRROR" -n -U --immediate-mode -w "$PCAP" 2>"$VFABRIC_RUN_DIR/tcpdump.log" &
 TCPDUMP_PID=$!
 for _ in $(seq 50); do
     grep -q listening "$VFABRIC_RUN_DIR/tcpdump.log" 2>/dev/null && break
