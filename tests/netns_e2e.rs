@@ -103,6 +103,7 @@ impl Capture {
                 ifname,
                 "-n",
                 "-U",
+                "--immediate-mode",
             ])
             .arg("-w")
             .arg(&file)
