@@ -36,7 +36,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "bench/migration.sh: --veth needs root (namespaces and a veth pair)" >&2
     exit 1
 fi
-command -v iperf3 >/dev/null || { echo "bench/migration.sh: iperf3 not installed" >&2; exit 1; }
+. netns-scripts/lib.sh
+ensure_packages ip:iproute2 iperf3:iperf3
 
 p=vb$(printf '%04x' $((RANDOM)))
 nsa=$p-src nsb=$p-dst
