@@ -98,7 +98,7 @@ setup_vfabric() {
         log "building the release binary"
         (cd "$REPO" && cargo build --release --quiet)
     fi
-    VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" VFABRIC_BIN="$VFABRIC_BIN" \
+    VF_HOSTS=0 VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" VFABRIC_BIN="$VFABRIC_BIN" \
         "$REPO/netns-scripts/up.sh" 2>/dev/null
 }
 

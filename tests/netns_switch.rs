@@ -31,6 +31,27 @@ fn port_stats(t: &Topology, name: &str) -> serde_json::Value {
 }
 
 #[test]
+fn one_thread_per_port_forwards_too() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::up_with(&[
+        ("VF_HOSTS", "0"),
+        ("VF_SWITCH_ARGS", "--threading per-port"),
+    ]);
+    assert!(t.ping("client", "10.10.0.104", 3), "client -> silo104");
+    assert!(t.ping("silo105", "10.10.0.1", 2), "silo105 -> client");
+    let client = t.mac("client", "eth0");
+    assert_eq!(fdb_port_of(&t, &client).as_deref(), Some("client"));
+    let threads = std::fs::read_dir(format!("/proc/{}/task", t.switch_pid().unwrap()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with("port-"))
+        .count();
+    assert_eq!(threads, 3, "one data-path thread per port");
+}
+
+#[test]
 fn ping_crosses_the_switch_both_ways_and_the_fdb_learns() {
     if !require_root() {
         return;

@@ -49,6 +49,10 @@ pub struct SwitchArgs {
     /// frames of at most the MTU (slower; for comparison)
     #[arg(long)]
     no_offload: bool,
+    /// Data-path threads: "single" (one thread polls every port: one wake-up per round
+    /// trip) or "per-port" (one thread sleeping on each port)
+    #[arg(long, default_value = "single", value_name = "MODE")]
+    threading: vfabric::switchd::Threading,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +121,7 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
             hold_down: Duration::from_millis(args.hold_down_ms),
         },
         offload: !args.no_offload,
+        threading: args.threading,
     })?;
     Ok(())
 }

@@ -59,4 +59,10 @@ pub trait Port: Send + Sync {
 
     /// The interface name users know the port by on its side (e.g. `eth0`).
     fn ifname(&self) -> &str;
+
+    /// The file descriptor to poll, when the port has one: lets one thread wait on
+    /// every port at once. In-memory ports have none.
+    fn poll_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }

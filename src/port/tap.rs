@@ -179,6 +179,10 @@ impl Port for Tap {
         self.offload
     }
 
+    fn poll_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.file))
+    }
+
     fn ifname(&self) -> &str {
         &self.ifname
     }

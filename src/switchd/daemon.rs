@@ -79,6 +79,8 @@ pub struct DaemonConfig {
     pub fdb: FdbConfig,
     /// Exchange GSO frames and partial checksums with the kernel.
     pub offload: bool,
+    /// One data-path thread for all ports, or one per port.
+    pub threading: super::Threading,
 }
 
 /// Errors of the switch daemon.
@@ -202,7 +204,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
         }
         None => None,
     };
-    let fabric = Arc::new(Fabric::start(ports, mirror, cfg.fdb)?);
+    let fabric = Arc::new(Fabric::start_with(ports, mirror, cfg.fdb, cfg.threading)?);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -307,6 +309,7 @@ mod tests {
             mirror: None,
             fdb: FdbConfig::default(),
             offload: true,
+            threading: crate::switchd::Threading::default(),
         };
         assert!(matches!(
             cfg.validate(),

@@ -33,6 +33,9 @@ pub const MAX_FRAME: usize = 65536 + HEADER_LEN + 4;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Most frames a thread takes from another port after writing to it (see `steal`).
 const STEAL_BUDGET: usize = 8;
+/// Frames the single data-path thread takes from one port before it looks at the
+/// others again, so that no port starves the rest.
+const DRAIN_BUDGET: usize = 32;
 
 /// Per-port counters, updated by the data path without locks.
 #[derive(Debug, Default)]
@@ -129,6 +132,29 @@ struct Shared {
     hdr_len: usize,
 }
 
+/// How the data path uses threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threading {
+    /// One thread per port, each sleeping on its own port.
+    PerPort,
+    /// One thread polling every port at once (falls back to one thread per port when
+    /// a port has no file descriptor to poll, as in-memory ports).
+    #[default]
+    Single,
+}
+
+impl std::str::FromStr for Threading {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "per-port" => Ok(Threading::PerPort),
+            "single" => Ok(Threading::Single),
+            other => Err(format!("{other:?} is not per-port or single")),
+        }
+    }
+}
+
 /// The running data path: port threads over a shared core.
 pub struct Fabric {
     shared: Arc<Shared>,
@@ -154,6 +180,16 @@ impl Fabric {
         mirror: Option<SwitchPort>,
         cfg: FdbConfig,
     ) -> Result<Fabric, FabricError> {
+        Self::start_with(ports, mirror, cfg, Threading::PerPort)
+    }
+
+    /// Like [`Fabric::start`], with a choice of threading.
+    pub fn start_with(
+        ports: Vec<SwitchPort>,
+        mirror: Option<SwitchPort>,
+        cfg: FdbConfig,
+        threading: Threading,
+    ) -> Result<Fabric, FabricError> {
         if ports.len() > usize::from(u16::MAX) {
             return Err(FabricError::TooManyPorts);
         }
@@ -173,6 +209,19 @@ impl Fabric {
             hdr_len,
         });
         let mut threads = Vec::with_capacity(shared.ports.len());
+        let pollable = shared.ports.iter().all(|p| p.port.poll_fd().is_some());
+        if threading == Threading::Single && pollable {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name("ports".into())
+                .spawn(move || poll_loop(&s))
+                .map_err(FabricError::Thread)?;
+            threads.push(t);
+            return Ok(Fabric {
+                shared,
+                threads: Mutex::new(threads),
+            });
+        }
         for i in 0..shared.ports.len() {
             let s = shared.clone();
             let t = std::thread::Builder::new()
@@ -414,6 +463,58 @@ fn port_loop(s: &Shared, index: usize) {
                 }
             },
             Received::Gone => break,
+        }
+    }
+}
+
+/// The single data-path thread: sleeps in one poll on every port, then drains each
+/// readable port. A frame written to a TAP usually makes its reply ready before the
+/// write returns; the next poll returns at once with it, so a round trip costs one
+/// wake-up (the request's), as in a kernel bridge's softirq, minus the bridge.
+fn poll_loop(s: &Shared) {
+    use crate::sys::tap::{poll_many, Readiness};
+    let hdr = s.hdr_len;
+    let mut buf = vec![0u8; hdr + MAX_FRAME + 1];
+    let mut events: Vec<FdbEvent> = Vec::with_capacity(4);
+    let mut ready = vec![Readiness::Idle; s.ports.len()];
+    let mut live: Vec<usize> = Vec::with_capacity(s.ports.len());
+    while !s.stop.load(Ordering::Relaxed) {
+        live.clear();
+        live.extend((0..s.ports.len()).filter(|&i| s.ports[i].is_up()));
+        if live.is_empty() {
+            std::thread::sleep(POLL_INTERVAL);
+            continue;
+        }
+        let fds: Vec<_> = live
+            .iter()
+            .filter_map(|&i| s.ports[i].port.poll_fd())
+            .collect();
+        if let Err(e) = poll_many(&fds, POLL_INTERVAL, &mut ready[..fds.len()]) {
+            tracing::warn!(error = %e, "poll failed");
+            std::thread::sleep(POLL_INTERVAL);
+            continue;
+        }
+        drop(fds);
+        for (k, &i) in live.iter().enumerate() {
+            let me = &s.ports[i];
+            match ready[k] {
+                Readiness::Idle => {}
+                Readiness::Broken => {
+                    me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    s.mark_down(me);
+                }
+                Readiness::Readable => {
+                    let _rx = me.rx.lock().unwrap_or_else(|e| e.into_inner());
+                    for _ in 0..DRAIN_BUDGET {
+                        if !matches!(
+                            receive_one(s, me, &mut buf, &mut events),
+                            Received::Forwarded(_)
+                        ) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -116,6 +116,46 @@ pub fn poll_readable(file: &File, timeout: Duration) -> io::Result<Readiness> {
     }
 }
 
+/// Waits up to `timeout` for any of `fds` to become readable; `out[i]` tells what poll
+/// saw on `fds[i]` (`out` must be as long as `fds`).
+pub fn poll_many(
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: Duration,
+    out: &mut [Readiness],
+) -> io::Result<()> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds that lives across the call.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    for r in out.iter_mut() {
+        *r = Readiness::Idle;
+    }
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    for (pfd, r) in pfds.iter().zip(out.iter_mut()) {
+        *r = if pfd.revents & libc::POLLIN != 0 {
+            Readiness::Readable
+        } else if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            Readiness::Broken
+        } else {
+            Readiness::Idle
+        };
+    }
+    Ok(())
+}
+
 /// True when this process may create network devices (effective uid 0; the kernel has
 /// the last word through CAP_NET_ADMIN, this only gives a clearer message up front).
 pub fn is_root() -> bool {
