@@ -13,4 +13,11 @@ else
     log "not root: the namespace tests will be SKIPPED (run as root to include them)"
 fi
 cd "$VF_REPO"
-cargo test --all-targets "$@"
+log_file=$(mktemp)
+trap 'rm -f "$log_file"' EXIT
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log_file" || status=$?
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log_file"
+exit "$status"

@@ -495,3 +495,39 @@ fn demo_script_tells_the_story_and_cleans_up() {
     assert!(!ns.contains(&prefix), "namespaces left behind: {ns}");
     assert!(!run.path().join("switch.sock").exists());
 }
+
+#[test]
+fn a_host_the_vm_left_announces_it_no_more() {
+    if !require_root() {
+        return;
+    }
+    let _s = serial();
+    let t = Topology::up();
+    let mac = create_vm(&t, 16);
+    // Back again well inside the first move's 800 ms announce schedule.
+    migrate(&t, "silo105");
+    let back = migrate(&t, "silo104");
+    let back_resume = back["resume_t_us"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let late: Vec<String> = t
+        .switch_log()
+        .lines()
+        .filter_map(parse_log_line)
+        .filter(|e| e.message == "mac moved" && e.get("mac") == Some(mac.as_str()))
+        .filter(|e| e.t_us > back_resume && e.get("to") == Some("silo105"))
+        .map(|e| format!("{e:?}"))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "silo105 pulled the VM's MAC back: {late:?}"
+    );
+    let fdb = t.vfabric_json(&["fdb", "show"]);
+    let e = fdb
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["mac"] == mac.as_str())
+        .unwrap();
+    assert_eq!(e["port"], "silo104");
+    assert!(t.ping("client", VM_IP, 2));
+}

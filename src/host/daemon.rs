@@ -820,7 +820,9 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
     let host_name = host.cfg.name.clone();
     let start = Instant::now();
     let send = move |seq: usize| {
-        if !handles.shared.alive.load(Ordering::Acquire) {
+        // A VM that left (or is leaving) this host must not be announced from here: a
+        // late frame would pull the switch back to this port, away from the VM.
+        if !handles.shared.alive.load(Ordering::Acquire) || !handles.shared.vm.is_running() {
             return;
         }
         // The timestamp is taken before the write: once written, the switch may have
