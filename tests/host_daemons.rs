@@ -34,6 +34,10 @@ impl Hosts {
     }
 
     fn start(names: &[(&str, u64)]) -> Hosts {
+        Self::start_with(names, &[])
+    }
+
+    fn start_with(names: &[(&str, u64)], extra: &[&str]) -> Hosts {
         let dir = tempfile::tempdir().unwrap();
         let mut h = Hosts {
             dir,
@@ -44,6 +48,7 @@ impl Hosts {
             let child = Command::new(BIN)
                 .args(["host", "--name", name, "--vmotion-addr", "127.0.0.1:0"])
                 .args(["--capacity-mb", &capacity.to_string()])
+                .args(extra)
                 .arg("--datastore")
                 .arg(h.datastore())
                 .env("VFABRIC_RUN_DIR", h.run_dir())
@@ -286,4 +291,24 @@ fn bad_input_gives_one_clear_line() {
     let v = h.json(&["vm", "show", "x", "--json"]);
     assert_eq!(v["state"], "running");
     assert_eq!(v["ip"], "10.0.0.1");
+}
+
+#[test]
+fn hosts_without_verification_report_no_digest() {
+    let h = Hosts::start_with(&[("a", 1024), ("b", 1024)], &["--no-verify-memory"]);
+    h.ok(&[
+        "vm",
+        "create",
+        "v",
+        "--host",
+        "a",
+        "--memory-mb",
+        "16",
+        "--ip",
+        "10.0.0.9",
+    ]);
+    let s = h.json(&["migrate", "v", "--to", "b", "--json"]);
+    assert_eq!(s["memory_sha256_source"], "");
+    assert_eq!(s["memory_sha256_target"], "");
+    assert_eq!(s["pages_pulled"], s["bitmap_bits"]);
 }
