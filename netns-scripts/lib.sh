@@ -90,7 +90,7 @@ write_pidfile() {
 # kill_pidfile FILE — SIGTERM the process (SIGKILL after 5 s) if it is still the one
 # recorded, then remove FILE.
 kill_pidfile() {
-    local pid start now i
+    local pid= start= now i
     read -r pid start <"$1" 2>/dev/null || true
     rm -f "$1"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 0

@@ -8,7 +8,7 @@
 #
 # Steps run in order from main(); each is a function, so more (host daemons, demo
 # traffic) slot in as one more function and one more line in main().
-set -euo pipefail
+set -Eeuo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 check_not_up() {
@@ -103,13 +103,14 @@ main() {
     ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
     ensure_bin
     check_not_up
-    trap on_error ERR
+    # From here on, any failure (a failed command or `die`) removes what was created.
+    trap 'rc=$?; [ "$rc" -eq 0 ] || on_error' EXIT
     create_namespaces
     create_vmotion_link
     start_switch
     configure_addresses
-    [ "$hosts" = 1 ] && start_hosts
-    trap - ERR
+    if [ "$hosts" = 1 ]; then start_hosts; fi
+    trap - EXIT
     log "up: namespaces ${ALL_NS[*]}; logs in $VFABRIC_RUN_DIR"
     log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; $VFABRIC_BIN fdb show"
     if [ "$hosts" = 1 ]; then

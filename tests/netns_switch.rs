@@ -278,3 +278,33 @@ fn bad_input_gives_one_clear_line() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn up_that_fails_half_way_removes_what_it_created() {
+    if !require_root() {
+        return;
+    }
+    let prefix = format!("vu{:04x}", std::process::id() & 0xffff);
+    let run = tempfile::tempdir().unwrap();
+    // The host daemons refuse the extra argument: up.sh fails after the namespaces and
+    // the switch exist.
+    let out = std::process::Command::new("bash")
+        .arg(common::repo().join("netns-scripts/up.sh"))
+        .env("VF_PREFIX", &prefix)
+        .env("VFABRIC_RUN_DIR", run.path())
+        .env("VFABRIC_BIN", common::bin())
+        .env("VF_HOST_ARGS", "--no-such-option")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("removing what was created"), "{err}");
+    let ns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let ns = String::from_utf8_lossy(&ns.stdout);
+    assert!(!ns.contains(&prefix), "left behind: {ns}");
+    assert!(!run.path().join("switch.sock").exists());
+    assert!(!run.path().join("switch.pid").exists());
+}

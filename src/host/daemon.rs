@@ -21,7 +21,7 @@ use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
 use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
-use crate::host::datastore::{Datastore, DiskLock};
+use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::{self, MigrationConfig, NoConvergence, SourceHooks, TargetHooks};
 use crate::port::packet::PacketSocket;
@@ -253,16 +253,17 @@ fn nic_loop(host: Arc<Host>, uplink: Arc<PacketSocket>) {
             }
         };
         for vm in targets {
+            // The running check happens under the NIC lock, and the source takes that
+            // lock after quiescing (see `SourceSide::quiesced`): no reply can write
+            // guest memory after the final dirty bitmap is taken.
+            let mut nic = vm.nic.lock().unwrap_or_else(|p| p.into_inner());
             if !vm.alive.load(Ordering::Acquire) || !vm.vm.is_running() {
                 continue;
             }
             vm.nic_rx.fetch_add(1, Ordering::Relaxed);
             out.clear();
-            vm.nic.lock().unwrap_or_else(|p| p.into_inner()).handle(
-                frame,
-                vm.vm.memory(),
-                &mut out,
-            );
+            nic.handle(frame, vm.vm.memory(), &mut out);
+            drop(nic);
             for reply in &out {
                 match uplink.send(reply) {
                     Ok(()) => {
@@ -712,6 +713,9 @@ struct SourceSide {
 
 impl SourceHooks for SourceSide {
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
+        // A NIC reply that passed its running check before the quiesce may still be
+        // writing guest memory: wait for it, so its write is in the final bitmap.
+        drop(self.shared.nic.lock().unwrap_or_else(|p| p.into_inner()));
         // Step 3: the source gives up the disk so that the target can take it.
         self.shared.release_disk();
         tracing::info!(vm = %vm.config().name, host = %self.host, t_us = unix_micros(),
@@ -728,10 +732,17 @@ impl SourceHooks for SourceSide {
                     "disk lock retaken");
                 true
             }
-            Err(e) => {
+            Err(e @ DatastoreError::Held { .. }) => {
                 tracing::warn!(vm = %name, host = %self.host, error = %e,
                     "disk lock not retaken: the target owns the VM");
                 false
+            }
+            Err(e) => {
+                // Nobody holds the disk, so the target never took over: the VM must
+                // run here again, even if its disk cannot be locked right now.
+                tracing::warn!(vm = %name, host = %self.host, error = %e,
+                    "disk lock not retaken, but no other host holds it: resuming here");
+                true
             }
         }
     }

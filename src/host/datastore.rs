@@ -160,24 +160,41 @@ impl Datastore {
         })
     }
 
-    /// Who holds `vm`'s disk, or `None` if nobody does (checked by trying the lock, so a
-    /// name left behind by a dead holder does not count).
+    /// Who holds `vm`'s disk, or `None` if nobody does. Read from the kernel's lock
+    /// table (`/proc/locks`), not by trying the lock: a probe that took the lock, even
+    /// shared, would make a host's exclusive take-over fail at that very moment. A name
+    /// left in the file by a dead holder does not count.
     pub fn owner(&self, vm: &str) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.lock_path(vm).ok()?;
         let mut file = File::open(&path).ok()?;
-        // A shared probe conflicts only with an exclusive holder, so two concurrent
-        // probes do not see each other as owners.
-        match file.try_lock_shared() {
-            Ok(()) => {
-                let _ = file.unlock();
-                None
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                Some(read_owner(&mut file).unwrap_or_else(|| "unknown".to_string()))
-            }
-            Err(std::fs::TryLockError::Error(_)) => None,
+        let meta = file.metadata().ok()?;
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        if !flock_held(&locks, meta.dev(), meta.ino()) {
+            return None;
         }
+        Some(read_owner(&mut file).unwrap_or_else(|| "unknown".to_string()))
     }
+}
+
+/// True when `/proc/locks` text shows an exclusive flock on the file (`dev`, `ino`).
+/// Lines read `1: FLOCK  ADVISORY  WRITE 1234 fd:01:123456 0 EOF` (device major and
+/// minor in hex, inode in decimal); blocked waiters (`->`) do not hold the lock.
+fn flock_held(locks: &str, dev: u64, ino: u64) -> bool {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    locks.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != "FLOCK" || f[3] != "WRITE" {
+            return false;
+        }
+        let mut id = f[5].split(':');
+        let (Some(ma), Some(mi), Some(i)) = (id.next(), id.next(), id.next()) else {
+            return false;
+        };
+        u32::from_str_radix(ma, 16).ok() == Some(major)
+            && u32::from_str_radix(mi, 16).ok() == Some(minor)
+            && i.parse::<u64>().ok() == Some(ino)
+    })
 }
 
 fn read_owner(file: &mut File) -> Option<String> {
@@ -240,6 +257,27 @@ impl Drop for DiskLock {
         // Clear the name first so a reader never sees a released lock with an owner.
         let _ = self.lock.set_len(0);
         let _ = self.lock.unlock();
+    }
+}
+
+#[cfg(test)]
+mod lock_table_tests {
+    use super::flock_held;
+
+    #[test]
+    fn reads_exclusive_flocks_from_the_lock_table() {
+        let table = "1: POSIX  ADVISORY  WRITE 99 fd:01:42 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 98 fd:01:42 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 1234 103:02:7 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 1235 fd:01:42 0 EOF\n";
+        let dev = |ma: u32, mi: u32| libc::makedev(ma, mi);
+        assert!(flock_held(table, dev(0x103, 2), 7));
+        assert!(
+            !flock_held(table, dev(0xfd, 1), 42),
+            "POSIX, shared and waiting locks"
+        );
+        assert!(!flock_held(table, dev(0x103, 3), 7));
+        assert!(!flock_held("", dev(0x103, 2), 7));
     }
 }
 

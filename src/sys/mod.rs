@@ -12,12 +12,18 @@ use std::sync::atomic::AtomicU64;
 /// Allocates `n` zeroed atomic words without touching them, so the kernel backs the
 /// memory lazily (a 4 GiB guest costs nothing until it is written).
 pub fn zeroed_atomic_words(n: usize) -> Box<[AtomicU64]> {
+    // The cast below needs u64 and AtomicU64 to share size and alignment; std promises
+    // the size everywhere but the alignment only where u64 is 8-aligned (not i686).
+    const _: () = assert!(
+        std::mem::align_of::<u64>() == std::mem::align_of::<AtomicU64>()
+            && std::mem::size_of::<u64>() == std::mem::size_of::<AtomicU64>()
+    );
     let words: Box<[u64]> = vec![0u64; n].into_boxed_slice();
     let len = words.len();
     let ptr = Box::into_raw(words) as *mut u64;
-    // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64 (documented
-    // in std::sync::atomic), and the pointer comes from a Box<[u64]> of `len` elements
-    // that we own and no longer use.
+    // SAFETY: AtomicU64 has the same bit validity as u64 (std::sync::atomic) and, as the
+    // assertion above checks at compile time, the same size and alignment here; the
+    // pointer comes from a Box<[u64]> of `len` elements that we own and no longer use.
     unsafe {
         Box::from_raw(std::ptr::slice_from_raw_parts_mut(
             ptr as *mut AtomicU64,
