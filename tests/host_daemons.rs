@@ -312,3 +312,45 @@ fn hosts_without_verification_report_no_digest() {
     assert_eq!(s["memory_sha256_target"], "");
     assert_eq!(s["pages_pulled"], s["bitmap_bits"]);
 }
+
+#[test]
+fn an_announce_chosen_for_a_failed_migration_is_forgotten() {
+    let h = Hosts::start(&[("a", 2048), ("b", 2048)]);
+    h.ok(&[
+        "vm",
+        "create",
+        "w",
+        "--host",
+        "a",
+        "--memory-mb",
+        "16",
+        "--ip",
+        "10.0.0.7",
+        "--workload",
+        "uniform",
+        "--dirty-rate",
+        "max",
+    ]);
+    // Dirtying faster than 20 Mbit/s drains: the policy aborts, the VM stays on a.
+    let err = h.fail(&[
+        "migrate",
+        "w",
+        "--to",
+        "b",
+        "--announce",
+        "none",
+        "--bandwidth-mbps",
+        "20",
+        "--max-rounds",
+        "2",
+        "--on-no-convergence",
+        "abort",
+        "--quiet",
+    ]);
+    assert!(err.contains("keeps running on a"), "{err}");
+    // The next migration, with no choice made, announces as the target's default does.
+    h.ok(&["migrate", "w", "--to", "b", "--json"]);
+    let v = h.json(&["vm", "show", "w", "--json"]);
+    assert_eq!(v["host"], "b");
+    assert_eq!(v["announce"], "rarp");
+}

@@ -406,7 +406,7 @@ pub fn migrate_call(
             &control::socket_path(&target.name),
             &HostRequest::PrepareIncoming {
                 name: r.name.clone(),
-                announce: mode.to_string(),
+                announce: Some(mode.to_string()),
             },
         )?;
     }
@@ -427,14 +427,25 @@ pub fn migrate_call(
             r.name, source.name, target.name, addr
         );
     }
-    let v = control::call(&control::socket_path(&source.name), &req, None, |p| {
+    let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
         if !progress {
             return;
         }
         if let Ok(p) = serde_json::from_value::<Progress>(p) {
             eprintln!("  {}", describe(&p));
         }
-    })?;
+    });
+    if result.is_err() && r.announce.is_some() {
+        // The choice was for this migration only.
+        let _ = control::call_simple::<_, serde_json::Value>(
+            &control::socket_path(&target.name),
+            &HostRequest::PrepareIncoming {
+                name: r.name.clone(),
+                announce: None,
+            },
+        );
+    }
+    let v = result?;
     let s: MigrationSummary = serde_json::from_value(v)?;
     Ok((s, source.name, target.name))
 }

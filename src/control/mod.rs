@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 
 /// Longest request or reply line accepted, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +121,11 @@ where
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of descriptors, most likely: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     if let Err(e) = serve_one::<Req, H, Fut>(stream, handler).await {
@@ -140,7 +146,10 @@ where
     let (rd, mut wr) = stream.into_split();
     let mut rd = tokio::io::BufReader::new(rd).take(MAX_LINE as u64);
     let mut line = String::new();
-    rd.read_line(&mut line).await?;
+    // A client that connects and says nothing does not keep its descriptor forever.
+    tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let (tx, mut rx) = mpsc::unbounded_channel();
     match serde_json::from_str::<Req>(line.trim()) {
         Ok(req) => {

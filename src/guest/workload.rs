@@ -107,7 +107,7 @@ pub fn write_one(mem: &GuestMemory, pattern: &Pattern, s: &mut VcpuState) {
             } else {
                 page + 1
             };
-            s.pages_written += 1;
+            s.pages_written = s.pages_written.wrapping_add(1);
             return;
         }
     };
@@ -115,7 +115,7 @@ pub fn write_one(mem: &GuestMemory, pattern: &Pattern, s: &mut VcpuState) {
     let word = value % (PAGE_SIZE as u64 / 8);
     // page < page_count and word < 512: in range.
     let _ = mem.write_u64(GuestAddress(page * PAGE_SIZE as u64 + word * 8), value | 1);
-    s.pages_written += 1;
+    s.pages_written = s.pages_written.wrapping_add(1);
 }
 
 /// The body of one vCPU thread: writes `rate` pages a second of `pattern` until `stop`.

@@ -31,8 +31,12 @@ pub enum HostRequest {
         #[serde(default)]
         options: MigrateOptions,
     },
-    /// Announce mode for the next incoming migration of `name` (this host is the target).
-    PrepareIncoming { name: String, announce: String },
+    /// Announce mode for the next incoming migration of `name` (this host is the
+    /// target); None forgets an earlier choice.
+    PrepareIncoming {
+        name: String,
+        announce: Option<String>,
+    },
 }
 
 /// Per-migration overrides of the host's defaults.

@@ -344,8 +344,16 @@ impl Host {
                 self.destroy(&name).map(|()| serde_json::Value::Null)
             }
             HostRequest::PrepareIncoming { name, announce } => {
-                let a: Announce = announce.parse().map_err(|e| format!("{e}"))?;
-                self.lock_inv().announce_next.insert(name, a);
+                let mut inv = self.lock_inv();
+                match announce {
+                    Some(a) => {
+                        let a: Announce = a.parse().map_err(|e| format!("{e}"))?;
+                        inv.announce_next.insert(name, a);
+                    }
+                    None => {
+                        inv.announce_next.remove(&name);
+                    }
+                }
                 Ok(serde_json::Value::Null)
             }
             HostRequest::Migrate {
@@ -760,7 +768,10 @@ impl Drop for TargetSide {
     fn drop(&mut self) {
         if let Some(name) = &self.name {
             if !self.resumed {
-                self.host.lock_inv().pending.remove(name);
+                let mut inv = self.host.lock_inv();
+                inv.pending.remove(name);
+                // An announce chosen for this migration must not outlive it.
+                inv.announce_next.remove(name);
             }
         }
     }

@@ -155,6 +155,27 @@ impl Target {
             }
             m => return Err((step, ErrorKind::Unexpected(m.kind()))),
         };
+        if state.mac != config.mac || state.ip != config.ip {
+            return Err((
+                step,
+                ErrorKind::State(format!(
+                    "device state names {} {}, the VM is configured as {} {}",
+                    state.mac, state.ip, config.mac, config.ip
+                )),
+            ));
+        }
+        let mut seen = vec![false; config.vcpus as usize];
+        for v in &state.vcpus {
+            match seen.get_mut(v.index as usize) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err((
+                        step,
+                        ErrorKind::State(format!("vCPU {} repeated or out of range", v.index)),
+                    ))
+                }
+            }
+        }
         if state.vcpus.len() != config.vcpus as usize {
             return Err((
                 step,

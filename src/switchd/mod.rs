@@ -1,11 +1,13 @@
 //! The switch daemon (adapter): ports, threads, clocks and the control socket around the
 //! sans-IO [`crate::switch`] core.
 //!
-//! Data path: one thread per port blocks in poll/read on its port, asks the core where
-//! the frame goes (the FDB sits under one mutex, held for a hash lookup or two), and
-//! writes the frame straight to the destination ports' fds from the same thread and the
-//! same buffer. No queue, no hand-off between threads, no allocation per frame: the
-//! fewest context switches a userspace switch can have. Counters are atomics.
+//! Data path: by default ([`Threading::Single`]) one thread sleeps in a single poll over
+//! every port, reads what is ready, asks the core where each frame goes (the FDB sits
+//! under one mutex, held for a hash lookup or two), and writes the frame straight to the
+//! destination ports' fds from the same buffer. A reply caused by that write is usually
+//! ready when the write returns, so a round trip costs one wake-up. With
+//! [`Threading::PerPort`] each port has its own thread doing the same for its port.
+//! No queue, no allocation per frame. Counters are atomics.
 //!
 //! Control path: a tokio runtime serves the control socket, runs the ageing sweep once a
 //! second (so entries age without traffic) and waits for SIGINT/SIGTERM.
@@ -173,8 +175,9 @@ pub enum FabricError {
 }
 
 impl Fabric {
-    /// Starts one thread per port. `ports` get ids 0, 1, … in order. The mirror, if
-    /// any, receives a copy of every frame any port receives.
+    /// Starts one thread per port ([`Threading::PerPort`]; the in-memory ports of the
+    /// tests need it). `ports` get ids 0, 1, … in order. The mirror, if any, receives a
+    /// copy of every frame any port receives.
     pub fn start(
         ports: Vec<SwitchPort>,
         mirror: Option<SwitchPort>,
