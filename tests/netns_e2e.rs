@@ -60,6 +60,28 @@ fn create_vm(t: &Topology, memory_mb: u32) -> String {
         .to_string()
 }
 
+/// What most tests start from: root, the fabric to themselves, vm1 on silo104. Fields
+/// drop in order, so the fabric is torn down before the next test may start.
+struct Setup {
+    t: Topology,
+    mac: String,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+fn setup(memory_mb: u32) -> Option<Setup> {
+    if !require_root() {
+        return None;
+    }
+    let serial = serial();
+    let t = Topology::up();
+    let mac = create_vm(&t, memory_mb);
+    Some(Setup {
+        t,
+        mac,
+        _serial: serial,
+    })
+}
+
 fn measure(t: &Topology, to: &str, interval: &str, extra: &[&str]) -> Value {
     let ns = t.ns("client");
     let mut args = vec![
@@ -185,14 +207,12 @@ fn mac_bytes(mac: &str) -> vfabric::wire::MacAddr {
 
 #[test]
 fn ping_every_10ms_loses_at_most_five_per_move_there_and_back() {
-    if !require_root() {
+    let Some(fx) = setup(64) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    create_vm(&t, 64);
+    };
+    let t = &fx.t;
     for (to, from) in [("silo105", "silo104"), ("silo104", "silo105")] {
-        let m = measure(&t, to, "0.01", &["--udp-check"]);
+        let m = measure(t, to, "0.01", &["--udp-check"]);
         eprintln!(
             "{from} -> {to}: sent {} lost {} longest gap {} ms, downtime {} us, resume->rarp {} us, rarp->fdb move {} us",
             m["pings_sent"], m["pings_lost"], m["longest_gap_ms"], m["downtime_us"],
@@ -220,12 +240,10 @@ fn ping_every_10ms_loses_at_most_five_per_move_there_and_back() {
 
 #[test]
 fn ping_every_second_loses_at_most_one_over_ten_migrations() {
-    if !require_root() {
+    let Some(fx) = setup(32) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    create_vm(&t, 32);
+    };
+    let t = &fx.t;
     let ping = Command::new("ip")
         .args([
             "netns",
@@ -246,7 +264,7 @@ fn ping_every_second_loses_at_most_one_over_ten_migrations() {
     std::thread::sleep(Duration::from_millis(1500));
     let hosts = ["silo105", "silo104"];
     for i in 0..10 {
-        let s = migrate(&t, hosts[i % 2]);
+        let s = migrate(t, hosts[i % 2]);
         assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
         std::thread::sleep(Duration::from_millis(1300));
     }
@@ -271,21 +289,19 @@ fn ping_every_second_loses_at_most_one_over_ten_migrations() {
 
 #[test]
 fn client_capture_shows_the_exact_rarp_after_resume_and_the_switch_follows_within_1ms() {
-    if !require_root() {
+    let Some(fx) = setup(32) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    let mac = create_vm(&t, 32);
-    let on_client = Capture::start(&t, "client", "eth0", "ether proto 0x8035", "client.pcap");
-    let on_target = Capture::start(&t, "silo105", "vmnic0", "ether proto 0x8035", "target.pcap");
-    let s = migrate(&t, "silo105");
+    };
+    let (t, mac) = (&fx.t, &fx.mac);
+    let on_client = Capture::start(t, "client", "eth0", "ether proto 0x8035", "client.pcap");
+    let on_target = Capture::start(t, "silo105", "vmnic0", "ether proto 0x8035", "target.pcap");
+    let s = migrate(t, "silo105");
     // QEMU's schedule ends 800 ms after resume.
     std::thread::sleep(Duration::from_millis(1200));
     let client = on_client.stop();
     let target = on_target.stop();
     let resume_us = s["resume_t_us"].as_u64().unwrap();
-    let expected = vfabric::migration::announce::rarp_frame(mac_bytes(&mac));
+    let expected = vfabric::migration::announce::rarp_frame(mac_bytes(mac));
 
     // The client sees all five, byte for byte, after the resume.
     assert_eq!(client.len(), 5, "RARP frames seen by the client");
@@ -353,12 +369,10 @@ fn client_capture_shows_the_exact_rarp_after_resume_and_the_switch_follows_withi
 
 #[test]
 fn udp_state_in_guest_memory_survives_the_move() {
-    if !require_root() {
+    let Some(fx) = setup(32) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    create_vm(&t, 32);
+    };
+    let t = &fx.t;
     let udp = |req: &[&str]| {
         let mut args = vec![bin(), "udp", VM_IP];
         args.extend_from_slice(req);
@@ -370,22 +384,20 @@ fn udp_state_in_guest_memory_survives_the_move() {
     for i in 1..=3 {
         assert_eq!(udp(&["incr"]), format!("counter {i}"));
     }
-    migrate(&t, "silo105");
+    migrate(t, "silo105");
     assert_eq!(udp(&["get", "owner"]), "value network team");
     assert_eq!(udp(&["incr"]), "counter 4");
-    migrate(&t, "silo104");
+    migrate(t, "silo104");
     assert_eq!(udp(&["get"]), "counter 4");
     assert_eq!(udp(&["incr"]), "counter 5");
 }
 
 #[test]
 fn without_an_announce_the_vm_stays_unreachable_much_longer() {
-    if !require_root() {
+    let Some(fx) = setup(32) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    create_vm(&t, 32);
+    };
+    let t = &fx.t;
     // Shorter neighbour timers in the client, so that what repairs the switch without an
     // announce (the client's ARP re-resolution, broadcast, answered by the VM from its
     // new port) comes within seconds instead of the default 15-45 s + probes.
@@ -398,9 +410,9 @@ fn without_an_announce_the_vm_stays_unreachable_much_longer() {
             "sysctl",
         );
     }
-    let with = measure(&t, "silo105", "0.01", &["--announce", "rarp"]);
+    let with = measure(t, "silo105", "0.01", &["--announce", "rarp"]);
     let without = measure(
-        &t,
+        t,
         "silo104",
         "0.01",
         &["--announce", "none", "--max-wait-s", "60"],
@@ -498,15 +510,13 @@ fn demo_script_tells_the_story_and_cleans_up() {
 
 #[test]
 fn a_host_the_vm_left_announces_it_no_more() {
-    if !require_root() {
+    let Some(fx) = setup(16) else {
         return;
-    }
-    let _s = serial();
-    let t = Topology::up();
-    let mac = create_vm(&t, 16);
+    };
+    let (t, mac) = (&fx.t, &fx.mac);
     // Back again well inside the first move's 800 ms announce schedule.
-    migrate(&t, "silo105");
-    let back = migrate(&t, "silo104");
+    migrate(t, "silo105");
+    let back = migrate(t, "silo104");
     let back_resume = back["resume_t_us"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let late: Vec<String> = t
