@@ -2,6 +2,8 @@
 //! socket on one end of a veth pair whose other end is a client with an IP stack.
 //! Needs root (namespaces, raw sockets); skipped loudly otherwise, failed under CI=true.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,17 +18,6 @@ use vfabric::wire::MacAddr;
 
 const VM_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0x01, 0x01]);
 const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 100);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -57,12 +48,7 @@ fn in_ns(ns: &str, cmd: &[&str]) -> std::process::Output {
 
 #[test]
 fn kernel_client_pings_and_queries_the_guest() {
-    if !is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "namespace test needs root when CI=true"
-        );
-        eprintln!("SKIPPED kernel_client_pings_and_queries_the_guest: needs root");
+    if !common::require_root() {
         return;
     }
     let tag = (std::process::id() as u64 ^ vfabric::clock::unix_micros() >> 4) & 0xffff;

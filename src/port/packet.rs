@@ -197,17 +197,6 @@ mod tests {
     /// IEEE local experimental EtherType: nothing else on the link uses it.
     const TEST_ETHERTYPE: u16 = 0x88b5;
 
-    fn is_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-            })
-            .unwrap_or(false)
-    }
-
     fn ip(args: &[&str]) {
         let out = Command::new("ip").args(args).output().expect("run ip");
         assert!(
@@ -339,7 +328,7 @@ mod tests {
 
     #[test]
     fn frames_cross_a_veth_pair_in_a_namespace() {
-        if !is_root() {
+        if !crate::sys::tap::is_root() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
                 "namespace test needs root when CI=true"
