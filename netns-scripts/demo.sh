@@ -61,15 +61,15 @@ cleanup() {
         cat <<EOF
 
 == the fabric is still up (--keep); try, as root:
-   export VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR
-   $VFABRIC_BIN vm list                         # where vm1 runs now
-   $VFABRIC_BIN fdb show                        # the switch's table
-   ip netns exec $NS_CLIENT ping $VM_IP        # ping vm1
-   $VFABRIC_BIN migrate vm1 --to silo104         # move it back
-   $VFABRIC_BIN measure vm1 --to silo104 --client-netns $NS_CLIENT --interval 1
-   tcpdump -eni $VF_MIRROR                       # every frame on the fabric
-   ip netns exec $NS_CLIENT $VFABRIC_BIN udp $VM_IP get
-   VF_PREFIX=$VF_PREFIX $here/down.sh          # remove it all
+   export VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR PATH=$(dirname "$VFABRIC_BIN"):\$PATH
+   vfabric vm list                                # where vm1 runs now
+   vfabric fdb show                               # the switch's table
+   ip netns exec $NS_CLIENT ping $VM_IP           # ping vm1
+   vfabric migrate vm1 --to silo104               # move it back
+   vfabric measure vm1 --to silo104 --client-netns $NS_CLIENT
+   tcpdump -eni $VF_MIRROR                        # every frame on the fabric
+   ip netns exec $NS_CLIENT vfabric udp $VM_IP get
+   VF_PREFIX=$VF_PREFIX $here/down.sh             # remove it all
 EOF
     else
         [ "$KEEP" = 1 ] && log "failed; removing the fabric despite --keep"
