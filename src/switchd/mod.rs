@@ -481,6 +481,7 @@ fn poll_loop(s: &Shared) {
     let mut events: Vec<FdbEvent> = Vec::with_capacity(4);
     let mut ready = vec![Readiness::Idle; s.ports.len()];
     let mut live: Vec<usize> = Vec::with_capacity(s.ports.len());
+    let mut fds = Vec::with_capacity(s.ports.len());
     while !s.stop.load(Ordering::Relaxed) {
         live.clear();
         live.extend((0..s.ports.len()).filter(|&i| s.ports[i].is_up()));
@@ -488,16 +489,13 @@ fn poll_loop(s: &Shared) {
             std::thread::sleep(POLL_INTERVAL);
             continue;
         }
-        let fds: Vec<_> = live
-            .iter()
-            .filter_map(|&i| s.ports[i].port.poll_fd())
-            .collect();
+        fds.clear();
+        fds.extend(live.iter().filter_map(|&i| s.ports[i].port.poll_fd()));
         if let Err(e) = poll_many(&fds, POLL_INTERVAL, &mut ready[..fds.len()]) {
             tracing::warn!(error = %e, "poll failed");
             std::thread::sleep(POLL_INTERVAL);
             continue;
         }
-        drop(fds);
         for (k, &i) in live.iter().enumerate() {
             let me = &s.ports[i];
             match ready[k] {
