@@ -12,6 +12,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::{self, Limits, Message, ProtoError, HEADER_LEN, MAX_MESSAGE};
 
+/// Any byte stream a migration can run over: a TCP stream, an encrypted stream
+/// wrapped around one, or an in-memory pipe in tests.
+pub trait MigrationStream: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> MigrationStream for T {}
+
+/// The receiving half of a split [`MigrationStream`].
+pub type BoxRead = Box<dyn AsyncRead + Unpin + Send + Sync>;
+/// The sending half of a split [`MigrationStream`].
+pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send + Sync>;
+
+/// Splits a stream into halves the two drivers can own separately.
+pub fn split_stream(stream: impl MigrationStream) -> (BoxRead, BoxWrite) {
+    let (rd, wr) = tokio::io::split(stream);
+    (Box::new(rd), Box::new(wr))
+}
+
 /// Small messages are sent once this many bytes are queued (or on `flush`).
 const FLUSH_AT: usize = 256 << 10;
 

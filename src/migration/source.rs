@@ -9,10 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-
-use super::conn::{ConnError, Reader, Writer};
+use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, Reader, Writer};
 use super::policy::{self, Decision, Figures};
 use super::proto::{Limits, Message, PageRange, PagesEncoder, MAX_MESSAGE};
 use super::{
@@ -36,8 +33,8 @@ struct Source<'c> {
     vm: Arc<Vm>,
     name: String,
     cfg: &'c MigrationConfig,
-    rd: Reader<OwnedReadHalf>,
-    wr: Writer<OwnedWriteHalf>,
+    rd: Reader<BoxRead>,
+    wr: Writer<BoxWrite>,
     batch: Vec<u8>,
     was_running: bool,
     started: Instant,
@@ -68,13 +65,12 @@ struct SwitchOver {
 /// `hooks.reclaim` reported that the target owns it.
 pub async fn migrate_out(
     vm: Arc<Vm>,
-    stream: TcpStream,
+    stream: impl MigrationStream,
     cfg: &MigrationConfig,
     hooks: &mut dyn SourceHooks,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<MigrationSummary, MigrationError> {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = split_stream(stream);
     let now = Instant::now();
     let mut s = Source {
         name: vm.config().name.clone(),

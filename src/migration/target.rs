@@ -9,10 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-
-use super::conn::{ConnError, Reader, Writer};
+use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, Reader, Writer};
 use super::proto::{self, Limits, Message, PagesView, ProtoError};
 use super::{
     mbps, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, Step, TargetHooks,
@@ -66,8 +63,8 @@ fn apply(
 
 struct Target {
     name: String,
-    rd: Reader<OwnedReadHalf>,
-    wr: Writer<OwnedWriteHalf>,
+    rd: Reader<BoxRead>,
+    wr: Writer<BoxWrite>,
     started: Instant,
     pages_per_round: Vec<u64>,
     bytes_per_round: Vec<u64>,
@@ -86,12 +83,11 @@ struct Quiesced {
 /// Receives a VM from the source at the other end of `stream`. On `Ok` the VM runs
 /// here. On `Err` nothing is kept, and the source is told why when possible.
 pub async fn migrate_in(
-    stream: TcpStream,
+    stream: impl MigrationStream,
     cfg: &MigrationConfig,
     hooks: &mut dyn TargetHooks,
 ) -> Result<(Arc<Vm>, MigrationSummary), MigrationError> {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = split_stream(stream);
     let mut t = Target {
         name: String::new(),
         rd: Reader::new(rd, cfg.io_timeout),
