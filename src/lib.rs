@@ -19,6 +19,7 @@ pub mod logging;
 pub mod measure;
 pub mod memory;
 pub mod migration;
+pub mod names;
 pub mod port;
 pub mod switch;
 pub mod switchd;
