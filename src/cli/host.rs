@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
-use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
+use vfabric::host::api::{self, MigrateOptions, VmInfo};
+use vfabric::host::client::{self, MigrationPlan, Migrated};
 use vfabric::host::daemon::{self, HostConfig};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
@@ -44,16 +45,20 @@ pub struct HostArgs {
     #[arg(long, default_value = "0,50,200,450,800")]
     announce_schedule: Schedule,
     /// Downtime target of outgoing migrations, ms.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = MigrationConfig::default().downtime_target.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
     /// Pre-copy round limit of outgoing migrations.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = MigrationConfig::default().max_rounds,
+        value_parser = clap::value_parser!(u32).range(1..))]
     max_rounds: u32,
-    /// What an outgoing migration does when pre-copy does not converge: force or abort.
-    #[arg(long, default_value = "force", value_parser = parse_policy)]
+    /// What an outgoing migration does when pre-copy does not converge: force-stop
+    /// (or force) or abort.
+    #[arg(long, default_value_t = MigrationConfig::default().on_no_convergence)]
     on_no_convergence: NoConvergence,
     /// Migration I/O timeout, ms: a peer silent for this long fails the migration.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = MigrationConfig::default().io_timeout.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..))]
     io_timeout_ms: u64,
     /// Back guest memory with transparent huge pages (fewer faults on bare metal; slower
     /// inside a VM whose hypervisor reclaims free memory).
@@ -65,14 +70,6 @@ pub struct HostArgs {
     no_verify_memory: bool,
 }
 
-fn parse_policy(s: &str) -> Result<NoConvergence, String> {
-    match s {
-        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
-        "abort" => Ok(NoConvergence::Abort),
-        other => Err(format!("{other:?} is not force or abort")),
-    }
-}
-
 pub fn run_host(a: HostArgs) -> Result<(), CliError> {
     vfabric::logging::init();
     vfabric::memory::set_huge_pages(a.huge_pages);
@@ -80,7 +77,7 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
         on_no_convergence: a.on_no_convergence,
-        io_timeout: Duration::from_millis(a.io_timeout_ms.max(1)),
+        io_timeout: Duration::from_millis(a.io_timeout_ms),
         verify_memory: !a.no_verify_memory,
         ..MigrationConfig::default()
     };
@@ -193,44 +190,6 @@ fn mac_for(name: &str) -> MacAddr {
     MacAddr([0x02, 0x00, b[0], b[1], b[2], b[3]])
 }
 
-/// Every host daemon that answers in the runtime directory.
-fn hosts() -> Result<Vec<HostInfo>, CliError> {
-    let dir = control::runtime_dir();
-    let rd = std::fs::read_dir(&dir).map_err(|e| {
-        format!(
-            "cannot read runtime directory {}: {e} (is any host running? set VFABRIC_RUN_DIR)",
-            dir.display()
-        )
-    })?;
-    let mut out = Vec::new();
-    for entry in rd.flatten() {
-        let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) != Some("sock") {
-            continue;
-        }
-        if let Ok(info) = control::call_simple::<_, HostInfo>(&p, &HostRequest::Info) {
-            out.push(info);
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-fn host_info(name: &str) -> Result<HostInfo, CliError> {
-    Ok(control::call_simple(
-        &control::socket_path(name),
-        &HostRequest::Info,
-    )?)
-}
-
-/// The host that runs VM `name`.
-fn locate(name: &str) -> Result<HostInfo, CliError> {
-    hosts()?
-        .into_iter()
-        .find(|h| h.vms.iter().any(|v| v == name))
-        .ok_or_else(|| format!("no running host has a VM named {name}").into())
-}
-
 fn print_vm_header() {
     println!(
         "{:<10} {:<9} {:<10} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
@@ -269,10 +228,7 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 },
             };
             config.validate()?;
-            let info: VmInfo = control::call_simple(
-                &control::socket_path(&c.host),
-                &HostRequest::VmCreate { config },
-            )?;
+            let info = client::call(&c.host, api::VmCreate { config })?;
             println!(
                 "created {} on {}: {} MB + {} MB overhead reserved, MAC {}, IP {}",
                 info.name, info.host, info.memory_mb, info.overhead_mb, info.mac, info.ip
@@ -280,14 +236,12 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
         }
         VmCmd::List { host, json } => {
             let hosts = match host {
-                Some(h) => vec![host_info(&h)?],
-                None => hosts()?,
+                Some(h) => vec![client::host_info(&h)?],
+                None => client::some_hosts()?,
             };
             let mut vms = Vec::new();
             for h in &hosts {
-                let list: Vec<VmInfo> =
-                    control::call_simple(&control::socket_path(&h.name), &HostRequest::VmList)?;
-                vms.extend(list);
+                vms.extend(client::call(&h.name, api::VmList {})?);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&vms)?);
@@ -299,11 +253,7 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
             }
         }
         VmCmd::Show { name, json } => {
-            let h = locate(&name)?;
-            let v: VmInfo = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmShow { name },
-            )?;
+            let v = client::vm_show(&name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -323,11 +273,8 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
             }
         }
         VmCmd::Destroy { name } => {
-            let h = locate(&name)?;
-            let _: serde_json::Value = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmDestroy { name: name.clone() },
-            )?;
+            let h = client::locate(&name)?;
+            client::call(&h.name, api::VmDestroy { name: name.clone() })?;
             println!("destroyed {name} on {}", h.name);
         }
     }
@@ -346,16 +293,17 @@ pub struct MigrateArgs {
     #[arg(long)]
     json: bool,
     /// Downtime target, ms (default: the source host's).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: Option<u64>,
-    /// Pre-copy round limit (default: the source host's).
-    #[arg(long)]
+    /// Pre-copy round limit, at least 1 (default: the source host's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_rounds: Option<u32>,
-    /// When pre-copy does not converge: force or abort.
+    /// When pre-copy does not converge: force-stop (or force) or abort (default: the
+    /// source host's).
     #[arg(long)]
-    on_no_convergence: Option<String>,
-    /// Cap the migration stream, Mbit/s.
-    #[arg(long)]
+    on_no_convergence: Option<NoConvergence>,
+    /// Cap the pre-copy stream, Mbit/s, at least 1 (default: no cap).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bandwidth_mbps: Option<u64>,
     /// How the target announces the VM after resume: rarp, garp or none
     /// (default: the target host's setting).
@@ -370,89 +318,24 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / (1024.0 * 1024.0)
 }
 
-/// What to migrate where, as the CLI verbs ask for it.
-#[derive(Debug, Clone, Default)]
-pub struct MigrateRequest {
-    pub name: String,
-    pub to: String,
-    pub announce: Option<Announce>,
-    pub options: MigrateOptions,
-}
-
-/// One VM, wherever it runs.
-pub fn vm_show(name: &str) -> Result<VmInfo, CliError> {
-    let h = locate(name)?;
-    Ok(control::call_simple(
-        &control::socket_path(&h.name),
-        &HostRequest::VmShow {
-            name: name.to_string(),
-        },
-    )?)
-}
-
-/// Runs one migration through the source host's daemon; returns the summary and the
-/// source and target host names. Progress goes to stderr when `progress` is set.
-pub fn migrate_call(
-    r: &MigrateRequest,
-    progress: bool,
-) -> Result<(MigrationSummary, String, String), CliError> {
-    let source = locate(&r.name)?;
-    if source.name == r.to {
-        return Err(format!("{} already runs on {}", r.name, r.to).into());
-    }
-    let target = host_info(&r.to).map_err(|e| format!("target host {}: {e}", r.to))?;
-    if let Some(mode) = &r.announce {
-        let _: serde_json::Value = control::call_simple(
-            &control::socket_path(&target.name),
-            &HostRequest::PrepareIncoming {
-                name: r.name.clone(),
-                announce: Some(mode.to_string()),
-            },
-        )?;
-    }
-    // A listener bound to every address is reached on loopback.
-    let mut addr = target.vmotion_addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(Ipv4Addr::LOCALHOST.into());
-    }
-    let req = HostRequest::Migrate {
-        name: r.name.clone(),
-        target: target.name.clone(),
-        target_addr: addr,
-        options: r.options.clone(),
-    };
-    if progress {
-        eprintln!(
-            "migrating {} from {} to {} (vMotion {})",
-            r.name, source.name, target.name, addr
-        );
-    }
-    let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
+/// Runs one migration, with progress on stderr when `progress` is set.
+pub fn migrate(plan: &MigrationPlan, progress: bool) -> Result<Migrated, CliError> {
+    Ok(client::migrate(plan, |step| {
         if !progress {
             return;
         }
-        if let Ok(p) = serde_json::from_value::<Progress>(p) {
-            eprintln!("  {}", describe(&p));
+        match step {
+            client::Step::Starting { from, to, vmotion } => {
+                eprintln!("migrating {} from {from} to {to} (vMotion {vmotion})", plan.vm)
+            }
+            client::Step::Progress(p) => eprintln!("  {}", describe(&p)),
         }
-    });
-    if result.is_err() && r.announce.is_some() {
-        // The choice was for this migration only.
-        let _ = control::call_simple::<_, serde_json::Value>(
-            &control::socket_path(&target.name),
-            &HostRequest::PrepareIncoming {
-                name: r.name.clone(),
-                announce: None,
-            },
-        );
-    }
-    let v = result?;
-    let s: MigrationSummary = serde_json::from_value(v)?;
-    Ok((s, source.name, target.name))
+    })?)
 }
 
 pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
-    let req = MigrateRequest {
-        name: a.name,
+    let plan = MigrationPlan {
+        vm: a.name,
         to: a.to,
         announce: a.announce,
         options: MigrateOptions {
@@ -462,11 +345,11 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
             bandwidth_mbps: a.bandwidth_mbps,
         },
     };
-    let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
+    let m = migrate(&plan, !(a.quiet || a.json))?;
     if a.json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!("{}", serde_json::to_string(&m.summary)?);
     } else {
-        print_summary(&s, &from, &to);
+        print_summary(&m.summary, &m.from, &m.to);
     }
     Ok(())
 }

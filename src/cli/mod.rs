@@ -1,5 +1,6 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod events;
 mod host;
 mod measure;
 mod switch;
@@ -45,6 +46,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Follow the daemons' events live, merged in time order.
+    Events(events::EventsArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Events(a) => events::run(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

@@ -16,14 +16,17 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::clock::unix_micros;
-use crate::control::{self, Progress};
+use crate::control::{self, Progress, Request};
+use crate::events::{Event, EventBus};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
+use crate::host::api::{
+    self, HostApiError, HostInfo, HostRequest, MigrateOptions, VmInfo,
+};
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::migration::announce::{self, Announce, Schedule};
-use crate::migration::{self, MigrationConfig, NoConvergence, SourceHooks, TargetHooks};
+use crate::migration::{self, MigrationConfig, SourceHooks, TargetHooks};
 use crate::port::packet::PacketSocket;
 use crate::wire::ethernet::Frame;
 use crate::wire::MacAddr;
@@ -136,6 +139,7 @@ struct Host {
     by_mac: RwLock<HashMap<MacAddr, Arc<VmShared>>>,
     uplink: Option<Arc<PacketSocket>>,
     stop: AtomicBool,
+    events: EventBus,
 }
 
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
@@ -159,8 +163,10 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         source,
     })?;
     let control = control::bind(&cfg.socket)?;
+    let events = EventBus::new(&cfg.name);
     let host = Arc::new(Host {
         cfg,
+        events: events.clone(),
         vmotion_addr,
         datastore: Arc::new(datastore),
         inv: Mutex::new(Inventory::default()),
@@ -212,7 +218,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
             async move { h.handle(req, progress).await }
         }
     };
-    control::serve(control, handler, shutdown).await;
+    control::serve_events(control, handler, Some(events), shutdown).await;
     accept.abort();
     host.stop.store(true, Ordering::SeqCst);
     if let Some(t) = nic_thread {
@@ -319,52 +325,42 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_policy(s: &str) -> Result<NoConvergence, String> {
-    match s {
-        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
-        "abort" => Ok(NoConvergence::Abort),
-        other => Err(format!(
-            "invalid --on-no-convergence {other:?} (expected force or abort)"
-        )),
-    }
-}
-
 impl Host {
     async fn handle(
         self: Arc<Self>,
         req: HostRequest,
         progress: Progress,
     ) -> Result<serde_json::Value, String> {
+        type Ok<T> = Result<T, HostApiError>;
         match req {
-            HostRequest::Info => Ok(to_json(&self.info())),
-            HostRequest::VmCreate { config } => self.create(config).map(|i| to_json(&i)),
-            HostRequest::VmList => Ok(to_json(&self.list())),
-            HostRequest::VmShow { name } => self.show(&name).map(|i| to_json(&i)),
-            HostRequest::VmDestroy { name } => {
-                self.destroy(&name).map(|()| serde_json::Value::Null)
-            }
-            HostRequest::PrepareIncoming { name, announce } => {
+            HostRequest::Info(_) => api::Info::reply(Ok::Ok(self.info())),
+            HostRequest::VmCreate(r) => api::VmCreate::reply(self.create(r.config)),
+            HostRequest::VmList(_) => api::VmList::reply(Ok::Ok(self.list())),
+            HostRequest::VmShow(r) => api::VmShow::reply(self.show(&r.name)),
+            HostRequest::VmDestroy(r) => api::VmDestroy::reply(self.destroy(&r.name)),
+            HostRequest::PrepareIncoming(r) => {
                 let mut inv = self.lock_inv();
-                match announce {
+                match r.announce {
                     Some(a) => {
-                        let a: Announce = a.parse().map_err(|e| format!("{e}"))?;
-                        inv.announce_next.insert(name, a);
+                        inv.announce_next.insert(r.name, a);
                     }
                     None => {
-                        inv.announce_next.remove(&name);
+                        inv.announce_next.remove(&r.name);
                     }
                 }
-                Ok(serde_json::Value::Null)
+                api::PrepareIncoming::reply(Ok::Ok(()))
             }
-            HostRequest::Migrate {
-                name,
-                target,
-                target_addr,
-                options,
-            } => self
-                .migrate(name, target, target_addr, options, progress)
-                .await
-                .map(|s| to_json(&s)),
+            HostRequest::Migrate(r) => api::Migrate::reply(
+                self.migrate(r.name, r.target, r.target_addr, r.options, progress)
+                    .await,
+            ),
+        }
+    }
+
+    fn no_such_vm(&self, name: &str) -> HostApiError {
+        HostApiError::NoSuchVm {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
         }
     }
 
@@ -426,43 +422,41 @@ impl Host {
         v
     }
 
-    fn show(&self, name: &str) -> Result<VmInfo, String> {
+    fn show(&self, name: &str) -> Result<VmInfo, HostApiError> {
         let inv = self.lock_inv();
         inv.vms
             .get(name)
             .map(|e| self.vm_info(e))
-            .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))
+            .ok_or_else(|| self.no_such_vm(name))
     }
 
     /// Checks that `config` may come to this host and reserves room for it.
-    fn admit(&self, inv: &mut Inventory, config: &VmConfig) -> Result<(u64, u64), String> {
-        config.validate().map_err(|e| e.to_string())?;
+    fn admit(&self, inv: &mut Inventory, config: &VmConfig) -> Result<(u64, u64), HostApiError> {
+        config.validate()?;
         if inv.vms.contains_key(&config.name) || inv.pending.contains_key(&config.name) {
-            return Err(format!(
-                "a VM named {} already exists on host {}",
-                config.name, self.cfg.name
-            ));
+            return Err(HostApiError::Exists {
+                vm: config.name.clone(),
+                host: self.cfg.name.clone(),
+            });
         }
         if inv
             .vms
             .values()
             .any(|e| e.shared.vm.config().mac == config.mac)
         {
-            return Err(format!(
-                "MAC {} is already used by another VM on host {}",
-                config.mac, self.cfg.name
-            ));
+            return Err(HostApiError::MacInUse {
+                mac: config.mac,
+                host: self.cfg.name.clone(),
+            });
         }
-        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)
-            .map_err(|e| e.to_string())?;
+        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)?;
         admission::check_room_for(
             &self.cfg.name,
             self.cfg.capacity_mb,
             inv.reserved_mb(),
             &config.name,
             r,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let (need, overhead) = (r.total_mb(), r.overhead_mb);
         Ok((need, overhead))
     }
@@ -521,44 +515,55 @@ impl Host {
         Some(e)
     }
 
-    fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, String> {
+    fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, HostApiError> {
         let mut inv = self.lock_inv();
         let (need, overhead) = self.admit(&mut inv, &config)?;
-        self.datastore
-            .create_disk(&config.name)
-            .map_err(|e| e.to_string())?;
-        let disk = self
-            .datastore
-            .lock(&config.name, &self.cfg.name)
-            .map_err(|e| e.to_string())?;
-        let vm = Vm::create(config.clone()).map_err(|e| e.to_string())?;
+        self.datastore.create_disk(&config.name)?;
+        let disk = self.datastore.lock(&config.name, &self.cfg.name)?;
+        let vm = Vm::create(config.clone())?;
+        self.events.emit_now(Event::VmCreated {
+            vm: config.name.clone(),
+            host: self.cfg.name.clone(),
+            memory_mb: config.memory_mb,
+            vcpus: config.vcpus,
+            mac: config.mac,
+            ip: config.ip,
+            reserved_mb: need,
+        });
         vm.start();
+        self.events.emit_now(Event::VmStarted {
+            vm: config.name.clone(),
+            host: self.cfg.name.clone(),
+        });
         self.install(&mut inv, vm, disk, need, overhead, self.cfg.announce);
-        tracing::info!(
-            vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
-            vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
-            reserved_mb = need, t_us = unix_micros(), "vm created"
-        );
-        let e = inv.vms.get(&config.name).ok_or("VM vanished")?;
+        let e = inv
+            .vms
+            .get(&config.name)
+            .ok_or_else(|| self.no_such_vm(&config.name))?;
         Ok(self.vm_info(e))
     }
 
-    fn destroy(&self, name: &str) -> Result<(), String> {
+    fn destroy(&self, name: &str) -> Result<(), HostApiError> {
         let mut inv = self.lock_inv();
         match inv.vms.get(name) {
-            None => return Err(format!("no VM named {name} on host {}", self.cfg.name)),
+            None => return Err(self.no_such_vm(name)),
             Some(e) if e.state != VmState::Running => {
-                return Err(format!("VM {name} is migrating; try again when it ends"))
+                return Err(HostApiError::Busy(name.to_string()))
             }
             Some(_) => {}
         }
-        let e = self.uninstall(&mut inv, name).ok_or("VM vanished")?;
+        let e = self
+            .uninstall(&mut inv, name)
+            .ok_or_else(|| self.no_such_vm(name))?;
         drop(inv);
         e.shared.stop();
         if let Err(err) = self.datastore.remove_disk(name) {
             tracing::warn!(vm = name, error = %err, "could not remove disk");
         }
-        tracing::info!(vm = name, host = %self.cfg.name, t_us = unix_micros(), "vm destroyed");
+        self.events.emit_now(Event::VmDestroyed {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
+        });
         Ok(())
     }
 
@@ -572,7 +577,7 @@ impl Host {
         }
     }
 
-    fn migration_config(&self, o: &MigrateOptions) -> Result<MigrationConfig, String> {
+    fn migration_config(&self, o: &MigrateOptions) -> MigrationConfig {
         let mut cfg = self.cfg.migration.clone();
         if let Some(ms) = o.downtime_ms {
             cfg.downtime_target = Duration::from_millis(ms);
@@ -580,13 +585,13 @@ impl Host {
         if let Some(r) = o.max_rounds {
             cfg.max_rounds = r;
         }
-        if let Some(p) = &o.on_no_convergence {
-            cfg.on_no_convergence = parse_policy(p)?;
+        if let Some(p) = o.on_no_convergence {
+            cfg.on_no_convergence = p;
         }
         if let Some(b) = o.bandwidth_mbps {
             cfg.bandwidth_limit = Some(b.saturating_mul(1_000_000) / 8);
         }
-        Ok(cfg)
+        cfg
     }
 
     async fn migrate(
@@ -596,38 +601,39 @@ impl Host {
         target_addr: SocketAddr,
         options: MigrateOptions,
         progress: Progress,
-    ) -> Result<migration::MigrationSummary, String> {
-        let cfg = self.migration_config(&options)?;
+    ) -> Result<migration::MigrationSummary, HostApiError> {
+        let cfg = self.migration_config(&options);
         let shared = {
             let mut inv = self.lock_inv();
-            let e = inv
-                .vms
-                .get_mut(&name)
-                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+            let e = inv.vms.get_mut(&name).ok_or_else(|| self.no_such_vm(&name))?;
             if e.state != VmState::Running {
-                return Err(format!("VM {name} is already migrating"));
+                return Err(HostApiError::AlreadyMigrating(name));
             }
             e.state = VmState::MigratingOut;
             e.shared.clone()
         };
-        tracing::info!(
-            vm = %name, from = %self.cfg.name, to = %target, target_addr = %target_addr,
-            t_us = unix_micros(), "migration requested"
-        );
+        self.events.emit_now(Event::MigrationStarted {
+            vm: name.clone(),
+            from: self.cfg.name.clone(),
+            to: target.clone(),
+        });
         let connect = tokio::time::timeout(cfg.io_timeout, TcpStream::connect(target_addr)).await;
         let stream = match connect {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(Err(source)) => {
                 self.set_state(&name, VmState::Running);
-                return Err(format!(
-                    "pre-check failed: cannot connect to {target} at {target_addr}: {e}"
-                ));
+                return Err(self.failed_early(HostApiError::Connect {
+                    target,
+                    addr: target_addr,
+                    source,
+                }, &name));
             }
             Err(_) => {
                 self.set_state(&name, VmState::Running);
-                return Err(format!(
-                    "pre-check failed: connecting to {target} at {target_addr} timed out"
-                ));
+                return Err(self.failed_early(HostApiError::ConnectTimeout {
+                    target,
+                    addr: target_addr,
+                }, &name));
             }
         };
         let _ = stream.set_nodelay(true);
@@ -635,9 +641,15 @@ impl Host {
             shared: shared.clone(),
             datastore: self.datastore.clone(),
             host: self.cfg.name.clone(),
+            events: self.events.clone(),
         };
         let vm = shared.vm.clone();
-        let mut report = |p: migration::Progress| progress.send(&p);
+        let events = self.events.clone();
+        let host_name = self.cfg.name.clone();
+        let mut report = |p: migration::Progress| {
+            publish_progress(&events, &host_name, &name, &p);
+            progress.send(&p);
+        };
         let result = migration::migrate_out(vm, stream, &cfg, &mut hooks, &mut report).await;
         drop(hooks);
         let mut inv = self.lock_inv();
@@ -648,31 +660,66 @@ impl Host {
                 drop(inv);
                 drop(shared);
                 drop(entry);
-                tracing::info!(
-                    vm = %name, host = %self.cfg.name, t_us = unix_micros(),
-                    rss_kib = rss_kib(), "vm memory freed after migration"
-                );
+                self.events.emit_now(Event::MigrationDone {
+                    vm: name.clone(),
+                    from: self.cfg.name.clone(),
+                    to: target,
+                    rounds: summary.rounds,
+                    downtime_us: summary.downtime_us,
+                    total_ms: summary.total_ms,
+                    pages_pulled: summary.pages_pulled,
+                    converged: summary.converged,
+                });
+                self.events.emit_now(Event::VmMemoryFreed {
+                    vm: name,
+                    host: self.cfg.name.clone(),
+                    rss_kib: rss_kib(),
+                });
                 Ok(summary)
             }
             Err(e) => {
-                if shared.vm.is_running() {
+                let running = shared.vm.is_running();
+                self.events.emit_now(Event::MigrationFailed {
+                    vm: name.clone(),
+                    host: self.cfg.name.clone(),
+                    step: Some(e.step),
+                    error: e.kind.to_string(),
+                    vm_running: running,
+                });
+                if running {
                     if let Some(entry) = inv.vms.get_mut(&name) {
                         entry.state = VmState::Running;
                     }
-                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
-                        "migration failed; VM runs on the source");
-                    Err(format!("{e}; {name} keeps running on {}", self.cfg.name))
+                    Err(HostApiError::FailedKeptHere {
+                        error: e,
+                        vm: name,
+                        host: self.cfg.name.clone(),
+                    })
                 } else {
                     // The target took the disk lock: the VM lives there now.
                     let entry = self.uninstall(&mut inv, &name);
                     drop(inv);
                     drop(entry);
-                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
-                        "migration reply lost after the target took over; VM removed here");
-                    Err(format!("{e}; {name} was taken over by {target}"))
+                    Err(HostApiError::FailedTakenOver {
+                        error: e,
+                        vm: name,
+                        target,
+                    })
                 }
             }
         }
+    }
+
+    /// Publishes the failure of a migration that never reached the target.
+    fn failed_early(&self, e: HostApiError, vm: &str) -> HostApiError {
+        self.events.emit_now(Event::MigrationFailed {
+            vm: vm.to_string(),
+            host: self.cfg.name.clone(),
+            step: Some(migration::Step::PreCheck),
+            error: control::error_line(&e),
+            vm_running: true,
+        });
+        e
     }
 
     fn set_state(&self, name: &str, state: VmState) {
@@ -692,15 +739,18 @@ impl Host {
         let cfg = self.cfg.migration.clone();
         match migration::migrate_in(stream, &cfg, &mut hooks).await {
             Ok((vm, summary)) => {
-                tracing::info!(
-                    vm = %vm.config().name, host = %self.cfg.name, peer = %peer,
-                    downtime_us = summary.downtime_us, t_us = unix_micros(),
-                    "incoming migration complete"
-                );
+                self.events.emit_now(Event::MigrationIncomingDone {
+                    vm: vm.config().name.clone(),
+                    host: self.cfg.name.clone(),
+                    downtime_us: summary.downtime_us,
+                });
             }
             Err(e) => {
-                tracing::warn!(host = %self.cfg.name, peer = %peer, error = %e,
-                    t_us = unix_micros(), "incoming migration failed");
+                tracing::debug!(peer = %peer, "incoming migration from this peer failed");
+                self.events.emit_now(Event::MigrationIncomingFailed {
+                    host: self.cfg.name.clone(),
+                    error: e.to_string(),
+                });
             }
         }
     }
@@ -712,11 +762,56 @@ struct VmEntryHandles {
     first_announce: Arc<AtomicU64>,
 }
 
+/// Publishes the engine's progress reports as events, stamped where they were made.
+fn publish_progress(events: &EventBus, host: &str, vm: &str, p: &migration::Progress) {
+    use migration::Progress as P;
+    let vm = vm.to_string();
+    let (t_us, ev) = match *p {
+        P::Round {
+            round,
+            pages_sent,
+            dirty_pages,
+            throughput_mbps,
+        } => (
+            unix_micros(),
+            Event::MigrationRound {
+                vm,
+                round,
+                pages_sent,
+                dirty_pages,
+                throughput_mbps,
+            },
+        ),
+        P::Quiesced { t_us, dirty_pages } => (
+            t_us,
+            Event::VmQuiesced {
+                vm,
+                host: host.to_string(),
+                dirty_pages,
+            },
+        ),
+        P::Bitmap { bits } => (unix_micros(), Event::MigrationBitmap { vm, bits }),
+        P::Pulled { pages } => (unix_micros(), Event::MigrationPulled { vm, pages }),
+        // The target publishes its own resume, stamped by its clock.
+        P::Resumed { .. } => return,
+        #[allow(unreachable_patterns)]
+        ref other => (
+            unix_micros(),
+            Event::MigrationProgress {
+                vm,
+                progress: other.clone(),
+            },
+        ),
+    };
+    events.emit(t_us, ev);
+}
+
 /// The source's side of the disk-lock hand-over.
 struct SourceSide {
     shared: Arc<VmShared>,
     datastore: Arc<Datastore>,
     host: String,
+    events: EventBus,
 }
 
 impl SourceHooks for SourceSide {
@@ -726,8 +821,10 @@ impl SourceHooks for SourceSide {
         drop(self.shared.nic.lock().unwrap_or_else(|p| p.into_inner()));
         // Step 3: the source gives up the disk so that the target can take it.
         self.shared.release_disk();
-        tracing::info!(vm = %vm.config().name, host = %self.host, t_us = unix_micros(),
-            "disk lock released");
+        self.events.emit_now(Event::DiskLockReleased {
+            vm: vm.config().name.clone(),
+            host: self.host.clone(),
+        });
         Ok(())
     }
 
@@ -736,8 +833,10 @@ impl SourceHooks for SourceSide {
         match self.datastore.lock(name, &self.host) {
             Ok(lock) => {
                 *self.shared.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
-                tracing::info!(vm = %name, host = %self.host, t_us = unix_micros(),
-                    "disk lock retaken");
+                self.events.emit_now(Event::DiskLockTaken {
+                    vm: name.clone(),
+                    host: self.host.clone(),
+                });
                 true
             }
             Err(e @ DatastoreError::Held { .. }) => {
@@ -780,7 +879,10 @@ impl Drop for TargetSide {
 impl TargetHooks for TargetSide {
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
         let mut inv = self.host.lock_inv();
-        let (need, _) = self.host.admit(&mut inv, cfg)?;
+        let (need, _) = self
+            .host
+            .admit(&mut inv, cfg)
+            .map_err(|e| control::error_line(&e))?;
         inv.pending.insert(cfg.name.clone(), need);
         self.name = Some(cfg.name.clone());
         Ok(())
@@ -793,8 +895,10 @@ impl TargetHooks for TargetSide {
             .datastore
             .lock(name, &self.host.cfg.name)
             .map_err(|e| e.to_string())?;
-        tracing::info!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
-            "disk lock taken");
+        self.host.events.emit_now(Event::DiskLockTaken {
+            vm: name.clone(),
+            host: self.host.cfg.name.clone(),
+        });
         self.disk = Some(lock);
         Ok(())
     }
@@ -819,7 +923,14 @@ impl TargetHooks for TargetSide {
         }
         drop(inv);
         self.resumed = true;
-        tracing::info!(vm = %cfg.name, host = %host.cfg.name, t_us = resumed_t_us, "vm resumed");
+        host.events.emit(
+            resumed_t_us,
+            Event::VmResumed {
+                vm: cfg.name.clone(),
+                host: host.cfg.name.clone(),
+                after_failure: false,
+            },
+        );
         start_announce(host, handles, announce);
     }
 }
@@ -840,6 +951,7 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
     };
     let schedule = host.cfg.schedule.0.clone();
     let host_name = host.cfg.name.clone();
+    let events = host.events.clone();
     let start = Instant::now();
     let send = move |seq: usize| {
         // A VM that left (or is leaving) this host must not be announced from here: a
@@ -858,8 +970,16 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 );
-                tracing::info!(vm = %name, host = %host_name, mac = %mac,
-                    kind = %kind, seq, t_us = t, "announce sent");
+                events.emit(
+                    t,
+                    Event::AnnounceSent {
+                        vm: name.clone(),
+                        host: host_name.clone(),
+                        mac,
+                        kind,
+                        seq,
+                    },
+                );
             }
             Err(e) => tracing::warn!(vm = %name, error = %e, "announce send failed"),
         }
@@ -883,8 +1003,4 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
                 send(seq);
             }
         });
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
