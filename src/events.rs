@@ -107,7 +107,11 @@ pub enum Event {
 
     // Migrations (source side unless said otherwise).
     /// A migration was asked for.
-    MigrationStarted { vm: String, from: String, to: String },
+    MigrationStarted {
+        vm: String,
+        from: String,
+        to: String,
+    },
     /// A pre-copy round ended.
     MigrationRound {
         vm: String,

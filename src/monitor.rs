@@ -116,6 +116,7 @@ pub struct Monitor {
     closers: Vec<std::os::unix::net::UnixStream>,
     threads: Vec<std::thread::JoinHandle<()>>,
     open: usize,
+    sources: Vec<String>,
 }
 
 impl Monitor {
@@ -129,6 +130,7 @@ impl Monitor {
             closers: Vec::new(),
             threads: Vec::new(),
             open: 0,
+            sources: Vec::new(),
         };
         for p in paths {
             let stream = match EventStream::open(p) {
@@ -149,6 +151,7 @@ impl Monitor {
     fn add(&mut self, mut stream: EventStream, tx: mpsc::Sender<Message>) -> std::io::Result<()> {
         self.closers.push(stream.closer()?);
         self.open += 1;
+        self.sources.push(stream.source().to_string());
         self.threads.push(
             std::thread::Builder::new()
                 .name("events".into())
@@ -179,6 +182,11 @@ impl Monitor {
                 })?,
         );
         Ok(())
+    }
+
+    /// The daemons subscribed to, by the names their records carry.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
     }
 
     /// Streams still open.
@@ -229,7 +237,9 @@ mod tests {
         Record {
             t_us,
             source: source.into(),
-            event: Event::FdbFlushed { entries: t_us as usize },
+            event: Event::FdbFlushed {
+                entries: t_us as usize,
+            },
         }
     }
 

@@ -72,6 +72,8 @@ pub fn run(a: EventsArgs) -> Result<(), CliError> {
         }
         m
     };
+    // Like tcpdump's "listening on": from here on, nothing the daemons do is missed.
+    eprintln!("vfabric events: following {}", mon.sources().join(", "));
     let deadline = a
         .duration
         .map(|d| std::time::Instant::now() + Duration::from_secs_f64(d));

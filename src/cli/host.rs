@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
 use vfabric::host::api::{self, MigrateOptions, VmInfo};
-use vfabric::host::client::{self, MigrationPlan, Migrated};
+use vfabric::host::client::{self, Migrated, MigrationPlan};
 use vfabric::host::daemon::{self, HostConfig};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
@@ -46,11 +46,11 @@ pub struct HostArgs {
     announce_schedule: Schedule,
     /// Downtime target of outgoing migrations, ms.
     #[arg(long, default_value_t = MigrationConfig::default().downtime_target.as_millis() as u64,
-        value_parser = clap::value_parser!(u64).range(1..))]
+        value_parser = positive::<u64>)]
     downtime_ms: u64,
     /// Pre-copy round limit of outgoing migrations.
     #[arg(long, default_value_t = MigrationConfig::default().max_rounds,
-        value_parser = clap::value_parser!(u32).range(1..))]
+        value_parser = positive::<u32>)]
     max_rounds: u32,
     /// What an outgoing migration does when pre-copy does not converge: force-stop
     /// (or force) or abort.
@@ -58,7 +58,7 @@ pub struct HostArgs {
     on_no_convergence: NoConvergence,
     /// Migration I/O timeout, ms: a peer silent for this long fails the migration.
     #[arg(long, default_value_t = MigrationConfig::default().io_timeout.as_millis() as u64,
-        value_parser = clap::value_parser!(u64).range(1..))]
+        value_parser = positive::<u64>)]
     io_timeout_ms: u64,
     /// Back guest memory with transparent huge pages (fewer faults on bare metal; slower
     /// inside a VM whose hypervisor reclaims free memory).
@@ -68,6 +68,15 @@ pub struct HostArgs {
     /// pre-copy throughput, though they do not lengthen the downtime.
     #[arg(long)]
     no_verify_memory: bool,
+}
+
+/// A whole number of at least 1.
+fn positive<T: std::str::FromStr + PartialEq + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(v) if v != T::from(0) => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
 }
 
 pub fn run_host(a: HostArgs) -> Result<(), CliError> {
@@ -293,17 +302,17 @@ pub struct MigrateArgs {
     #[arg(long)]
     json: bool,
     /// Downtime target, ms (default: the source host's).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = positive::<u64>)]
     downtime_ms: Option<u64>,
     /// Pre-copy round limit, at least 1 (default: the source host's).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = positive::<u32>)]
     max_rounds: Option<u32>,
     /// When pre-copy does not converge: force-stop (or force) or abort (default: the
     /// source host's).
     #[arg(long)]
     on_no_convergence: Option<NoConvergence>,
     /// Cap the pre-copy stream, Mbit/s, at least 1 (default: no cap).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = positive::<u64>)]
     bandwidth_mbps: Option<u64>,
     /// How the target announces the VM after resume: rarp, garp or none
     /// (default: the target host's setting).
@@ -326,7 +335,10 @@ pub fn migrate(plan: &MigrationPlan, progress: bool) -> Result<Migrated, CliErro
         }
         match step {
             client::Step::Starting { from, to, vmotion } => {
-                eprintln!("migrating {} from {from} to {to} (vMotion {vmotion})", plan.vm)
+                eprintln!(
+                    "migrating {} from {from} to {to} (vMotion {vmotion})",
+                    plan.vm
+                )
             }
             client::Step::Progress(p) => eprintln!("  {}", describe(&p)),
         }

@@ -44,9 +44,7 @@ pub trait Request: Sized {
 
     /// The daemon's side: turns the handler's typed result into the final reply line's
     /// value; the error becomes its one-line text here, at the socket.
-    fn reply<E: std::error::Error>(
-        r: Result<Self::Reply, E>,
-    ) -> Result<serde_json::Value, String> {
+    fn reply<E: std::error::Error>(r: Result<Self::Reply, E>) -> Result<serde_json::Value, String> {
         match r {
             Ok(v) => serde_json::to_value(v).map_err(|e| e.to_string()),
             Err(e) => Err(error_line(&e)),
@@ -300,7 +298,11 @@ async fn stream_events(
     mut wr: tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
     let Some(bus) = events else {
-        write_reply(&mut wr, &Reply::Err("this daemon has no event stream".into())).await?;
+        write_reply(
+            &mut wr,
+            &Reply::Err("this daemon has no event stream".into()),
+        )
+        .await?;
         return wr.shutdown().await;
     };
     let mut sub = bus.subscribe(SUBSCRIBER_QUEUE);
@@ -316,9 +318,7 @@ async fn stream_events(
         write_reply(&mut wr, &Reply::Event(record)).await?;
     }
     if sub.was_dropped() {
-        let why = format!(
-            "events dropped: this subscriber fell {SUBSCRIBER_QUEUE} events behind"
-        );
+        let why = format!("events dropped: this subscriber fell {SUBSCRIBER_QUEUE} events behind");
         write_reply(&mut wr, &Reply::Err(why)).await?;
     }
     wr.shutdown().await
@@ -420,9 +420,11 @@ impl EventStream {
         stream.write_all(text.as_bytes())?;
         let mut rd = BufReader::new(stream);
         let source = match read_reply(&mut rd)? {
-            Some(Reply::Progress(v)) => serde_json::from_value::<Subscribed>(v)
-                .map_err(|e| ControlError::Protocol(e.to_string()))?
-                .subscribed,
+            Some(Reply::Progress(v)) => {
+                serde_json::from_value::<Subscribed>(v)
+                    .map_err(|e| ControlError::Protocol(e.to_string()))?
+                    .subscribed
+            }
             Some(Reply::Err(e)) => return Err(ControlError::Remote(e)),
             Some(_) => return Err(ControlError::Protocol("no subscription".into())),
             None => {
@@ -564,7 +566,12 @@ mod tests {
             // Subscribed once `open` returns: nothing published from now on is lost.
             let slow = EventStream::open(&p).unwrap();
             for i in 0..3 {
-                b.emit(i, Event::FdbFlushed { entries: i as usize });
+                b.emit(
+                    i,
+                    Event::FdbFlushed {
+                        entries: i as usize,
+                    },
+                );
             }
             for i in 0..3 {
                 let r = s.next_event().unwrap().unwrap();

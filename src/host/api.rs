@@ -173,4 +173,3 @@ pub struct VmInfo {
     pub first_announce_t_us: Option<u64>,
     pub announce: String,
 }
-

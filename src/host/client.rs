@@ -14,7 +14,9 @@ use crate::migration::{MigrationSummary, Progress};
 /// Errors of the host client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot read the runtime directory {dir} (is any daemon running? set VFABRIC_RUN_DIR)")]
+    #[error(
+        "cannot read the runtime directory {dir} (is any daemon running? set VFABRIC_RUN_DIR)"
+    )]
     RunDir {
         dir: PathBuf,
         #[source]
@@ -159,7 +161,10 @@ pub struct Migrated {
 
 /// Runs one migration: finds the source, prepares the target (announce choice), asks the
 /// source to migrate, and forgets the target's preparation if the migration fails.
-pub fn migrate(plan: &MigrationPlan, mut on_step: impl FnMut(Step)) -> Result<Migrated, ClientError> {
+pub fn migrate(
+    plan: &MigrationPlan,
+    mut on_step: impl FnMut(Step),
+) -> Result<Migrated, ClientError> {
     let source = locate(&plan.vm)?;
     if source.name == plan.to {
         return Err(ClientError::AlreadyThere {

@@ -21,9 +21,7 @@ use crate::events::{Event, EventBus};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{
-    self, HostApiError, HostInfo, HostRequest, MigrateOptions, VmInfo,
-};
+use crate::host::api::{self, HostApiError, HostInfo, HostRequest, MigrateOptions, VmInfo};
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::{self, MigrationConfig, SourceHooks, TargetHooks};
@@ -605,7 +603,10 @@ impl Host {
         let cfg = self.migration_config(&options);
         let shared = {
             let mut inv = self.lock_inv();
-            let e = inv.vms.get_mut(&name).ok_or_else(|| self.no_such_vm(&name))?;
+            let e = inv
+                .vms
+                .get_mut(&name)
+                .ok_or_else(|| self.no_such_vm(&name))?;
             if e.state != VmState::Running {
                 return Err(HostApiError::AlreadyMigrating(name));
             }
@@ -622,18 +623,24 @@ impl Host {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
                 self.set_state(&name, VmState::Running);
-                return Err(self.failed_early(HostApiError::Connect {
-                    target,
-                    addr: target_addr,
-                    source,
-                }, &name));
+                return Err(self.failed_early(
+                    HostApiError::Connect {
+                        target,
+                        addr: target_addr,
+                        source,
+                    },
+                    &name,
+                ));
             }
             Err(_) => {
                 self.set_state(&name, VmState::Running);
-                return Err(self.failed_early(HostApiError::ConnectTimeout {
-                    target,
-                    addr: target_addr,
-                }, &name));
+                return Err(self.failed_early(
+                    HostApiError::ConnectTimeout {
+                        target,
+                        addr: target_addr,
+                    },
+                    &name,
+                ));
             }
         };
         let _ = stream.set_nodelay(true);

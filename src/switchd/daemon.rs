@@ -219,11 +219,6 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
     let path = control::socket_path(&cfg.name);
     let result = rt.block_on(serve(fabric.clone(), &cfg, &path));
     fabric.stop();
-    for p in &cfg.ports {
-        fabric
-            .events()
-            .emit_now(Event::PortDown { port: p.name.clone() });
-    }
     tracing::info!(t_us = crate::clock::unix_micros(), "switch stopped");
     result
 }
@@ -257,6 +252,8 @@ async fn serve(
         })
     };
     let events = fabric.events().clone();
+    let goodbye = events.clone();
+    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
     let handler = move |req: SwitchRequest, _progress: control::Progress| {
         let fabric = fabric.clone();
         async move {
@@ -275,9 +272,14 @@ async fn serve(
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        for port in port_names {
+            goodbye.emit_now(Event::PortDown { port });
+        }
     };
     control::serve_events(listener, handler, Some(events), shutdown).await;
     sweeper.abort();
+    // Let subscribers take the last events before the runtime goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // Only the socket we bound is ours to remove (a refused bind leaves another
     // daemon's socket alone).
     let _ = std::fs::remove_file(path);

@@ -291,7 +291,8 @@ impl Fabric {
             .core()
             .fdb_mut()
             .sweep(Instant::now(), &mut events);
-        self.shared.emit_events(&events, crate::clock::unix_micros());
+        self.shared
+            .emit_events(&events, crate::clock::unix_micros());
     }
 
     /// The bus the switch's events go to.
