@@ -697,6 +697,14 @@ impl Host {
                     if let Some(entry) = inv.vms.get_mut(&name) {
                         entry.state = VmState::Running;
                     }
+                    // Past the quiesce, the VM stopped here and runs again.
+                    if !matches!(e.step, migration::Step::PreCheck | migration::Step::PreCopy) {
+                        self.events.emit_now(Event::VmResumed {
+                            vm: name.clone(),
+                            host: self.cfg.name.clone(),
+                            after_failure: true,
+                        });
+                    }
                     Err(HostApiError::FailedKeptHere {
                         error: e,
                         vm: name,
