@@ -124,6 +124,8 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
         "MAC did not move: {}",
         t.switch_log()
     );
+    // Read at once: the client's own next frame moves its MAC back.
+    let v = t.vfabric_json(&["fdb", "show"]);
     let records = watch.stop();
     let moved = records
         .iter()
@@ -141,7 +143,6 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
     );
     // The entry's stamp is the move's: the same clock reading as the event's.
     let t_us = moved.t_us;
-    let v = t.vfabric_json(&["fdb", "show"]);
     let entry = v
         .as_array()
         .and_then(|a| a.iter().find(|e| e["mac"] == client.as_str()))

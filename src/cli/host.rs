@@ -39,10 +39,10 @@ pub struct HostArgs {
     #[arg(long, default_value = "/var/lib/vfabric/datastore")]
     datastore: PathBuf,
     /// How an incoming VM is announced after it resumes: rarp, garp or none.
-    #[arg(long, default_value = "rarp")]
+    #[arg(long, default_value_t = Announce::default())]
     announce: Announce,
     /// Announce schedule: offsets in ms after resume (QEMU's default).
-    #[arg(long, default_value = "0,50,200,450,800")]
+    #[arg(long, default_value_t = Schedule::default())]
     announce_schedule: Schedule,
     /// Downtime target of outgoing migrations, ms.
     #[arg(long, default_value_t = MigrationConfig::default().downtime_target.as_millis() as u64,

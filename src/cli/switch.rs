@@ -36,14 +36,14 @@ pub struct SwitchArgs {
     #[arg(long, value_name = "IFNAME")]
     mirror: Option<String>,
     /// Seconds an unused FDB entry lives; 0 learns nothing and floods everything
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    #[arg(long, default_value_t = FdbConfig::default().ageing.as_secs(), value_name = "SECS")]
     ageing_secs: u64,
     /// Most FDB entries; a new MAC beyond it evicts one from the busiest port
-    #[arg(long, default_value_t = 8192, value_name = "N")]
+    #[arg(long, default_value_t = FdbConfig::default().max_entries, value_name = "N")]
     max_entries: usize,
     /// Refuse to move a MAC to another port until it has been silent this long on its
     /// current port (0: move at once, as the Linux bridge does)
-    #[arg(long, default_value_t = 0, value_name = "MS")]
+    #[arg(long, default_value_t = FdbConfig::default().hold_down.as_millis() as u64, value_name = "MS")]
     hold_down_ms: u64,
     /// Open the TAPs without checksum/TSO offloads: the kernel then sends only finished
     /// frames of at most the MTU (slower; for comparison)
