@@ -222,9 +222,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        tokio::time::timeout(self.timeout, self.io.write_all(bytes))
-            .await
-            .map_err(|_| ConnError::Timeout(self.timeout))??;
+        // An encrypting stream may keep records back until flushed; TCP flushes nothing.
+        let io = &mut self.io;
+        tokio::time::timeout(self.timeout, async move {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        .map_err(|_| ConnError::Timeout(self.timeout))??;
         self.sent += bytes.len() as u64;
         Ok(())
     }
