@@ -472,14 +472,24 @@ pub fn migrate_call(
             r.name, source.name, target.name, addr
         );
     }
+    let mut last: Option<Progress> = None;
     let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
-        if !progress {
+        let Ok(p) = serde_json::from_value::<Progress>(p) else {
             return;
-        }
-        if let Ok(p) = serde_json::from_value::<Progress>(p) {
+        };
+        if progress {
             eprintln!("  {}", describe(&p));
         }
+        last = Some(p);
     });
+    // The source daemon died mid-migration: say which host, in which phase, and where
+    // the VM is now, as far as the target can tell.
+    let result = match result {
+        Err(control::ControlError::Closed | control::ControlError::Io(_)) => Err(
+            control::ControlError::Remote(lost_source(&r.name, &source.name, &target.name, last.as_ref())),
+        ),
+        other => other,
+    };
     if result.is_err() && r.announce.is_some() {
         // The choice was for this migration only.
         let _ = control::call_simple::<_, serde_json::Value>(
@@ -515,6 +525,57 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
         print_summary(&s, &from, &to);
     }
     Ok(())
+}
+
+/// The phase a migration was in, from the last progress line the CLI received.
+fn phase_after(last: Option<&Progress>) -> String {
+    match last {
+        None => "pre-check".into(),
+        Some(Progress::Round { round, .. }) => format!("pre-copy (after round {round})"),
+        Some(Progress::Quiesced { .. }) => "switch-over (quiesced, sending the bitmap)".into(),
+        Some(Progress::Bitmap { .. }) => "switch-over (the target was pulling pages)".into(),
+        Some(Progress::Pulled { .. }) => "switch-over (device state, resume)".into(),
+        Some(Progress::Resumed { .. }) => "completion (the target had resumed the VM)".into(),
+        #[allow(unreachable_patterns)]
+        Some(_) => "an unknown phase".into(),
+    }
+}
+
+/// The words for a source host that died mid-migration: which host, the phase, and
+/// where the VM is. The target is asked (for a few seconds, while it notices the
+/// broken stream) whether it runs the VM.
+fn lost_source(vm: &str, source: &str, target: &str, last: Option<&Progress>) -> String {
+    let phase = phase_after(last);
+    let died = format!("host {source} (the source) stopped answering during {phase}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let shown: Result<VmInfo, _> = control::call_simple(
+            &control::socket_path(target),
+            &HostRequest::VmShow {
+                name: vm.to_string(),
+            },
+        );
+        match shown {
+            Ok(v) => {
+                return format!(
+                    "{died}; {vm} runs on {target} ({}): the migration completed there",
+                    v.state
+                )
+            }
+            Err(control::ControlError::Remote(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(control::ControlError::Remote(_)) => {
+                return format!(
+                    "{died}; {vm} is not on {target} either: it was lost with {source} \
+                     (pre-copy keeps the only running copy on the source)"
+                )
+            }
+            Err(e) => {
+                return format!("{died}; {target} cannot be asked where {vm} is ({e})")
+            }
+        }
+    }
 }
 
 fn describe(p: &Progress) -> String {
