@@ -150,9 +150,26 @@ pub enum Event {
         vm: String,
         host: String,
         downtime_us: u64,
+        /// How the stream was protected (tls, plaintext).
+        transport: String,
+    },
+    /// The source did not verify the memory that arrived here: the copy stopped and the
+    /// VM runs on the source (target side).
+    MigrationRolledBack { vm: String, host: String },
+    /// vMotion connections refused before authentication during the last `period_s`
+    /// (one summary per period, however many there were).
+    VmotionRefused {
+        host: String,
+        connections: u64,
+        reasons: String,
+        period_s: u64,
     },
     /// An incoming migration failed on the target (it keeps nothing).
-    MigrationIncomingFailed { host: String, error: String },
+    MigrationIncomingFailed {
+        host: String,
+        error: String,
+        transport: String,
+    },
 }
 
 impl Event {
@@ -176,7 +193,8 @@ impl Event {
             | MigrationProgress { vm, .. }
             | MigrationDone { vm, .. }
             | MigrationFailed { vm, .. }
-            | MigrationIncomingDone { vm, .. } => Some(vm),
+            | MigrationIncomingDone { vm, .. }
+            | MigrationRolledBack { vm, .. } => Some(vm),
             _ => None,
         }
     }
@@ -208,6 +226,8 @@ impl Event {
             self,
             Event::PortGone { .. }
                 | Event::MigrationFailed { .. }
+                | Event::MigrationRolledBack { .. }
+                | Event::VmotionRefused { .. }
                 | Event::MigrationIncomingFailed { .. }
         )
     }
@@ -330,10 +350,29 @@ impl fmt::Display for Event {
                 vm,
                 host,
                 downtime_us,
-            } => write!(f, "{vm} arrived on {host}, downtime {downtime_us} us"),
-            MigrationIncomingFailed { host, error } => {
-                write!(f, "incoming migration to {host} failed: {error}")
-            }
+                transport,
+            } => write!(
+                f,
+                "{vm} arrived on {host} over {transport}, downtime {downtime_us} us"
+            ),
+            MigrationRolledBack { vm, host } => write!(
+                f,
+                "{vm}'s copy on {host} stopped: the source did not verify its memory"
+            ),
+            VmotionRefused {
+                host,
+                connections,
+                reasons,
+                period_s,
+            } => write!(
+                f,
+                "{host} refused {connections} vMotion connections in the last {period_s} s ({reasons})"
+            ),
+            MigrationIncomingFailed {
+                host,
+                error,
+                transport,
+            } => write!(f, "incoming migration to {host} over {transport} failed: {error}"),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod migration;
 pub mod monitor;
 pub mod names;
+pub mod pki;
 pub mod port;
 pub mod switch;
 pub mod switchd;

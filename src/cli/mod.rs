@@ -48,6 +48,8 @@ pub enum Command {
     Udp(udp::UdpArgs),
     /// Follow the daemons' events live, merged in time order.
     Events(events::EventsArgs),
+    /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
+    Pki(host::PkiArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -58,6 +60,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
         Command::Events(a) => events::run(a),
+        Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

@@ -89,6 +89,9 @@ pub struct MigrateOptions {
     pub max_rounds: Option<u32>,
     pub on_no_convergence: Option<NoConvergence>,
     pub bandwidth_mbps: Option<u64>,
+    /// vMotion encryption of this migration (default: the source host's setting).
+    #[serde(default)]
+    pub encryption: Option<crate::migration::tls::Encryption>,
 }
 
 /// Why a host daemon refused or failed a request (text only at the socket).
@@ -110,15 +113,12 @@ pub enum HostApiError {
     Admission(#[from] AdmissionError),
     #[error(transparent)]
     Datastore(#[from] DatastoreError),
-    #[error("pre-check failed: cannot connect to {target} at {addr}")]
-    Connect {
-        target: String,
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+    #[error("pre-check failed: {error}; {vm} keeps running on {host}")]
+    Unreachable {
+        error: crate::migration::tls::ConnectError,
+        vm: String,
+        host: String,
     },
-    #[error("pre-check failed: connecting to {target} at {addr} timed out")]
-    ConnectTimeout { target: String, addr: SocketAddr },
     #[error("{error}; {vm} keeps running on {host}")]
     FailedKeptHere {
         error: MigrationError,

@@ -36,6 +36,13 @@ pub enum ClientError {
         #[source]
         source: ControlError,
     },
+    /// The source daemon died mid-migration.
+    #[error("host {host} (the source) stopped answering during {phase}; {whereabouts}")]
+    SourceLost {
+        host: String,
+        phase: String,
+        whereabouts: String,
+    },
 }
 
 fn known_hosts(known: &[String]) -> String {
@@ -198,15 +205,28 @@ pub fn migrate(
         target_addr: addr,
         options: plan.options.clone(),
     };
+    let mut last: Option<Progress> = None;
     let result = control::request_with_progress(
         &control::socket_path(&source.name),
         req,
         None,
-        |p: Progress| on_step(Step::Progress(p)),
+        |p: Progress| {
+            last = Some(p.clone());
+            on_step(Step::Progress(p))
+        },
     )
-    .map_err(|e| ClientError::Host {
-        host: source.name.clone(),
-        source: e,
+    .map_err(|e| match e {
+        // The source daemon died mid-migration: say which host, in which phase, and
+        // where the VM is now, as far as the target can tell.
+        ControlError::Closed | ControlError::Io(_) => ClientError::SourceLost {
+            host: source.name.clone(),
+            phase: phase_after(last.as_ref()),
+            whereabouts: whereabouts(&plan.vm, &source.name, &target.name),
+        },
+        e => ClientError::Host {
+            host: source.name.clone(),
+            source: e,
+        },
     });
     if result.is_err() && plan.announce.is_some() {
         // The choice was for this migration only.
@@ -223,4 +243,50 @@ pub fn migrate(
         from: source.name,
         to: target.name,
     })
+}
+
+/// The phase a migration was in, from the last progress report received.
+fn phase_after(last: Option<&Progress>) -> String {
+    match last {
+        None => "pre-check".into(),
+        Some(Progress::Round { round, .. }) => format!("pre-copy (after round {round})"),
+        Some(Progress::Quiesced { .. }) => "switch-over (quiesced, sending the bitmap)".into(),
+        Some(Progress::Bitmap { .. }) => "switch-over (the target was pulling pages)".into(),
+        Some(Progress::Pulled { .. }) => "switch-over (device state, resume)".into(),
+        Some(Progress::Resumed { .. }) => "completion (the target had resumed the VM)".into(),
+        #[allow(unreachable_patterns)]
+        Some(_) => "an unknown phase".into(),
+    }
+}
+
+/// Where a VM is after its source died: the target is asked (for a few seconds, while
+/// it notices the broken stream) whether it runs the VM.
+fn whereabouts(vm: &str, source: &str, target: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let shown = control::request(
+            &control::socket_path(target),
+            api::VmShow {
+                name: vm.to_string(),
+            },
+        );
+        match shown {
+            Ok(v) => {
+                return format!(
+                    "{vm} runs on {target} ({}): the migration completed there",
+                    v.state
+                )
+            }
+            Err(ControlError::Remote(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(ControlError::Remote(_)) => {
+                return format!(
+                    "{vm} is not on {target} either: it was lost with {source} \
+                     (pre-copy keeps the only running copy on the source)"
+                )
+            }
+            Err(e) => return format!("{target} cannot be asked where {vm} is ({e})"),
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::unix_micros;
 use crate::control::{self, Progress, Request};
@@ -24,6 +25,7 @@ use crate::host::admission;
 use crate::host::api::{self, HostApiError, HostInfo, HostRequest, MigrateOptions, VmInfo};
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::migration::announce::{self, Announce, Schedule};
+use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
 use crate::migration::{self, MigrationConfig, SourceHooks, TargetHooks};
 use crate::port::packet::PacketSocket;
 use crate::wire::ethernet::Frame;
@@ -62,7 +64,37 @@ pub struct HostConfig {
     pub announce: Announce,
     pub schedule: Schedule,
     pub migration: MigrationConfig,
+    pub vmotion: VmotionSecurity,
 }
+
+/// How the vMotion listener and outgoing migrations protect themselves.
+#[derive(Debug, Clone)]
+pub struct VmotionSecurity {
+    /// The host's default; a migrate request may override it for one migration.
+    pub encryption: Encryption,
+    /// The host's credentials; None runs plaintext only (not with `Required`).
+    pub tls: Option<Arc<Tls>>,
+    /// An incoming connection must be authenticated (or, in plaintext, have sent its
+    /// first byte) within this time.
+    pub handshake_timeout: Duration,
+    /// Most incoming vMotion connections at once, handshaking or migrating; more are
+    /// closed at once.
+    pub max_incoming: usize,
+}
+
+impl Default for VmotionSecurity {
+    fn default() -> Self {
+        VmotionSecurity {
+            encryption: Encryption::Required,
+            tls: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_incoming: 16,
+        }
+    }
+}
+
+/// Refused vMotion connections are summed up in one warning per this period.
+const REFUSALS_EVERY: Duration = Duration::from_secs(10);
 
 /// Lifecycle of a VM on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +170,8 @@ struct Host {
     uplink: Option<Arc<PacketSocket>>,
     stop: AtomicBool,
     events: EventBus,
+    /// vMotion connections refused before authentication, since the last summary.
+    rejections: Rejections,
 }
 
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
@@ -171,6 +205,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         by_mac: RwLock::new(HashMap::new()),
         uplink,
         stop: AtomicBool::new(false),
+        rejections: Rejections::default(),
     });
     tracing::info!(
         host = %host.cfg.name,
@@ -178,6 +213,8 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         uplink = host.cfg.uplink.as_deref().unwrap_or("-"),
         capacity_mb = host.cfg.capacity_mb,
         socket = %host.cfg.socket.display(),
+        vmotion_encryption = %host.cfg.vmotion.encryption,
+        certificate = host.cfg.vmotion.tls.as_ref().map(|t| t.name()).unwrap_or("-"),
         "host ready"
     );
     let nic_thread = match host.uplink.clone() {
@@ -194,12 +231,18 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     };
     let accept = {
         let h = host.clone();
+        let slots = Arc::new(Semaphore::new(h.cfg.vmotion.max_incoming.max(1)));
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            h.refused(peer, Rejection::OverCap, "too many connections");
+                            drop(stream);
+                            continue;
+                        };
                         let h = h.clone();
-                        tokio::spawn(async move { h.incoming(stream, peer).await });
+                        tokio::spawn(async move { h.incoming(stream, peer, slot).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "vMotion accept failed");
@@ -216,8 +259,28 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
             async move { h.handle(req, progress).await }
         }
     };
+    let summaries = {
+        let h = host.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFUSALS_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (n, why) = h.rejections.take();
+                if n > 0 {
+                    h.events.emit_now(Event::VmotionRefused {
+                        host: h.cfg.name.clone(),
+                        connections: n,
+                        reasons: why.to_string(),
+                        period_s: REFUSALS_EVERY.as_secs(),
+                    });
+                }
+            }
+        })
+    };
     control::serve_events(control, handler, Some(events), shutdown).await;
     accept.abort();
+    summaries.abort();
     host.stop.store(true, Ordering::SeqCst);
     if let Some(t) = nic_thread {
         let _ = t.join();
@@ -618,32 +681,30 @@ impl Host {
             from: self.cfg.name.clone(),
             to: target.clone(),
         });
-        let connect = tokio::time::timeout(cfg.io_timeout, TcpStream::connect(target_addr)).await;
-        let stream = match connect {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                self.set_state(&name, VmState::Running);
-                return Err(self.failed_early(
-                    HostApiError::Connect {
-                        target,
-                        addr: target_addr,
-                        source,
-                    },
-                    &name,
-                ));
-            }
-            Err(_) => {
-                self.set_state(&name, VmState::Running);
-                return Err(self.failed_early(
-                    HostApiError::ConnectTimeout {
-                        target,
-                        addr: target_addr,
-                    },
-                    &name,
-                ));
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let mode = options.encryption.unwrap_or(self.cfg.vmotion.encryption);
+        let tls = self.cfg.vmotion.tls.as_deref();
+        // Nothing of the VM crosses before the target has proven who it is.
+        let (stream, protection) =
+            match tls::connect(target_addr, &target, mode, tls, cfg.io_timeout).await {
+                Ok(s) => s,
+                Err(error) => {
+                    self.set_state(&name, VmState::Running);
+                    let e = HostApiError::Unreachable {
+                        error,
+                        vm: name.clone(),
+                        host: self.cfg.name.clone(),
+                    };
+                    self.events.emit_now(Event::MigrationFailed {
+                        vm: name,
+                        host: self.cfg.name.clone(),
+                        step: Some(migration::Step::PreCheck),
+                        error: e.to_string(),
+                        vm_running: true,
+                    });
+                    return Err(e);
+                }
+            };
+        tracing::info!(vm = %name, to = %target, vmotion = %protection, "vMotion stream open");
         let mut hooks = SourceSide {
             shared: shared.clone(),
             datastore: self.datastore.clone(),
@@ -661,7 +722,8 @@ impl Host {
         drop(hooks);
         let mut inv = self.lock_inv();
         match result {
-            Ok(summary) => {
+            Ok(mut summary) => {
+                summary.transport = protection.to_string();
                 // Step 6: the VM runs on the target; free it here.
                 let entry = self.uninstall(&mut inv, &name);
                 drop(inv);
@@ -725,26 +787,38 @@ impl Host {
         }
     }
 
-    /// Publishes the failure of a migration that never reached the target.
-    fn failed_early(&self, e: HostApiError, vm: &str) -> HostApiError {
-        self.events.emit_now(Event::MigrationFailed {
-            vm: vm.to_string(),
-            host: self.cfg.name.clone(),
-            step: Some(migration::Step::PreCheck),
-            error: control::error_line(&e),
-            vm_running: true,
-        });
-        e
-    }
-
     fn set_state(&self, name: &str, state: VmState) {
         if let Some(e) = self.lock_inv().vms.get_mut(name) {
             e.state = state;
         }
     }
 
-    async fn incoming(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+    /// Counts a connection refused before authentication; the log hears of it at DEBUG
+    /// only, and the event stream in the periodic summary.
+    fn refused(&self, peer: SocketAddr, why: Rejection, detail: &str) {
+        self.rejections.record(why);
+        tracing::debug!(peer = %peer, reason = why.as_str(), detail, "vMotion connection refused");
+    }
+
+    /// One incoming vMotion connection: authenticate it within the handshake deadline,
+    /// then run the migration. `_slot` holds one of the incoming-connection slots.
+    async fn incoming(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let sec = &self.cfg.vmotion;
+        let accepted = tokio::time::timeout(
+            sec.handshake_timeout,
+            tls::accept(stream, sec.encryption, sec.tls.as_deref()),
+        )
+        .await;
+        let (stream, protection) = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err((why, detail))) => return self.refused(peer, why, &detail),
+            Err(_) => return self.refused(peer, Rejection::Deadline, "handshake deadline"),
+        };
         let mut hooks = TargetSide {
             host: self.clone(),
             name: None,
@@ -754,17 +828,29 @@ impl Host {
         let cfg = self.cfg.migration.clone();
         match migration::migrate_in(stream, &cfg, &mut hooks).await {
             Ok((vm, summary)) => {
+                tracing::debug!(peer = %peer, "incoming migration from this peer complete");
                 self.events.emit_now(Event::MigrationIncomingDone {
                     vm: vm.config().name.clone(),
                     host: self.cfg.name.clone(),
                     downtime_us: summary.downtime_us,
+                    transport: protection.to_string(),
                 });
+            }
+            // A plaintext peer that never got through the pre-check is as anonymous as
+            // one refused at the handshake.
+            Err(e)
+                if protection == Protection::Plaintext
+                    && e.step == migration::Step::PreCheck
+                    && hooks.name.is_none() =>
+            {
+                self.refused(peer, Rejection::Garbage, &e.to_string())
             }
             Err(e) => {
                 tracing::debug!(peer = %peer, "incoming migration from this peer failed");
                 self.events.emit_now(Event::MigrationIncomingFailed {
                     host: self.cfg.name.clone(),
                     error: e.to_string(),
+                    transport: protection.to_string(),
                 });
             }
         }
@@ -947,6 +1033,27 @@ impl TargetHooks for TargetSide {
             },
         );
         start_announce(host, handles, announce);
+    }
+
+    fn rolled_back(&mut self, vm: &Arc<Vm>) {
+        let name = vm.config().name.clone();
+        let mut inv = self.host.lock_inv();
+        let entry = self.host.uninstall(&mut inv, &name);
+        drop(inv);
+        vm.quiesce();
+        // Stopping releases the disk lock, for the source to retake.
+        if let Some(e) = entry {
+            e.shared.stop();
+        }
+        self.disk.take();
+        self.host.events.emit_now(Event::MigrationRolledBack {
+            vm: name.clone(),
+            host: self.host.cfg.name.clone(),
+        });
+        self.host.events.emit_now(Event::DiskLockReleased {
+            vm: name,
+            host: self.host.cfg.name.clone(),
+        });
     }
 }
 
