@@ -770,9 +770,11 @@ impl Host {
             match e.state {
                 VmState::Running => {}
                 VmState::MigratingOut => return Err(format!("VM {name} is already migrating")),
-                VmState::NoDiskLock => return Err(format!(
+                VmState::NoDiskLock => {
+                    return Err(format!(
                     "VM {name} is stopped without its disk lock; `vfabric vm start {name}` first"
-                )),
+                ))
+                }
             }
             e.state = VmState::MigratingOut;
             e.cancel = Some(cancel.clone());
