@@ -365,12 +365,7 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Live-migrate a running VM to another host.
-///
-/// Ctrl-C cancels the migration (as `vfabric migrate cancel NAME` does from another
-/// shell): the VM keeps running on the source. After the point of no return (the device
-/// state sent to the target) there is nothing left to cancel and the move completes.
-/// A CLI that dies otherwise (killed, connection lost) cancels nothing.
+/// Live-migrate a running VM to another host (Ctrl-C cancels; see `vfabric migrate --help`).
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct MigrateArgs {
@@ -530,7 +525,22 @@ fn cancel_on_ctrl_c(name: &str) -> Result<(), CliError> {
                 sigint.recv().await;
                 eprintln!("cancelling the migration of {name} (Ctrl-C again to stop waiting)");
                 let n = name.clone();
-                let cancel = tokio::task::spawn_blocking(move || cancel_call(&n));
+                // A Ctrl-C that comes before the daemon has begun the migration finds
+                // nothing to cancel yet: try again for a moment. Once the migration
+                // ends, its reply ends this process anyway.
+                let cancel = tokio::task::spawn_blocking(move || {
+                    let mut tries = 0;
+                    loop {
+                        match cancel_call(&n) {
+                            Ok(v) => return Ok(v),
+                            Err(e) if tries >= 20 => return Err(e),
+                            Err(_) => {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                });
                 tokio::select! {
                     r = cancel => {
                         if let Ok(Err(e)) = r {

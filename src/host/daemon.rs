@@ -506,8 +506,7 @@ impl Host {
         self: &Arc<Self>,
         inv: &mut Inventory,
         vm: Arc<Vm>,
-        disk: DiskLock,
-        claims: Option<Claims>,
+        (disk, claims): (DiskLock, Option<Claims>),
         reserved_mb: u64,
         overhead_mb: u64,
         announce: Announce,
@@ -595,7 +594,7 @@ impl Host {
         };
         vm.start();
         let announce = self.cfg.announce;
-        let handles = self.install(&mut inv, vm, disk, Some(claims), need, overhead, announce);
+        let handles = self.install(&mut inv, vm, (disk, Some(claims)), need, overhead, announce);
         tracing::info!(
             vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
             vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
@@ -1062,8 +1061,7 @@ impl TargetHooks for TargetSide {
         let handles = host.install(
             &mut inv,
             vm.clone(),
-            disk,
-            claims,
+            (disk, claims),
             reserved,
             overhead,
             announce,
