@@ -106,6 +106,9 @@ pub enum Event {
     },
 
     // Migrations (source side unless said otherwise).
+    /// A cancel of the outgoing migration was asked for (the VM stays on the source
+    /// unless the switch-over is past the point of no return).
+    MigrationCancelRequested { vm: String, host: String },
     /// A migration was asked for.
     MigrationStarted {
         vm: String,
@@ -194,7 +197,8 @@ impl Event {
             | MigrationDone { vm, .. }
             | MigrationFailed { vm, .. }
             | MigrationIncomingDone { vm, .. }
-            | MigrationRolledBack { vm, .. } => Some(vm),
+            | MigrationRolledBack { vm, .. }
+            | MigrationCancelRequested { vm, .. } => Some(vm),
             _ => None,
         }
     }
@@ -301,6 +305,9 @@ impl fmt::Display for Event {
                 seq,
                 ..
             } => write!(f, "{host} announced {vm} ({kind} #{seq})"),
+            MigrationCancelRequested { vm, host } => {
+                write!(f, "cancel of {vm}'s migration from {host} requested")
+            }
             MigrationStarted { vm, from, to } => write!(f, "migration of {vm}: {from} -> {to}"),
             MigrationRound {
                 vm,

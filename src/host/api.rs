@@ -23,7 +23,9 @@ pub enum HostRequest {
     VmList(VmList),
     VmShow(VmShow),
     VmDestroy(VmDestroy),
+    VmStart(VmStart),
     Migrate(Migrate),
+    MigrateCancel(MigrateCancel),
     PrepareIncoming(PrepareIncoming),
 }
 
@@ -53,6 +55,21 @@ pub struct VmDestroy {
     pub name: String,
 }
 
+/// Start a VM that is stopped here because its disk lock could not be retaken: take the
+/// lock, then resume (and announce) it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStart {
+    pub name: String,
+}
+
+/// Cancel the outgoing migration of `name`. Replies once the VM runs on this host again;
+/// an error if it is not migrating, or if the switch-over had passed the point of no
+/// return (the VM then runs on the target).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateCancel {
+    pub name: String,
+}
+
 /// Live-migrate a VM from this host to the host listening at `target_addr`; progress
 /// lines are [`crate::migration::Progress`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +95,9 @@ crate::api_requests!(HostRequest:
     VmList => Vec<VmInfo>,
     VmShow => VmInfo,
     VmDestroy => (),
+    VmStart => VmInfo,
     Migrate => MigrationSummary,
+    MigrateCancel => VmInfo,
     PrepareIncoming => (),
 );
 
@@ -125,6 +144,15 @@ pub enum HostApiError {
         vm: String,
         host: String,
     },
+    #[error("migration of {vm} cancelled in {step}; {vm} keeps running on {host}")]
+    Cancelled {
+        vm: String,
+        step: crate::migration::Step,
+        host: String,
+    },
+    /// Refusals of the datastore and lifecycle checks that carry their own wording.
+    #[error("{0}")]
+    Other(String),
     #[error("{error}; {vm} was taken over by {target}")]
     FailedTakenOver {
         error: MigrationError,
@@ -172,4 +200,7 @@ pub struct VmInfo {
     pub resumed_t_us: Option<u64>,
     pub first_announce_t_us: Option<u64>,
     pub announce: String,
+    /// Why the VM is not running, and what the operator can do about it.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
