@@ -234,11 +234,20 @@ async fn compare_encryption(
     let gbps = |s: &MigrationSummary| s.bytes_total as f64 * 8.0 / (s.total_ms.max(1) as f64 * 1e6);
     let (mut p, mut e) = (Vec::new(), Vec::new());
     for _ in 0..args.encryption_pairs {
-        p.push(gbps(&run_source_over(args, 0, plain, args.verify, None).await?));
-        e.push(gbps(&run_source_over(args, 0, encrypted, args.verify, Some(tls)).await?));
+        p.push(gbps(
+            &run_source_over(args, 0, plain, args.verify, None).await?,
+        ));
+        e.push(gbps(
+            &run_source_over(args, 0, encrypted, args.verify, Some(tls)).await?,
+        ));
     }
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let show = |v: &[f64]| v.iter().map(|g| format!("{g:.2}")).collect::<Vec<_>>().join(" ");
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|g| format!("{g:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!();
     println!("encrypted vMotion (TLS 1.3, ring provider) vs plaintext, rate 0, same path:");
     println!("  plaintext Gbit/s: {}   (best {:.2})", show(&p), best(&p));
@@ -380,7 +389,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return make_pki(dir);
     }
     if let Some(addr) = args.tls_listen {
-        let dir = args.pki_dir.as_ref().ok_or("--tls-listen needs --pki-dir")?;
+        let dir = args
+            .pki_dir
+            .as_ref()
+            .ok_or("--tls-listen needs --pki-dir")?;
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}, encrypted");
         serve_target_tls(l, migration_config(&args, args.verify), load_tls(dir, DST)?).await;
@@ -421,7 +433,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let lt = TcpListener::bind("127.0.0.1:0").await?;
             tls_to = Some(lt.local_addr()?);
             let dst = load_tls(&pki_dir, DST)?;
-            tokio::spawn(serve_target_tls(lt, migration_config(&args, args.verify), dst));
+            tokio::spawn(serve_target_tls(
+                lt,
+                migration_config(&args, args.verify),
+                dst,
+            ));
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
             for _ in 0..3 {

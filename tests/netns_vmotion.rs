@@ -68,7 +68,15 @@ fn a_secret_in_guest_memory_never_crosses_vmk1_in_clear() {
     let t = Topology::up_with(&[("VF_HOST_ARGS", "--vmotion-encryption opportunistic")]);
     ok(
         t.vfabric(&[
-            "vm", "create", "vm1", "--host", "silo104", "--memory-mb", "64", "--ip", VM_IP,
+            "vm",
+            "create",
+            "vm1",
+            "--host",
+            "silo104",
+            "--memory-mb",
+            "64",
+            "--ip",
+            VM_IP,
         ]),
         "vm create",
     );
@@ -87,21 +95,44 @@ fn a_secret_in_guest_memory_never_crosses_vmk1_in_clear() {
     }
 
     let pcap = capture_vmk1(&t, "encrypted.pcap", || {
-        let s = t.vfabric_json(&["migrate", "vm1", "--to", "silo105", "--encryption", "required"]);
-        assert!(s["transport"].as_str().unwrap().starts_with("TLS 1.3"), "{s}");
+        let s = t.vfabric_json(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "silo105",
+            "--encryption",
+            "required",
+        ]);
+        assert!(
+            s["transport"].as_str().unwrap().starts_with("TLS 1.3"),
+            "{s}"
+        );
     });
     assert!(pcap.len() > 64 << 10, "the capture saw no migration");
     assert!(
         !contains(&pcap, secret.as_bytes()),
         "the secret crossed vmk1 in clear"
     );
-    let got = ok(t.exec("client", &[bin(), "udp", VM_IP, "get", "k1"]), "udp get");
+    let got = ok(
+        t.exec("client", &[bin(), "udp", VM_IP, "get", "k1"]),
+        "udp get",
+    );
     assert!(got.contains(&secret), "the VM lost its state: {got}");
 
     // The control: with encryption disabled for one migration, the capture finds it.
     let pcap = capture_vmk1(&t, "plain.pcap", || {
-        let s = t.vfabric_json(&["migrate", "vm1", "--to", "silo104", "--encryption", "disabled"]);
-        assert!(s["transport"].as_str().unwrap().starts_with("plaintext"), "{s}");
+        let s = t.vfabric_json(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "silo104",
+            "--encryption",
+            "disabled",
+        ]);
+        assert!(
+            s["transport"].as_str().unwrap().starts_with("plaintext"),
+            "{s}"
+        );
     });
     assert!(
         contains(&pcap, secret.as_bytes()),

@@ -71,7 +71,10 @@ impl Fabric {
         for (name, _) in hosts {
             let t = Instant::now();
             while !f.run_dir().join(format!("{name}.sock")).exists() {
-                assert!(t.elapsed() < Duration::from_secs(10), "{name} did not start");
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{name} did not start"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -129,7 +132,11 @@ impl Fabric {
     }
 
     fn vmotion_addr(&self, host: &str) -> SocketAddr {
-        self.info(host)["vmotion_addr"].as_str().unwrap().parse().unwrap()
+        self.info(host)["vmotion_addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     fn create(&self, vm: &str, host: &str, extra: &[&str]) {
@@ -145,7 +152,12 @@ impl Fabric {
             .unwrap()
             .iter()
             .find(|v| v["name"] == vm)
-            .map(|v| (v["host"].as_str().unwrap().into(), v["state"].as_str().unwrap().into()))
+            .map(|v| {
+                (
+                    v["host"].as_str().unwrap().into(),
+                    v["state"].as_str().unwrap().into(),
+                )
+            })
     }
 }
 
@@ -253,9 +265,7 @@ fn attacker_tls(creds: &pki::HostCredentials) -> Arc<rustls::ClientConfig> {
             Ok(HandshakeSignatureValid::assertion())
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0
-                .signature_verification_algorithms
-                .supported_schemes()
+            self.0.signature_verification_algorithms.supported_schemes()
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -270,7 +280,11 @@ fn attacker_tls(creds: &pki::HostCredentials) -> Arc<rustls::ClientConfig> {
 }
 
 fn assert_no_evil(f: &Fabric, host: &str) {
-    assert_eq!(f.vm_host("evil"), None, "an unauthenticated peer created a VM");
+    assert_eq!(
+        f.vm_host("evil"),
+        None,
+        "an unauthenticated peer created a VM"
+    );
     assert_eq!(f.info(host)["reserved_mb"], 0);
     assert!(!lock_file(&f.datastore(), "evil"), "the attack got a disk");
 }
@@ -282,9 +296,13 @@ fn an_unauthenticated_peer_cannot_push_a_vm() {
 
     // Plaintext, our own encoder: refused at the first byte.
     let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let answer = push_and_drain(&s, &attack_bytes());
-    assert!(answer.is_empty(), "plaintext peer got an answer: {answer:?}");
+    assert!(
+        answer.is_empty(),
+        "plaintext peer got an answer: {answer:?}"
+    );
     assert_no_evil(&f, "silo105");
 
     // TLS with a certificate from another fabric's CA, named like a real host.
@@ -293,7 +311,8 @@ fn an_unauthenticated_peer_cannot_push_a_vm() {
     let name = pki_types::ServerName::try_from("silo105").unwrap();
     let mut conn = rustls::ClientConnection::new(attacker_tls(&creds), name).unwrap();
     let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     let answer = push_and_drain(&mut tls, &attack_bytes());
     assert!(answer.is_empty(), "foreign certificate got an answer");
@@ -327,11 +346,8 @@ fn fake_target(tls: Option<Tls>) -> (SocketAddr, std::thread::JoinHandle<(bool, 
                 },
             };
             let mut got = Vec::new();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                stream.read_to_end(&mut got),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
             (true, got)
         })
     });
@@ -345,7 +361,12 @@ fn migrate_to(f: &Fabric, vm: &str, target: &str, addr: SocketAddr) -> String {
         target_addr: addr,
         options: MigrateOptions::default(),
     };
-    let r = control::call(&f.sock("silo104"), &req, Some(Duration::from_secs(30)), |_| {});
+    let r = control::call(
+        &f.sock("silo104"),
+        &req,
+        Some(Duration::from_secs(30)),
+        |_| {},
+    );
     match r {
         Ok(v) => panic!("migration to a fake target succeeded: {v}"),
         Err(e) => e.to_string(),
@@ -355,14 +376,21 @@ fn migrate_to(f: &Fabric, vm: &str, target: &str, addr: SocketAddr) -> String {
 #[test]
 fn a_fake_target_receives_no_memory() {
     let f = Fabric::start(&[("silo104", &[]), ("silo105", &[])]);
-    f.create("vm1", "silo104", &["--workload", "sweep", "--dirty-rate", "1000"]);
+    f.create(
+        "vm1",
+        "silo104",
+        &["--workload", "sweep", "--dirty-rate", "1000"],
+    );
 
     // 1. A plaintext listener: it gets a TLS hello and nothing of the protocol.
     let (addr, h) = fake_target(None);
     let err = migrate_to(&f, "vm1", "silo105", addr);
     let (_, got) = h.join().unwrap();
     assert!(err.contains("keeps running on silo104"), "{err}");
-    assert!(!got.windows(4).any(|w| w == proto::MAGIC), "protocol bytes crossed");
+    assert!(
+        !got.windows(4).any(|w| w == proto::MAGIC),
+        "protocol bytes crossed"
+    );
     assert!(got.len() < 4096, "{} bytes crossed", got.len());
 
     // 2. A host of this fabric, but not the one meant (silo999 posing as silo105).
@@ -385,10 +413,13 @@ fn a_fake_target_receives_no_memory() {
 
     // The VM never left, and still moves to the real silo105, encrypted.
     assert_eq!(f.vm_host("vm1"), Some(("silo104".into(), "running".into())));
-    let s: Value = serde_json::from_str(&f.ok(&["migrate", "vm1", "--to", "silo105", "--json"]))
-        .unwrap();
+    let s: Value =
+        serde_json::from_str(&f.ok(&["migrate", "vm1", "--to", "silo105", "--json"])).unwrap();
     let transport = s["transport"].as_str().unwrap();
-    assert!(transport.contains("TLS 1.3") && transport.contains("silo105"), "{transport}");
+    assert!(
+        transport.contains("TLS 1.3") && transport.contains("silo105"),
+        "{transport}"
+    );
     assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
 }
 
@@ -416,7 +447,8 @@ fn flood(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
                     let Ok(mut s) = TcpStream::connect(addr) else {
                         continue;
                     };
-                    s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+                    s.set_write_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
                     let _ = s.write_all(&msg);
                     v.push(s);
                 }
@@ -424,7 +456,10 @@ fn flood(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
             })
         })
         .collect();
-    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
 }
 
 #[test]
@@ -448,7 +483,10 @@ fn pre_auth_connections_hold_no_memory_and_no_reservation() {
         let conns = flood(addr, 200);
         std::thread::sleep(Duration::from_millis(500));
         let info = f.info("silo105");
-        assert_eq!(info["reserved_mb"], 0, "{mode}: reserved before authentication");
+        assert_eq!(
+            info["reserved_mb"], 0,
+            "{mode}: reserved before authentication"
+        );
         let rss_after = info["rss_kib"].as_u64().unwrap();
         assert!(
             rss_after < rss_before + 32 * 1024,
@@ -472,7 +510,12 @@ fn a_drip_fed_handshake_is_cut_at_the_deadline() {
     // The start of a legal first record, then zeros a byte at a time: a TLS record of
     // 512 bytes, or a Hello of 1000 bytes.
     let mut hello = Vec::new();
-    proto::encode(&Message::Hello { config_json: &[0; 1000] }, &mut hello);
+    proto::encode(
+        &Message::Hello {
+            config_json: &[0; 1000],
+        },
+        &mut hello,
+    );
     let starts: [(&str, Vec<u8>); 2] = [
         ("required", vec![0x16, 0x03, 0x01, 0x02, 0x00]),
         ("opportunistic", hello[..proto::HEADER_LEN].to_vec()),
@@ -490,7 +533,8 @@ fn a_drip_fed_handshake_is_cut_at_the_deadline() {
             ],
         )]);
         let mut s = TcpStream::connect(f.vmotion_addr("silo105")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let t = Instant::now();
         let mut drip = start;
         drip.extend(std::iter::repeat_n(0u8, 100));
@@ -535,10 +579,16 @@ fn the_three_modes_negotiate_as_documented() {
     f.create("v", "a", &[]);
     // Opportunistic to disabled: the TLS hello is closed on, plaintext follows.
     let s: Value = serde_json::from_str(&f.ok(&["migrate", "v", "--to", "b", "--json"])).unwrap();
-    assert!(s["transport"].as_str().unwrap().starts_with("plaintext"), "{s}");
+    assert!(
+        s["transport"].as_str().unwrap().starts_with("plaintext"),
+        "{s}"
+    );
     // Back, disabled to opportunistic: plaintext accepted.
     let s: Value = serde_json::from_str(&f.ok(&["migrate", "v", "--to", "a", "--json"])).unwrap();
-    assert!(s["transport"].as_str().unwrap().starts_with("plaintext"), "{s}");
+    assert!(
+        s["transport"].as_str().unwrap().starts_with("plaintext"),
+        "{s}"
+    );
     // Required for this migration: the disabled host refuses TLS; the VM stays.
     let err = f.fail(&["migrate", "v", "--to", "b", "--encryption", "required"]);
     assert!(err.contains("keeps running on a"), "{err}");
@@ -564,10 +614,21 @@ fn a_required_host_without_a_certificate_does_not_start() {
 #[test]
 fn a_dead_source_is_named_with_its_phase_and_the_vms_fate() {
     let mut f = Fabric::start(&[("silo104", &[]), ("silo105", &[])]);
-    f.create("vm1", "silo104", &["--workload", "uniform", "--dirty-rate", "20000"]);
+    f.create(
+        "vm1",
+        "silo104",
+        &["--workload", "uniform", "--dirty-rate", "20000"],
+    );
     // A slow link keeps pre-copy going for seconds.
     let cli = Command::new(BIN)
-        .args(["migrate", "vm1", "--to", "silo105", "--bandwidth-mbps", "40"])
+        .args([
+            "migrate",
+            "vm1",
+            "--to",
+            "silo105",
+            "--bandwidth-mbps",
+            "40",
+        ])
         .env("VFABRIC_RUN_DIR", f.run_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -576,7 +637,10 @@ fn a_dead_source_is_named_with_its_phase_and_the_vms_fate() {
     // The target reserves memory once the pre-check passed: pre-copy has begun.
     let t = Instant::now();
     while f.info("silo105")["reserved_mb"] == 0 {
-        assert!(t.elapsed() < Duration::from_secs(20), "pre-copy never began");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pre-copy never began"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(800));

@@ -751,7 +751,12 @@ impl Host {
 
     /// One incoming vMotion connection: authenticate it within the handshake deadline,
     /// then run the migration. `_slot` holds one of the incoming-connection slots.
-    async fn incoming(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, _slot: OwnedSemaphorePermit) {
+    async fn incoming(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _slot: OwnedSemaphorePermit,
+    ) {
         let sec = &self.cfg.vmotion;
         let accepted = tokio::time::timeout(
             sec.handshake_timeout,
@@ -780,8 +785,10 @@ impl Host {
             }
             // A plaintext peer that never got through the pre-check is as anonymous as
             // one refused at the handshake.
-            Err(e) if protection == Protection::Plaintext && e.step == migration::Step::PreCheck
-                && hooks.name.is_none() =>
+            Err(e)
+                if protection == Protection::Plaintext
+                    && e.step == migration::Step::PreCheck
+                    && hooks.name.is_none() =>
             {
                 self.refused(peer, Rejection::Garbage, &e.to_string())
             }

@@ -84,7 +84,9 @@ impl fmt::Display for Encryption {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Protection {
     /// TLS 1.3; `peer` is the authenticated host name of the other end.
-    Tls { peer: String },
+    Tls {
+        peer: String,
+    },
     Plaintext,
 }
 
@@ -481,7 +483,9 @@ mod negotiation_tests {
             .await
             .unwrap();
         assert_eq!(p, Protection::Plaintext);
-        tokio::io::AsyncWriteExt::write_all(&mut s, &proto_magic()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, &proto_magic())
+            .await
+            .unwrap();
         let got = server.await.unwrap();
         assert_eq!(got[0].as_ref().unwrap_err().0, Rejection::TlsOff);
         assert_eq!(got[1].as_ref().unwrap(), &Protection::Plaintext);
