@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::timeline::{AnnounceMark, FdbMove, Probe, Round, Timeline};
+
 /// One line of `ping -D -O` output that matters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PingLine {
@@ -285,6 +287,111 @@ pub fn timeline(
         .collect()
 }
 
+/// Every probe of a ping run, in sequence order: a reply's send time is its arrival
+/// minus its RTT; a lost probe's is interpolated between the nearest answered
+/// neighbours (ping's real spacing drifts from the interval it was asked for).
+pub fn probes(lines: &[PingLine], interval_s: f64) -> Vec<Probe> {
+    let mut sent: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    let mut max_seq = 0;
+    for l in lines {
+        match *l {
+            PingLine::Reply { seq, t_us, rtt_ms } => {
+                let rtt_us = (rtt_ms.max(0.0) * 1000.0).round() as u64;
+                sent.entry(seq)
+                    .or_insert((t_us.saturating_sub(rtt_us), rtt_us));
+                max_seq = max_seq.max(seq);
+            }
+            PingLine::NoAnswer { seq, .. } => max_seq = max_seq.max(seq),
+            PingLine::Totals { transmitted, .. } => max_seq = max_seq.max(transmitted),
+        }
+    }
+    // The measured spacing, for probes with an answered neighbour on one side only.
+    let spacing = match (sent.first_key_value(), sent.last_key_value()) {
+        (Some((&a, &(ta, _))), Some((&b, &(tb, _)))) if b > a => (tb - ta) / (b - a),
+        _ => (interval_s.max(0.0) * 1e6) as u64,
+    };
+    (1..=max_seq)
+        .filter_map(|seq| {
+            if let Some(&(t, rtt)) = sent.get(&seq) {
+                return Some(Probe {
+                    seq,
+                    sent_t_us: t,
+                    rtt_us: Some(rtt),
+                });
+            }
+            let before = sent.range(..seq).next_back();
+            let after = sent.range(seq..).next();
+            let t = match (before, after) {
+                (Some((&a, &(ta, _))), Some((&b, &(tb, _)))) => {
+                    ta + (tb.saturating_sub(ta)) * (seq - a) / (b - a)
+                }
+                (Some((&a, &(ta, _))), None) => ta + spacing * (seq - a),
+                (None, Some((&b, &(tb, _)))) => tb.saturating_sub(spacing * (b - seq)),
+                (None, None) => return None,
+            };
+            Some(Probe {
+                seq,
+                sent_t_us: t,
+                rtt_us: None,
+            })
+        })
+        .collect()
+}
+
+/// The migration of `vm` (MAC `mac`) that started at or after `since_us`, from every
+/// daemon's events: its pre-copy rounds, quiesce, resume, announces and the switch's
+/// move of the MAC. Probes and names are left for the caller to fill in.
+pub fn migration_timeline(events: &[LogEvent], vm: &str, mac: &str, since_us: u64) -> Timeline {
+    let w = find_window(events, vm, mac, since_us);
+    let mut sorted: Vec<&LogEvent> = events
+        .iter()
+        .filter(|e| e.t_us >= since_us && e.get("vm") == Some(vm))
+        .collect();
+    sorted.sort_by_key(|e| e.t_us);
+    let num = |e: &LogEvent, k: &str| e.get(k).and_then(|v| v.parse::<u64>().ok());
+    let mut rounds = Vec::new();
+    let mut announces = Vec::new();
+    let mut round_start = None;
+    for e in sorted {
+        match (e.message.as_str(), e.get("phase")) {
+            ("migration phase", Some("precheck")) if round_start.is_none() => {
+                round_start = Some(e.t_us)
+            }
+            ("migration phase", Some("precopy")) if w.quiesce_t_us.is_none_or(|q| e.t_us <= q) => {
+                let start = round_start.unwrap_or(e.t_us);
+                rounds.push(Round {
+                    round: num(e, "round").unwrap_or(rounds.len() as u64 + 1) as u32,
+                    start_t_us: start,
+                    end_t_us: e.t_us,
+                    pages_sent: num(e, "pages_sent").unwrap_or(0),
+                    pages_dirtied: num(e, "dirty_pages").unwrap_or(0),
+                });
+                round_start = Some(e.t_us);
+            }
+            ("announce sent", _) if w.resume_t_us.is_some_and(|r| e.t_us >= r) => {
+                announces.push(AnnounceMark {
+                    t_us: e.t_us,
+                    kind: e.get("kind").unwrap_or("announce").to_string(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Timeline {
+        rounds,
+        quiesce_t_us: w.quiesce_t_us,
+        resume_t_us: w.resume_t_us,
+        announces,
+        fdb_move: w.fdb_move_t_us.map(|t_us| FdbMove {
+            t_us,
+            from: w.fdb_port_before.clone().unwrap_or_default(),
+            to: w.fdb_port_after.clone().unwrap_or_default(),
+            ethertype: w.fdb_moved_by.clone().unwrap_or_default(),
+        }),
+        ..Timeline::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +466,95 @@ mod tests {
         assert_eq!(w.fdb_port_before.as_deref(), Some("silo104"));
         assert_eq!(w.fdb_port_after.as_deref(), Some("silo105"));
         assert_eq!(w.fdb_moved_by.as_deref(), Some("rarp"));
+    }
+
+    #[test]
+    fn probes_place_lost_ones_between_their_neighbours() {
+        let lines: Vec<PingLine> = PING.lines().filter_map(parse_ping_line).collect();
+        let p = probes(&lines, 0.01);
+        assert_eq!(p.iter().map(|p| p.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        // Replies left at arrival minus RTT.
+        assert_eq!(p[0].sent_t_us, 1_764_127_200_000_100 - 101);
+        assert_eq!(p[0].rtt_us, Some(101));
+        assert_eq!(p[4].sent_t_us, 1_764_127_200_050_300 - 200);
+        // 3 and 4 lost: a third and two thirds of the way from 2 to 5.
+        let (t2, t5) = (p[1].sent_t_us, p[4].sent_t_us);
+        assert_eq!(p[2].rtt_us, None);
+        assert_eq!(p[2].sent_t_us, t2 + (t5 - t2) / 3);
+        assert_eq!(p[3].sent_t_us, t2 + (t5 - t2) * 2 / 3);
+        // A loss at the end is placed one measured spacing after the last reply.
+        let tail: Vec<PingLine> = vec![
+            PingLine::Reply {
+                seq: 1,
+                t_us: 1_000,
+                rtt_ms: 0.0,
+            },
+            PingLine::Reply {
+                seq: 2,
+                t_us: 17_000,
+                rtt_ms: 0.0,
+            },
+            PingLine::Totals {
+                transmitted: 3,
+                received: 2,
+            },
+        ];
+        let p = probes(&tail, 0.01);
+        assert_eq!((p[2].sent_t_us, p[2].rtt_us), (33_000, None));
+        assert!(probes(&[], 0.01).is_empty());
+    }
+
+    #[test]
+    fn migration_timeline_has_rounds_marks_and_the_move() {
+        let log = "\
+2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm1 phase=precheck memory_mb=256 t_us=100
+2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm1 phase=precopy round=1 pages_sent=65536 dirty_pages=300 t_us=700
+2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm2 phase=precopy round=1 pages_sent=9 dirty_pages=9 t_us=750
+2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm1 phase=precopy round=2 pages_sent=300 dirty_pages=20 t_us=900
+2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm1 phase=quiesce t_us=1000
+2026-11-26T03:40:00.000000Z  INFO vm resumed vm=vm1 host=silo105 t_us=4000
+2026-11-26T03:40:00.000000Z  INFO announce sent vm=vm1 host=silo105 kind=rarp seq=0 t_us=4100
+2026-11-26T03:40:00.000000Z  INFO mac moved mac=02:00:00:00:01:01 from=silo104 to=silo105 ethertype=rarp t_us=4150
+2026-11-26T03:40:00.000000Z  INFO announce sent vm=vm1 host=silo105 kind=rarp seq=1 t_us=54100";
+        let events: Vec<LogEvent> = log.lines().filter_map(parse_log_line).collect();
+        let t = migration_timeline(&events, "vm1", "02:00:00:00:01:01", 0);
+        assert_eq!(
+            t.rounds,
+            vec![
+                Round {
+                    round: 1,
+                    start_t_us: 100,
+                    end_t_us: 700,
+                    pages_sent: 65536,
+                    pages_dirtied: 300
+                },
+                Round {
+                    round: 2,
+                    start_t_us: 700,
+                    end_t_us: 900,
+                    pages_sent: 300,
+                    pages_dirtied: 20
+                },
+            ]
+        );
+        assert_eq!((t.quiesce_t_us, t.resume_t_us), (Some(1000), Some(4000)));
+        assert_eq!(
+            t.announces
+                .iter()
+                .map(|a| (a.t_us, a.kind.as_str()))
+                .collect::<Vec<_>>(),
+            [(4100, "rarp"), (54100, "rarp")]
+        );
+        let m = t.fdb_move.unwrap();
+        assert_eq!(
+            (m.t_us, m.from.as_str(), m.to.as_str()),
+            (4150, "silo104", "silo105")
+        );
+        // Events before `since` belong to an earlier migration.
+        assert!(
+            migration_timeline(&events, "vm1", "02:00:00:00:01:01", 5000)
+                .rounds
+                .is_empty()
+        );
     }
 }

@@ -13,6 +13,7 @@ use vfabric::clock::unix_micros;
 use vfabric::measure::{self, LogEvent, PingLine, PingStats, Window};
 use vfabric::migration::announce::Announce;
 use vfabric::migration::MigrationSummary;
+use vfabric::timeline::svg;
 
 use super::host::{migrate_call, vm_show, MigrateRequest};
 use super::CliError;
@@ -21,8 +22,10 @@ use super::CliError;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     vfabric measure vm1 --to silo105                   # one probe a second, like ping -t\n  \
-    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n\n\
-    Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
+    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n  \
+    vfabric measure vm1 --to silo105 --interval 0.01 --svg timeline.svg   # and a picture of it\n\n\
+    Probes go from the client namespace ($VF_PREFIX-client unless --client-netns) with\n\
+    `ip netns exec <ns> ping -D -O -i <interval>`.\n\
     The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
     (<log dir>/*.log, written by netns-scripts/up.sh).")]
 pub struct MeasureArgs {
@@ -35,9 +38,10 @@ pub struct MeasureArgs {
     /// close look at the window (root may go down to 0.002).
     #[arg(long, default_value_t = 1.0)]
     interval: f64,
-    /// Namespace the probes leave from.
-    #[arg(long, default_value = "vf-client")]
-    client_netns: String,
+    /// Namespace the probes leave from [default: $VF_PREFIX-client, i.e. vf-client
+    /// unless VF_PREFIX names another fabric].
+    #[arg(long)]
+    client_netns: Option<String>,
     /// How the target announces the VM: rarp, garp or none (default: the target's setting).
     #[arg(long)]
     announce: Option<Announce>,
@@ -66,6 +70,18 @@ pub struct MeasureArgs {
     /// Also write the JSON object to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Draw the migration's timeline into this SVG file: every probe, the pre-copy
+    /// rounds, the downtime, each announce and the FDB move, and a close-up of the
+    /// switch-over. Opens in any browser.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// The client namespace of the fabric named by `prefix` (`VF_PREFIX`, default `vf`),
+/// as netns-scripts/up.sh names it.
+fn client_netns_of(prefix: Option<&str>) -> String {
+    let prefix = prefix.filter(|p| !p.is_empty()).unwrap_or("vf");
+    format!("{prefix}-client")
 }
 
 /// The measurement's result.
@@ -225,6 +241,10 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     if !(a.interval > 0.0 && a.interval <= 60.0) {
         return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
     }
+    let client_netns = a
+        .client_netns
+        .clone()
+        .unwrap_or_else(|| client_netns_of(std::env::var("VF_PREFIX").ok().as_deref()));
     let info = vm_show(&a.vm)?;
     let log_dir = a
         .log_dir
@@ -237,9 +257,9 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     };
     say(format!(
         "pinging {} ({}) from {} every {} s",
-        a.vm, info.ip, a.client_netns, a.interval
+        a.vm, info.ip, client_netns, a.interval
     ));
-    let mut pinger = Pinger::start(&a.client_netns, &info.ip.to_string(), a.interval)?;
+    let mut pinger = Pinger::start(&client_netns, &info.ip.to_string(), a.interval)?;
     // Wait for the VM to answer before moving it: a window measured from nothing is noise.
     let t0 = Instant::now();
     loop {
@@ -253,14 +273,14 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         if t0.elapsed() > Duration::from_secs(10).max(Duration::from_millis(a.before_ms * 2)) {
             return Err(format!(
                 "{} ({}) does not answer ping from {} before the migration",
-                a.vm, info.ip, a.client_netns
+                a.vm, info.ip, client_netns
             )
             .into());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let udp_before = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
@@ -294,7 +314,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     );
     let (lines, raw) = pinger.stop();
     let udp_after = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
@@ -314,6 +334,18 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         since_us,
         unix_micros(),
     );
+    if let Some(path) = &a.svg {
+        let mut picture =
+            measure::migration_timeline(&events, &a.vm, &info.mac.to_string(), since_us);
+        picture.vm = a.vm.clone();
+        picture.from = from.clone();
+        picture.to = to.clone();
+        picture.interval_s = a.interval;
+        picture.probes = measure::probes(&lines, a.interval);
+        std::fs::write(path, svg::render(&picture))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        say(format!("timeline picture written to {}", path.display()));
+    }
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -447,5 +479,17 @@ pub fn print_report(r: &Report) {
             "  no announce: the switch kept sending to the old port; resume -> FDB move {}",
             us(r.fdb_move_after_resume_us)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_namespace_follows_the_fabric_prefix() {
+        assert_eq!(client_netns_of(None), "vf-client");
+        assert_eq!(client_netns_of(Some("")), "vf-client");
+        assert_eq!(client_netns_of(Some("xcli")), "xcli-client");
     }
 }
