@@ -151,7 +151,7 @@ struct CreateArgs {
     /// Host to create it on.
     #[arg(long)]
     host: String,
-    /// Guest memory, MB.
+    /// Guest memory, MB (4 to 65536).
     #[arg(long, default_value_t = 256)]
     memory_mb: u64,
     /// Virtual CPUs: 1, 2 or 4.
