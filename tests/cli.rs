@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-const VERBS: [&str; 10] = [
+const VERBS: [&str; 11] = [
     "switch",
     "fdb",
     "ports",
@@ -12,6 +12,7 @@ const VERBS: [&str; 10] = [
     "migrate",
     "measure",
     "udp",
+    "pki",
     "completions",
     "man",
 ];
