@@ -32,33 +32,33 @@ pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
     /// Target host.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST")]
     to: String,
     /// Seconds between probes: the book's `ping -t` sends one a second; use 0.01 for a
     /// close look at the window (root may go down to 0.002).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     interval: f64,
     /// Namespace the probes leave from [default: $VF_PREFIX-client, i.e. vf-client
     /// unless VF_PREFIX names another fabric].
-    #[arg(long)]
+    #[arg(long, value_name = "NETNS")]
     client_netns: Option<String>,
     /// How the target announces the VM: rarp, garp or none (default: the target's setting).
-    #[arg(long)]
+    #[arg(long, value_name = "MODE")]
     announce: Option<Announce>,
     /// Ping this long before migrating, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     before_ms: u64,
     /// Keep pinging this long after replies are back, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     after_ms: u64,
     /// Give up waiting for replies to come back after this long, s.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     max_wait_s: u64,
-    /// Directory of the daemons' logs (default: the runtime directory).
-    #[arg(long)]
+    /// Directory of the daemons' logs (default: $VFABRIC_RUN_DIR).
+    #[arg(long, value_name = "DIR")]
     log_dir: Option<PathBuf>,
     /// Keep ping's own output in this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     ping_log: Option<PathBuf>,
     /// Before and after the migration, send the VM's UDP service an `incr` from the
     /// client namespace and report the counter (it must carry on: memory moved).
@@ -68,11 +68,11 @@ pub struct MeasureArgs {
     #[arg(long)]
     json: bool,
     /// Also write the JSON object to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
-    /// Draw the migration's timeline into this SVG file: every probe, the pre-copy
-    /// rounds, the downtime, each announce and the FDB move, and a close-up of the
-    /// switch-over. Opens in any browser.
+    /// Draw the migration's timeline into this SVG file (open it in a browser): every
+    /// probe, the pre-copy rounds, the downtime, each announce and the FDB move, and a
+    /// close-up of the switch-over.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
 }

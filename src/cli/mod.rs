@@ -21,7 +21,13 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
         client namespace; a VM runs on one host and is moved to another by pre-copy \
         migration; the target announces the VM with RARP so the switch relearns it.\n\n\
         Daemons serve control sockets under $VFABRIC_RUN_DIR (default /run/vfabric); \
-        logs go to stderr, filtered by RUST_LOG (default info)."
+        logs go to stderr, filtered by RUST_LOG (default info).",
+    after_help = "Getting started (as root): netns-scripts/demo.sh runs the whole story; \
+        netns-scripts/up.sh brings the fabric up for `vfabric vm create`, `migrate` and \
+        `measure`. Each verb has its own --help.\n\n\
+        Environment: VF_PREFIX names the fabric's namespaces (default vf: vf-client, \
+        vf-silo104, vf-silo105); VFABRIC_RUN_DIR holds its control sockets and logs \
+        (default /run/vfabric). Use the same values as netns-scripts/up.sh did."
 )]
 pub struct Cli {
     #[command(subcommand)]
