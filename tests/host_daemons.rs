@@ -76,6 +76,16 @@ impl Hosts {
 
     /// Starts one more host, on datastore `ds`, and waits for its socket.
     fn add_host(&mut self, name: &str, capacity: u64, ds: &Path, extra: &[&str]) {
+        // A host added after set-up gets its certificate from the fabric CA too.
+        if !self
+            .run_dir()
+            .join("pki")
+            .join(format!("{name}.pem"))
+            .exists()
+        {
+            let o = self.cli(&["pki", "issue", name]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
             .args(["host", "--name", name, "--vmotion-addr", "127.0.0.1:0"])
