@@ -1,6 +1,7 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
 mod docs;
+mod events;
 mod host;
 mod measure;
 mod switch;
@@ -62,6 +63,8 @@ pub enum Command {
     Completions(docs::CompletionsArgs),
     /// Write the manual pages (vfabric.1 and one per verb), or print vfabric.1.
     Man(docs::ManArgs),
+    /// Follow the daemons' events live, merged in time order.
+    Events(events::EventsArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
     Pki(host::PkiArgs),
 }
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Events(a) => events::run(a),
         Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
