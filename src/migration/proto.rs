@@ -757,14 +757,14 @@ mod tests {
     #[test]
     fn header_fixture() {
         let b = enc(&Message::Accept);
-        assert_eq!(b, [b'V', b'F', b'M', b'G', 1, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(b, [b'V', b'F', b'M', b'G', 2, 0, 2, 0, 0, 0, 0, 0]);
         assert_eq!(dec(&b, 8).unwrap(), Some((Message::Accept, 12)));
         let b = enc(&Message::Abort {
             reason: "no".into(),
         });
         assert_eq!(
             b,
-            [b'V', b'F', b'M', b'G', 1, 0, 11, 0, 2, 0, 0, 0, b'n', b'o']
+            [b'V', b'F', b'M', b'G', 2, 0, 11, 0, 2, 0, 0, 0, b'n', b'o']
         );
     }
 
@@ -897,8 +897,8 @@ mod tests {
         // Bad magic, seen from the first byte.
         assert!(matches!(dec(b"X", 8), Err(ProtoError::BadMagic(_))));
         let mut b = enc(&Message::Accept);
-        b[4] = 2;
-        assert_eq!(dec(&b, 8).unwrap_err(), ProtoError::BadVersion(2));
+        b[4] = 1;
+        assert_eq!(dec(&b, 8).unwrap_err(), ProtoError::BadVersion(1));
         let mut b = enc(&Message::Accept);
         b[6] = 99;
         assert_eq!(dec(&b, 8).unwrap_err(), ProtoError::UnknownKind(99));
