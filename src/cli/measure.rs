@@ -1,5 +1,5 @@
 //! `vfabric measure`: ping a VM from the client namespace with the system's real `ping`
-//! while it migrates, and explain the loss window from the daemons' own logs.
+//! while it migrates, and explain the loss window from the daemons' events.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,51 +10,53 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 use vfabric::clock::unix_micros;
-use vfabric::measure::{self, LogEvent, PingLine, PingStats, Window};
+use vfabric::host::client::{self, MigrationPlan};
+use vfabric::measure::{self, PingLine, PingStats, Timeline, Window};
 use vfabric::migration::announce::Announce;
 use vfabric::migration::MigrationSummary;
+use vfabric::monitor::{self, Monitor};
+use vfabric::timeline::svg;
 
-use super::host::{migrate_call, vm_show, MigrateRequest};
 use super::CliError;
 
 /// Ping a VM from the client namespace around a migration and report the loss window.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     vfabric measure vm1 --to silo105                   # one probe a second, like ping -t\n  \
-    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n\n\
-    Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
-    The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
-    (<log dir>/*.log, written by netns-scripts/up.sh).")]
+    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n  \
+    vfabric measure vm1 --to silo105 --interval 0.01 --svg timeline.svg   # and a picture of it\n\n\
+    Probes go from the client namespace ($VF_PREFIX-client unless --client-netns) with\n\
+    `ip netns exec <ns> ping -D -O -i <interval>`.\n\
+    The downtime, the first announce and the switch's MAC move come from the daemons' events\n\
+    (what `vfabric events` shows), subscribed to before the migration starts.")]
 pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
     /// Target host.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST")]
     to: String,
     /// Seconds between probes: the book's `ping -t` sends one a second; use 0.01 for a
     /// close look at the window (root may go down to 0.002).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     interval: f64,
-    /// Namespace the probes leave from.
-    #[arg(long, default_value = "vf-client")]
-    client_netns: String,
+    /// Namespace the probes leave from [default: $VF_PREFIX-client, i.e. vf-client
+    /// unless VF_PREFIX names another fabric].
+    #[arg(long, value_name = "NETNS")]
+    client_netns: Option<String>,
     /// How the target announces the VM: rarp, garp or none (default: the target's setting).
-    #[arg(long)]
+    #[arg(long, value_name = "MODE")]
     announce: Option<Announce>,
     /// Ping this long before migrating, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     before_ms: u64,
     /// Keep pinging this long after replies are back, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     after_ms: u64,
     /// Give up waiting for replies to come back after this long, s.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     max_wait_s: u64,
-    /// Directory of the daemons' logs (default: the runtime directory).
-    #[arg(long)]
-    log_dir: Option<PathBuf>,
     /// Keep ping's own output in this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     ping_log: Option<PathBuf>,
     /// Before and after the migration, send the VM's UDP service an `incr` from the
     /// client namespace and report the counter (it must carry on: memory moved).
@@ -64,8 +66,20 @@ pub struct MeasureArgs {
     #[arg(long)]
     json: bool,
     /// Also write the JSON object to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
+    /// Draw the migration's timeline into this SVG file (open it in a browser): every
+    /// probe, the pre-copy rounds, the downtime, each announce and the FDB move, and a
+    /// close-up of the switch-over.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// The client namespace of the fabric named by `prefix` (`VF_PREFIX`, default `vf`),
+/// as netns-scripts/up.sh names it.
+fn client_netns_of(prefix: Option<&str>) -> String {
+    let prefix = prefix.filter(|p| !p.is_empty()).unwrap_or("vf");
+    format!("{prefix}-client")
 }
 
 /// The measurement's result.
@@ -94,8 +108,9 @@ pub struct Report {
     pub udp_counter_before: Option<u64>,
     pub udp_counter_after: Option<u64>,
     pub window: Window,
-    /// The migration's events from every daemon's log, in time order.
-    pub timeline: Vec<measure::TimelineEntry>,
+    /// The probes, rounds, quiesce, resume, announces and FDB move on one time axis, and
+    /// the migration's events from every daemon in time order (`entries`).
+    pub timeline: Timeline,
     pub migration: MigrationSummary,
 }
 
@@ -191,45 +206,31 @@ impl Drop for Pinger {
     }
 }
 
-/// Every event with `t_us` in the `*.log` files of `dir`.
-pub fn read_events(dir: &std::path::Path) -> Vec<LogEvent> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in rd.flatten() {
-        let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) != Some("log") {
-            continue;
-        }
-        let daemon = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("?")
-            .to_string();
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(
-                text.lines()
-                    .filter_map(measure::parse_log_line)
-                    .map(|mut e| {
-                        e.fields.insert("daemon".into(), daemon.clone());
-                        e
-                    }),
-            );
-        }
+pub fn run(a: MeasureArgs) -> Result<(), CliError> {
+    let report = measure(&a)?;
+    let json = serde_json::to_string(&report)?;
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, format!("{json}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
-    out
+    if a.json {
+        println!("{json}");
+    } else {
+        print_report(&report);
+    }
+    Ok(())
 }
 
-pub fn run(a: MeasureArgs) -> Result<(), CliError> {
+/// Pings, migrates, and builds the timeline and report.
+pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     if !(a.interval > 0.0 && a.interval <= 60.0) {
         return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
     }
-    let info = vm_show(&a.vm)?;
-    let log_dir = a
-        .log_dir
+    let client_netns = a
+        .client_netns
         .clone()
-        .unwrap_or_else(vfabric::control::runtime_dir);
+        .unwrap_or_else(|| client_netns_of(std::env::var("VF_PREFIX").ok().as_deref()));
+    let info = client::vm_show(&a.vm)?;
     let say = |s: String| {
         if !a.json {
             eprintln!("{s}");
@@ -237,9 +238,9 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     };
     say(format!(
         "pinging {} ({}) from {} every {} s",
-        a.vm, info.ip, a.client_netns, a.interval
+        a.vm, info.ip, client_netns, a.interval
     ));
-    let mut pinger = Pinger::start(&a.client_netns, &info.ip.to_string(), a.interval)?;
+    let mut pinger = Pinger::start(&client_netns, &info.ip.to_string(), a.interval)?;
     // Wait for the VM to answer before moving it: a window measured from nothing is noise.
     let t0 = Instant::now();
     loop {
@@ -253,26 +254,28 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         if t0.elapsed() > Duration::from_secs(10).max(Duration::from_millis(a.before_ms * 2)) {
             return Err(format!(
                 "{} ({}) does not answer ping from {} before the migration",
-                a.vm, info.ip, a.client_netns
+                a.vm, info.ip, client_netns
             )
             .into());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let udp_before = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
+    // Subscribed before the migration starts: no event of it can be missed.
+    let events = Monitor::open(&monitor::daemon_sockets()?, true)?;
     let since_us = unix_micros();
-    let req = MigrateRequest {
-        name: a.vm.clone(),
+    let plan = MigrationPlan {
+        vm: a.vm.clone(),
         to: a.to.clone(),
         announce: a.announce,
-        ..MigrateRequest::default()
+        ..MigrationPlan::default()
     };
-    let quiet = a.json;
-    let (summary, from, to) = migrate_call(&req, !quiet)?;
+    let migrated = super::host::migrate(&plan, !a.json)?;
+    let (summary, from, to) = (migrated.summary, migrated.from, migrated.to);
     let done_us = unix_micros();
     // Replies come back once the switch has followed the VM.
     let wait = Instant::now();
@@ -294,7 +297,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     );
     let (lines, raw) = pinger.stop();
     let udp_after = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
@@ -303,17 +306,16 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
     let ping = measure::ping_stats(&lines);
-    // Give the daemons' log writers a moment to flush.
-    std::thread::sleep(Duration::from_millis(50));
-    let events = read_events(&log_dir);
-    let window = measure::find_window(&events, &a.vm, &info.mac.to_string(), since_us);
-    let timeline = measure::timeline(
-        &events,
-        &a.vm,
-        &info.mac.to_string(),
-        since_us,
-        unix_micros(),
-    );
+    let until_us = unix_micros();
+    let records = events.finish(Duration::from_millis(50));
+    let timeline = Timeline::build(&records, &lines, &a.vm, info.mac, since_us, until_us);
+    let window = timeline.window();
+    if let Some(path) = &a.svg {
+        let picture = timeline.picture(&from, &to, a.interval);
+        std::fs::write(path, svg::render(&picture))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        say(format!("timeline picture written to {}", path.display()));
+    }
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -345,17 +347,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         timeline,
         migration: summary,
     };
-    let json = serde_json::to_string(&report)?;
-    if let Some(p) = &a.json_out {
-        std::fs::write(p, format!("{json}\n"))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if a.json {
-        println!("{json}");
-    } else {
-        print_report(&report);
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// Sends `incr` to the guest's UDP service from `netns` with this same binary, as a
@@ -388,10 +380,10 @@ fn us(v: Option<u64>) -> String {
 }
 
 pub fn print_report(r: &Report) {
-    if !r.timeline.is_empty() {
-        println!("what the daemons logged (ms from the first event):");
-        for e in &r.timeline {
-            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.daemon, e.what);
+    if !r.timeline.entries.is_empty() {
+        println!("what the daemons reported (ms from the first event):");
+        for e in &r.timeline.entries {
+            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.source, e.event);
         }
     }
     println!(
@@ -447,5 +439,17 @@ pub fn print_report(r: &Report) {
             "  no announce: the switch kept sending to the old port; resume -> FDB move {}",
             us(r.fdb_move_after_resume_us)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_namespace_follows_the_fabric_prefix() {
+        assert_eq!(client_netns_of(None), "vf-client");
+        assert_eq!(client_netns_of(Some("")), "vf-client");
+        assert_eq!(client_netns_of(Some("xcli")), "xcli-client");
     }
 }
