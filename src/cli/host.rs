@@ -11,7 +11,10 @@ use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
 use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
 use vfabric::host::daemon::{self, HostConfig};
 use vfabric::migration::announce::{Announce, Schedule};
-use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
+use vfabric::migration::{
+    human_us, MigrationConfig, MigrationSummary, NoConvergence, Progress, Tick,
+    DEFAULT_MAX_DOWNTIME,
+};
 use vfabric::wire::MacAddr;
 
 use super::CliError;
@@ -63,6 +66,25 @@ pub struct HostArgs {
     /// pre-copy throughput, though they do not lengthen the downtime.
     #[arg(long)]
     no_verify_memory: bool,
+    /// Throttle a VM's vCPUs when pre-copy cannot otherwise converge (SDPS, QEMU's
+    /// auto-converge): on or off. On by default: without it, a VM that dirties memory
+    /// faster than the link carries can only be stunned for long or not moved at all.
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    auto_converge: bool,
+    /// Stun guard, ms: a migration whose pre-copy ends without converging stops the VM
+    /// only if the estimated downtime is within this (after throttling, with
+    /// auto-converge); otherwise it aborts and the VM keeps running here.
+    #[arg(long, default_value_t = DEFAULT_MAX_DOWNTIME.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_downtime_ms: u64,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
 }
 
 fn parse_policy(s: &str) -> Result<NoConvergence, String> {
@@ -82,6 +104,8 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         on_no_convergence: a.on_no_convergence,
         io_timeout: Duration::from_millis(a.io_timeout_ms.max(1)),
         verify_memory: !a.no_verify_memory,
+        auto_converge: a.auto_converge,
+        max_downtime: Duration::from_millis(a.max_downtime_ms),
         ..MigrationConfig::default()
     };
     let cfg = HostConfig {
@@ -361,7 +385,15 @@ pub struct MigrateArgs {
     /// (default: the target host's setting).
     #[arg(long)]
     announce: Option<Announce>,
-    /// Print no progress.
+    /// Throttle the VM's vCPUs if pre-copy cannot otherwise converge: on or off
+    /// (default: the source host's, which is on).
+    #[arg(long, value_parser = parse_on_off)]
+    auto_converge: Option<bool>,
+    /// Stun guard, ms: abort rather than stop the VM for longer than this when pre-copy
+    /// does not converge (default: the source host's, 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_downtime_ms: Option<u64>,
+    /// Print no progress (a warning before a forced stop-and-copy still goes to stderr).
     #[arg(long, short)]
     quiet: bool,
 }
@@ -427,14 +459,26 @@ pub fn migrate_call(
             r.name, source.name, target.name, addr
         );
     }
+    let mut live = LiveLine::new(progress);
     let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
-        if !progress {
+        let Ok(p) = serde_json::from_value::<Progress>(p) else {
             return;
-        }
-        if let Ok(p) = serde_json::from_value::<Progress>(p) {
-            eprintln!("  {}", describe(&p));
+        };
+        match &p {
+            Progress::Tick(t) => live.draw(t),
+            // Said before the VM stops, whatever the output mode.
+            Progress::ForcedStop { .. } => {
+                live.clear();
+                eprintln!("vfabric: warning: {}", describe(&p));
+            }
+            _ if progress => {
+                live.clear();
+                eprintln!("  {}", describe(&p));
+            }
+            _ => {}
         }
     });
+    live.clear();
     if result.is_err() && r.announce.is_some() {
         // The choice was for this migration only.
         let _ = control::call_simple::<_, serde_json::Value>(
@@ -460,6 +504,8 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
             max_rounds: a.max_rounds,
             on_no_convergence: a.on_no_convergence,
             bandwidth_mbps: a.bandwidth_mbps,
+            auto_converge: a.auto_converge,
+            max_downtime_ms: a.max_downtime_ms,
         },
     };
     let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
@@ -471,6 +517,62 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The live figures of a running round, on one line redrawn in place on the terminal
+/// (only when stdout is one, and progress is wanted).
+struct LiveLine {
+    on: bool,
+    drawn: bool,
+}
+
+impl LiveLine {
+    fn new(progress: bool) -> LiveLine {
+        use std::io::IsTerminal;
+        LiveLine {
+            on: progress && std::io::stdout().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    fn draw(&mut self, t: &Tick) {
+        use std::io::Write;
+        if !self.on {
+            return;
+        }
+        let eta = if t.eta_ms == u64::MAX {
+            "?".to_string()
+        } else {
+            human_us(t.eta_ms.saturating_mul(1000))
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = write!(
+            out,
+            "\r\x1b[2K  round {}: transferred {:.1} MiB, remaining {:.1} MiB of {:.0} MiB, \
+             dirty {} pages/s, expected downtime {}, throttle {} %, {:.0} Mbit/s, ETA {}",
+            t.round,
+            t.transferred_bytes as f64 / (1024.0 * 1024.0),
+            mib(t.remaining_pages),
+            t.total_bytes as f64 / (1024.0 * 1024.0),
+            t.dirty_rate_pages_per_s,
+            human_us(t.expected_downtime_us),
+            t.throttle_pct,
+            t.bandwidth_mbps,
+            eta
+        );
+        let _ = out.flush();
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        use std::io::Write;
+        if self.drawn {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\r\x1b[2K");
+            let _ = out.flush();
+            self.drawn = false;
+        }
+    }
+}
+
 fn describe(p: &Progress) -> String {
     match p {
         Progress::Round {
@@ -478,9 +580,29 @@ fn describe(p: &Progress) -> String {
             pages_sent,
             dirty_pages,
             throughput_mbps,
+            throttle_pct,
+            dirty_rate_pages_per_s,
+            expected_downtime_us,
         } => format!(
-            "pre-copy round {round}: sent {pages_sent} pages ({:.1} MiB), {dirty_pages} dirtied meanwhile, {throughput_mbps:.0} Mbit/s",
-            mib(*pages_sent)
+            "pre-copy round {round}: sent {pages_sent} pages ({:.1} MiB), {dirty_pages} dirtied \
+             meanwhile ({dirty_rate_pages_per_s} pages/s), {throughput_mbps:.0} Mbit/s, \
+             throttle {throttle_pct} %, expected downtime {}",
+            mib(*pages_sent),
+            human_us(*expected_downtime_us)
+        ),
+        Progress::Tick(t) => format!("round {} running", t.round),
+        Progress::Throttle { pct, .. } => format!("vCPUs throttled by {pct} % from the next round"),
+        Progress::ForcedStop {
+            reason,
+            expected_downtime_us,
+            dirty_pages,
+            dirty_rate_pages_per_s,
+            bandwidth_mbps,
+        } => format!(
+            "pre-copy did not converge ({reason}): stopping the VM anyway for an estimated {} \
+             ({dirty_pages} dirty pages, {dirty_rate_pages_per_s} pages/s dirtied, \
+             {bandwidth_mbps:.0} Mbit/s)",
+            human_us(*expected_downtime_us)
         ),
         Progress::Quiesced { dirty_pages, .. } => {
             format!("quiesced on the source; {dirty_pages} pages still dirty")
@@ -511,12 +633,18 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     println!(
         "  pre-copy rounds     {}{}",
         s.rounds,
-        if s.converged {
-            ""
-        } else {
-            " (did not converge: stopped by policy)"
+        match (&s.converged, &s.stop_reason) {
+            (true, _) => String::new(),
+            (false, Some(r)) => format!(" (did not converge: {r}; stopped anyway)"),
+            (false, None) => " (did not converge: stopped by policy)".to_string(),
         }
     );
+    if let Some(t) = s.throttle_pct_per_round.iter().max().filter(|&&t| t > 0) {
+        println!(
+            "  vCPU throttle       up to {t} % (per round: {:?}), released",
+            s.throttle_pct_per_round
+        );
+    }
     println!("  zero pages skipped  {}", s.zero_pages);
     println!(
         "  bitmap              {} dirty pages at quiesce",
@@ -524,10 +652,13 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     );
     println!("  pages pulled        {}", s.pages_pulled);
     println!(
-        "  downtime            {} us (quiesce -> resume on target)",
-        s.downtime_us
+        "  downtime            {} (quiesce -> resume on target)",
+        human_us(s.downtime_us)
     );
-    println!("  total time          {} ms", s.total_ms);
+    println!(
+        "  total time          {}",
+        human_us(s.total_ms.saturating_mul(1000))
+    );
     println!("  throughput          {:.0} Mbit/s", s.throughput_mbps);
     println!("  memory sha256       source {}", s.memory_sha256_source);
     println!("                      target {}", s.memory_sha256_target);

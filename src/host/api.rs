@@ -46,6 +46,12 @@ pub struct MigrateOptions {
     pub max_rounds: Option<u32>,
     pub on_no_convergence: Option<String>,
     pub bandwidth_mbps: Option<u64>,
+    /// Throttle the vCPUs if pre-copy cannot otherwise converge.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+    /// The stun guard, ms.
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
 }
 
 /// Reply to [`HostRequest::Info`].

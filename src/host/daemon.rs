@@ -586,6 +586,15 @@ impl Host {
         if let Some(b) = o.bandwidth_mbps {
             cfg.bandwidth_limit = Some(b.saturating_mul(1_000_000) / 8);
         }
+        if let Some(on) = o.auto_converge {
+            cfg.auto_converge = on;
+        }
+        if let Some(ms) = o.max_downtime_ms {
+            if ms == 0 {
+                return Err("the stun guard (max downtime) must be at least 1 ms".into());
+            }
+            cfg.max_downtime = Duration::from_millis(ms);
+        }
         Ok(cfg)
     }
 
