@@ -12,8 +12,9 @@
 //!    fraction `f` (default 10 % over 2 rounds): more rounds cannot pay back their time.
 //! 5. **Not shrinking**: the round did not shrink the dirty set at all.
 //!
-//! **Auto-converge** (SDPS, QEMU's auto-converge): when the dirty rate outruns the link,
-//! or rule 4 or 5 would end pre-copy above the downtime target, the vCPUs are throttled
+//! **Auto-converge** (SDPS, QEMU's auto-converge): when a round's dirty set is more
+//! than half of what it sent (QEMU's trigger), the dirty rate outruns the link, or rule
+//! 4 or 5 would end pre-copy above the downtime target, the vCPUs are throttled
 //! instead and another round is sent. The steps are computed, not fixed (see
 //! [`next_throttle`]): QEMU's 20 % + 10 % per period needs up to eight periods, each a
 //! full round over the link, to reach what a fast dirtier needs; the measured dirty rate
@@ -216,11 +217,10 @@ pub fn decide(h: &History<'_>, l: &Limits) -> Decision {
         None
     };
     let hard_limit = matches!(stall, Some(Reason::RoundLimit | Reason::ByteLimit));
-    let outruns_link = last.dirty_rate() >= h.link_pages_per_s();
     if l.auto_converge
         && throttle_pct < MAX_THROTTLE
         && !hard_limit
-        && (stall.is_some() || outruns_link)
+        && (stall.is_some() || outruns_link(last, h))
     {
         return Decision::Continue {
             throttle_pct: next_throttle(h, l),
@@ -232,6 +232,17 @@ pub fn decide(h: &History<'_>, l: &Limits) -> Decision {
         Some(reason) if h.estimated_downtime() > l.max_downtime => Decision::StunGuard(reason),
         Some(reason) => Decision::ForceStop(reason),
     }
+}
+
+/// The trigger of auto-converge besides a stall: the VM dirtied more than half of
+/// what the round sent (QEMU's `throttle-trigger-threshold`, 50 %), or dirties pages
+/// faster than the link carries them. Either way the next rounds would mostly resend
+/// the same pages. (Distinct pages under-report a fast writer: a VM rewriting all of
+/// its memory within one round shows a dirty rate of memory ÷ round time, however
+/// fast it writes; the first test catches it.)
+fn outruns_link(last: &Round, h: &History<'_>) -> bool {
+    last.dirty_pages.saturating_mul(2) > last.sent_pages
+        || last.dirty_rate() >= h.link_pages_per_s()
 }
 
 /// The throttle for the next round: enough for that round to leave a dirty set that
@@ -346,6 +357,18 @@ mod tests {
             decide(&hist(&r), &limits()),
             Decision::Continue { throttle_pct: 0 }
         );
+        // With auto-converge, a round that leaves more than half of what it sent dirty
+        // (QEMU's trigger) throttles at once; one that leaves less does not.
+        let ac = Limits {
+            auto_converge: true,
+            ..limits()
+        };
+        assert!(matches!(
+            decide(&hist(&r), &ac),
+            Decision::Continue { throttle_pct } if throttle_pct >= INITIAL_THROTTLE
+        ));
+        let r = [round(PAGES, 20_000, 8.0, 0), round(20_000, 9_000, 0.1, 0)];
+        assert_eq!(decide(&hist(&r), &ac), Decision::Continue { throttle_pct: 0 });
     }
 
     #[test]
@@ -369,7 +392,10 @@ mod tests {
             bytes_sent: 3 * GIB + 1,
             ..hist(&r)
         };
-        assert_eq!(decide(&h, &limits()), Decision::ForceStop(Reason::ByteLimit));
+        assert_eq!(
+            decide(&h, &limits()),
+            Decision::ForceStop(Reason::ByteLimit)
+        );
     }
 
     #[test]
@@ -399,7 +425,10 @@ mod tests {
             ..h
         };
         assert!(!h2.on_plateau(&Plateau::default()));
-        assert_eq!(decide(&h2, &limits()), Decision::Continue { throttle_pct: 0 });
+        assert_eq!(
+            decide(&h2, &limits()),
+            Decision::Continue { throttle_pct: 0 }
+        );
         // A 15 % shrink over two rounds is progress.
         let r = [
             round(32_768, 2_000, 0.27, 0),
@@ -486,9 +515,14 @@ mod tests {
             auto_converge: true,
             ..limits()
         };
-        assert!(matches!(decide(&h, &ac), Decision::Continue { throttle_pct } if throttle_pct >= 20));
+        assert!(
+            matches!(decide(&h, &ac), Decision::Continue { throttle_pct } if throttle_pct >= 20)
+        );
         // ...and aborts only once the throttle is at its maximum.
-        let r = [round(PAGES, 10_000, 80.0, 0), round(10_000, 10_000, 3.3, 99)];
+        let r = [
+            round(PAGES, 10_000, 80.0, 0),
+            round(10_000, 10_000, 3.3, 99),
+        ];
         let h = History { rounds: &r, ..h };
         assert_eq!(decide(&h, &ac), Decision::StunGuard(Reason::NotShrinking));
         // The configured abort is an abort whatever the estimate.
@@ -516,7 +550,10 @@ mod tests {
             max_downtime: Duration::from_millis(50),
             ..limits()
         };
-        assert_eq!(decide(&h, &tight), Decision::StunGuard(Reason::NotShrinking));
+        assert_eq!(
+            decide(&h, &tight),
+            Decision::StunGuard(Reason::NotShrinking)
+        );
     }
 
     #[test]
@@ -555,7 +592,11 @@ mod tests {
                         other => break other,
                     }
                 };
-                assert!(rounds.len() <= 30, "rate {rate} bw {bw}: {} rounds", rounds.len());
+                assert!(
+                    rounds.len() <= 30,
+                    "rate {rate} bw {bw}: {} rounds",
+                    rounds.len()
+                );
                 if ac || rate * 4096.0 < bw / 2.0 {
                     assert_eq!(d, Decision::Converged, "rate {rate} bw {bw} ac {ac}");
                 }

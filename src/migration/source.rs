@@ -495,12 +495,10 @@ impl Source<'_> {
         // ratio of dirty rate to link rate each round (a geometric series) if it does.
         let link = bw / PAGE_SIZE as f64;
         let eta = if link > 0.0 && rate < link {
-            micros(policy::send_time(left, bw))
-                .saturating_add(micros(policy::send_time(
-                    (dirty as f64 / (1.0 - rate / link)) as u64,
-                    bw,
-                )))
-                / 1000
+            micros(policy::send_time(left, bw)).saturating_add(micros(policy::send_time(
+                (dirty as f64 / (1.0 - rate / link)) as u64,
+                bw,
+            ))) / 1000
         } else {
             u64::MAX
         };
@@ -745,7 +743,10 @@ impl Source<'_> {
         };
         // The target runs the VM; telling it our hash is a courtesy it can live without.
         self.wr
-            .send_now(&Message::Complete { sha256: source_sha }, self.cfg.io_timeout)
+            .send_now(
+                &Message::Complete { sha256: source_sha },
+                self.cfg.io_timeout,
+            )
             .await;
         self.wr.shutdown().await;
         let summary = self.stats.summary(Ending {

@@ -405,8 +405,7 @@ impl Target<'_> {
             Message::DeviceState { json } => Ok(json),
             m => Err(m),
         })?;
-        let state: DeviceState =
-            serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+        let state: DeviceState = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
         if state.mac != config.mac || state.ip != config.ip {
             return Err(bad(format!(
                 "device state names {} {}, the VM is configured as {} {}",
