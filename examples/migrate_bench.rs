@@ -228,11 +228,7 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
     println!(
         "VM: {} MiB, every page non-zero, {} vCPU(s), verify_memory={}, huge_pages={}, \
          prefault={}",
-        args.memory_mb,
-        args.vcpus,
-        args.verify,
-        args.huge_pages,
-        !args.no_prefault
+        args.memory_mb, args.vcpus, args.verify, args.huge_pages, !args.no_prefault
     );
     println!("raw TCP throughput ({how}): {raw_gbps:.2} Gbit/s");
     let limit_ms = bytes as f64 * 8.0 / (raw_gbps * 1e9) * 1e3;

@@ -81,9 +81,15 @@ fn a_forced_stop_and_copy_is_announced_before_the_vm_stops() {
     // Human units: an estimate in ms or s, never raw µs.
     assert!(w.contains(" ms (") || w.contains(" s ("), "{w}");
     assert!(!stdout.contains(" us "), "raw µs in:\n{stdout}");
-    assert!(stdout.contains("did not converge: round limit reached"), "{stdout}");
+    assert!(
+        stdout.contains("did not converge: round limit reached"),
+        "{stdout}"
+    );
     // Stdout is not a terminal here: no live line redrawn into it.
-    assert!(!stdout.contains('\r'), "live progress in a pipe:\n{stdout:?}");
+    assert!(
+        !stdout.contains('\r'),
+        "live progress in a pipe:\n{stdout:?}"
+    );
 
     // Back with --json: stdout is one JSON object with the per-round figures; the
     // warning still comes, on stderr.

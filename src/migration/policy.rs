@@ -368,7 +368,10 @@ mod tests {
             Decision::Continue { throttle_pct } if throttle_pct >= INITIAL_THROTTLE
         ));
         let r = [round(PAGES, 20_000, 8.0, 0), round(20_000, 9_000, 0.1, 0)];
-        assert_eq!(decide(&hist(&r), &ac), Decision::Continue { throttle_pct: 0 });
+        assert_eq!(
+            decide(&hist(&r), &ac),
+            Decision::Continue { throttle_pct: 0 }
+        );
     }
 
     #[test]

@@ -121,6 +121,9 @@ impl Drop for Source<'_> {
     fn drop(&mut self) {
         // Whatever the outcome, a digest still running no longer holds up the downtime.
         self.digest_hurry.store(true, Ordering::Relaxed);
+        // And however the migration ends (even dropped half-way), the vCPUs get their
+        // full speed back.
+        self.release_throttle();
     }
 }
 

@@ -106,7 +106,7 @@ impl GuestRam {
     pub fn populate(&self, offset: usize, len: usize) -> io::Result<()> {
         let end = offset
             .checked_add(len)
-            .filter(|&e| e <= self.words * 8 && offset % 4096 == 0)
+            .filter(|&e| e <= self.words * 8 && offset.is_multiple_of(4096))
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         if end == offset {
             return Ok(());
