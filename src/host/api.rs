@@ -52,6 +52,9 @@ pub struct MigrateOptions {
     /// The stun guard, ms.
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
+    /// vMotion encryption of this migration (default: the source host's setting).
+    #[serde(default)]
+    pub encryption: Option<crate::migration::tls::Encryption>,
 }
 
 /// Reply to [`HostRequest::Info`].

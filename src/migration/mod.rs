@@ -18,6 +18,7 @@ pub mod policy;
 pub mod proto;
 mod source;
 mod target;
+pub mod tls;
 
 use std::fmt;
 use std::str::FromStr;
@@ -172,6 +173,12 @@ pub trait TargetHooks: Send {
     fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
     /// The VM runs here: add it to the inventory, announce its MAC.
     fn resumed(&mut self, vm: &Arc<Vm>);
+    /// The source rejected this copy after the resume (its memory digest did not
+    /// match): stop the VM and release its disk lock before returning, so the source
+    /// can take the VM back.
+    fn rolled_back(&mut self, vm: &Arc<Vm>) {
+        vm.quiesce();
+    }
 }
 
 /// Events of a running migration, for the caller (source side).
@@ -286,6 +293,9 @@ pub struct MigrationSummary {
     /// Why pre-copy ended without converging (none when it converged).
     #[serde(default)]
     pub stop_reason: Option<policy::Reason>,
+    /// How the stream was protected (filled in by the host daemon).
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// The phase in which a migration failed.
@@ -298,6 +308,8 @@ pub enum Step {
     Pull,
     DeviceState,
     Resume,
+    /// After the resume: the target's memory digest against the source's.
+    Verify,
 }
 
 impl fmt::Display for Step {
@@ -310,6 +322,7 @@ impl fmt::Display for Step {
             Step::Pull => "pull",
             Step::DeviceState => "device state",
             Step::Resume => "resume",
+            Step::Verify => "verification",
         })
     }
 }
@@ -355,6 +368,8 @@ pub enum ErrorKind {
     },
     #[error("cannot allocate guest memory: {0}")]
     Memory(crate::memory::MemoryError),
+    #[error("memory not verified: {0}")]
+    Verify(String),
 }
 
 /// A failed migration: the step, the cause, and where the VM is now.
@@ -457,6 +472,7 @@ impl Stats {
                 &mut self.expected_downtime_us_per_round,
             ),
             stop_reason: self.stop_reason,
+            transport: String::new(),
         };
         tracing::info!(
             t_us = crate::clock::unix_micros(),

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm};
-use crate::memory::{count_set, set_pages, GuestMemory, PAGE_SIZE};
+use crate::memory::{count_set, hex, set_pages, GuestMemory, PAGE_SIZE};
 
 /// How long last words (an abort notice) may take to a peer that may be gone.
 const LAST_WORDS: Duration = Duration::from_millis(200);
@@ -114,7 +114,21 @@ pub async fn migrate_out(
             return Err(s.failed(step, kind, running));
         }
     };
-    Ok(s.finish(&q, done).await)
+    s.finish(&q, done, hooks).await
+}
+
+/// The verdict on the two memory digests: equal, or why not.
+fn check_digests(source: Option<[u8; 32]>, target: Option<[u8; 32]>) -> Result<(), String> {
+    match (source, target) {
+        (Some(s), Some(t)) if s == t => Ok(()),
+        (None, _) => Err("the source could not digest its memory".into()),
+        (_, None) => Err("the target reported no memory digest".into()),
+        (Some(s), Some(t)) => Err(format!(
+            "the target's memory digest {} differs from the source's {}",
+            hex(&t),
+            hex(&s)
+        )),
+    }
 }
 
 impl Drop for Source<'_> {
@@ -212,6 +226,23 @@ impl Source<'_> {
                 LAST_WORDS,
             )
             .await;
+    }
+
+    /// Asks the target to stop its unverified copy and give the disk back, and waits
+    /// for its answer; the disk lock decides afterwards either way.
+    async fn roll_back(&mut self, reason: &str) {
+        let msg = Message::Rollback {
+            reason: reason.into(),
+        };
+        self.wr.send_now(&msg, self.cfg.io_timeout).await;
+        self.rd.set_timeout(self.cfg.io_timeout);
+        match self.rd.recv().await {
+            Ok(Message::RolledBack) => {
+                tracing::info!(t_us = unix_micros(), vm = %self.name, "target rolled back")
+            }
+            Ok(m) => tracing::warn!(vm = %self.name, kind = %m.kind(), "no rollback answer"),
+            Err(e) => tracing::warn!(vm = %self.name, error = %e, "no rollback answer"),
+        }
     }
 
     /// After a failure past quiesce: retake the disk and resume, if allowed.
@@ -736,14 +767,28 @@ impl Source<'_> {
         })
     }
 
-    /// The VM runs on the target: send our digest, and sum it all up.
-    async fn finish(mut self, q: &Quiesced, done: SwitchOver) -> MigrationSummary {
+    /// The VM runs on the target: check its memory, send our digest, sum it all up.
+    async fn finish(
+        mut self,
+        q: &Quiesced,
+        done: SwitchOver,
+        hooks: &mut dyn SourceHooks,
+    ) -> Result<MigrationSummary, MigrationError> {
         let total = done.resumed_at - self.started;
         self.digest_hurry.store(true, Ordering::Relaxed);
         let source_sha = match self.digest.take() {
             Some(h) => h.await.ok(),
             None => None,
         };
+        // Success means verified: the VM is freed here only once the target's memory is
+        // known to be ours; otherwise the target stops its copy and the VM resumes here.
+        if self.cfg.verify_memory {
+            if let Err(reason) = check_digests(source_sha, done.target_sha) {
+                self.roll_back(&reason).await;
+                let running = self.take_back(hooks);
+                return Err(self.failed(Step::Verify, ErrorKind::Verify(reason), running));
+            }
+        }
         // The target runs the VM; telling it our hash is a courtesy it can live without.
         self.wr
             .send_now(
@@ -764,17 +809,6 @@ impl Source<'_> {
             sha_source: source_sha,
             sha_target: done.target_sha,
         });
-        if !summary.memory_sha256_source.is_empty()
-            && !summary.memory_sha256_target.is_empty()
-            && summary.memory_sha256_source != summary.memory_sha256_target
-        {
-            tracing::error!(
-                vm = %summary.vm,
-                source = %summary.memory_sha256_source,
-                target = %summary.memory_sha256_target,
-                "memory hash differs between source and target"
-            );
-        }
-        summary
+        Ok(summary)
     }
 }

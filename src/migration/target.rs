@@ -125,10 +125,13 @@ pub async fn migrate_in(
     hooks: &mut dyn TargetHooks,
 ) -> Result<(Arc<Vm>, MigrationSummary), MigrationError> {
     let (rd, wr) = split_stream(stream);
+    let mut rd = Reader::new(rd, cfg.io_timeout);
+    // Nothing larger than a Hello before admission.
+    rd.set_max_message(proto::HEADER_LEN + proto::MAX_CONFIG_LEN);
     let mut t = Target {
         cfg,
         name: String::new(),
-        rd: Reader::new(rd, cfg.io_timeout),
+        rd,
         wr: Writer::new(wr, cfg.io_timeout),
         started: Instant::now(),
         stats: Stats::default(),
@@ -200,7 +203,7 @@ impl Target<'_> {
         );
         let sha = self.digest_at_resume().await;
         self.report_resume(resume_t_us, sha).await;
-        let source_sha = self.await_complete(memory_bytes).await;
+        let (vm, source_sha) = self.await_complete(memory_bytes, vm, hooks).await?;
         self.wr.shutdown().await;
         let summary = self.stats.summary(Ending {
             bitmap_bits: bits,
@@ -251,6 +254,7 @@ impl Target<'_> {
                 self.rd.set_limits(Limits {
                     pages: mem.page_count(),
                 });
+                self.rd.set_max_message(usize::MAX);
                 self.wr
                     .send_flush(&Message::Accept)
                     .await
@@ -473,13 +477,29 @@ impl Target<'_> {
         }
     }
 
-    /// The source's digest at quiesce, if it sends one.
-    async fn await_complete(&mut self, memory_bytes: u64) -> Option<[u8; 32]> {
+    /// The source's verdict: its digest at quiesce (if it sends one), or a rollback
+    /// when it did not find its memory here. Returns the VM for the former.
+    async fn await_complete(
+        &mut self,
+        memory_bytes: u64,
+        vm: Arc<Vm>,
+        hooks: &mut dyn TargetHooks,
+    ) -> Result<(Arc<Vm>, Option<[u8; 32]>), Failure> {
         // The source digests all of its memory from the bitmap on: allow for that.
         self.rd
             .set_timeout(self.cfg.io_timeout + super::hash_allowance(memory_bytes));
-        match self.rd.recv().await {
+        let sha = match self.rd.recv().await {
             Ok(Message::Complete { sha256 }) => sha256,
+            Ok(Message::Rollback { reason }) => {
+                // The source did not find its memory here: stop, give the disk back,
+                // then let the source resume its copy.
+                let reason = reason.into_owned();
+                hooks.rolled_back(&vm);
+                drop(vm);
+                let _ = self.wr.send_flush(&Message::RolledBack).await;
+                self.wr.shutdown().await;
+                return Err((Step::Verify, ErrorKind::PeerAborted(reason)));
+            }
             Ok(m) => {
                 tracing::warn!(vm = %self.name, kind = %m.kind(), "unexpected message after resume");
                 None
@@ -488,6 +508,7 @@ impl Target<'_> {
                 tracing::warn!(vm = %self.name, error = %e, "no completion from the source");
                 None
             }
-        }
+        };
+        Ok((vm, sha))
     }
 }
