@@ -13,7 +13,7 @@ use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, R
 use super::policy::{self, Decision, History, Round};
 use super::proto::{Limits, Message, PageRange, PagesEncoder, MAX_MESSAGE};
 use super::{
-    at, expect, micros, Ending, ErrorKind, Failure, MigrationConfig, MigrationError,
+    at, expect, micros, Cancel, Ending, ErrorKind, Failure, MigrationConfig, MigrationError,
     MigrationSummary, Progress, SourceHooks, Stats, Step, Tick,
 };
 use crate::clock::unix_micros;
@@ -49,6 +49,10 @@ struct Source<'c> {
     digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
     /// Tells the digest's thread that the downtime is over: it may leave idle priority.
     digest_hurry: Arc<AtomicBool>,
+    /// The operator's cancel, honoured until the device state is sent.
+    cancel: Cancel,
+    /// Pre-copy has begun (a cancel is reported in pre-copy rather than pre-check).
+    in_precopy: bool,
 }
 
 /// The state of the round being sent, for the live figures.
@@ -90,12 +94,45 @@ pub async fn migrate_out(
     hooks: &mut dyn SourceHooks,
     progress: ProgressFn<'_>,
 ) -> Result<MigrationSummary, MigrationError> {
-    let mut s = Source::new(vm, stream, cfg);
-    // Pre-check and pre-copy: the VM runs throughout.
-    let converged = match s.live_phases(progress).await {
+    migrate_out_cancellable(vm, stream, cfg, hooks, progress, &Cancel::new()).await
+}
+
+/// [`migrate_out`] that stops with [`ErrorKind::Cancelled`] when `cancel` fires before
+/// the point of no return (the device state sent); the VM then runs on the source,
+/// unthrottled.
+pub async fn migrate_out_cancellable(
+    vm: Arc<Vm>,
+    stream: impl MigrationStream,
+    cfg: &MigrationConfig,
+    hooks: &mut dyn SourceHooks,
+    progress: ProgressFn<'_>,
+    cancel: &Cancel,
+) -> Result<MigrationSummary, MigrationError> {
+    let mut s = Source::new(vm, stream, cfg, cancel);
+    // Pre-check and pre-copy: the VM runs throughout. A cancel drops them wherever they
+    // are (mid-batch too): the VM never stopped, and reading memory changed nothing.
+    let converged = tokio::select! {
+        r = s.live_phases(progress) => r,
+        () = cancel.cancelled() => Err((Step::PreCheck, ErrorKind::Cancelled)),
+    };
+    let converged = match converged {
         Ok(c) => c,
+        Err((_, ErrorKind::Cancelled)) => {
+            // The stream may end mid-message: the target sees it close and discards.
+            let step = if s.in_precopy {
+                Step::PreCopy
+            } else {
+                Step::PreCheck
+            };
+            s.release_throttle();
+            return Err(s.failed(step, ErrorKind::Cancelled, s.vm.is_running()));
+        }
         Err((step, kind)) => return Err(s.give_up(step, kind).await),
     };
+    // A cancel that came with the last round's answer: the VM has not stopped yet.
+    if s.cancel.is_cancelled() {
+        return Err(s.give_up(Step::PreCopy, ErrorKind::Cancelled).await);
+    }
     // From the quiesce until the target's report the VM runs nowhere.
     let q = match s.quiesce(hooks, converged, progress) {
         Ok(q) => q,
@@ -142,7 +179,12 @@ impl Drop for Source<'_> {
 }
 
 impl<'c> Source<'c> {
-    fn new(vm: Arc<Vm>, stream: impl MigrationStream, cfg: &'c MigrationConfig) -> Source<'c> {
+    fn new(
+        vm: Arc<Vm>,
+        stream: impl MigrationStream,
+        cfg: &'c MigrationConfig,
+        cancel: &Cancel,
+    ) -> Source<'c> {
         let (rd, wr) = split_stream(stream);
         let now = Instant::now();
         let mut rd = Reader::new(rd, cfg.io_timeout);
@@ -172,6 +214,8 @@ impl<'c> Source<'c> {
             },
             digest: None,
             digest_hurry: Arc::new(AtomicBool::new(false)),
+            cancel: cancel.clone(),
+            in_precopy: false,
             vm,
         }
     }
@@ -252,7 +296,7 @@ impl Source<'_> {
             tracing::error!(
                 t_us = unix_micros(),
                 vm = %self.name,
-                "the target holds the VM's disk: not resuming on the source"
+                "disk lock not retaken: not resuming on the source"
             );
             return false;
         }
@@ -300,6 +344,8 @@ impl Source<'_> {
     /// Sends rounds until the policy says stop. Returns whether it converged.
     async fn precopy(&mut self, progress: ProgressFn<'_>) -> Result<bool, Failure> {
         let step = Step::PreCopy;
+        self.in_precopy = true;
+        self.in_precopy = true;
         let mem = Arc::clone(self.vm.memory());
         // Dirty logging starts with everything dirty: round 1 sends every page.
         mem.dirty().mark_all();
@@ -743,6 +789,14 @@ impl Source<'_> {
 
     async fn send_device_state(&mut self, state: &DeviceState) -> Result<(), Failure> {
         let step = Step::DeviceState;
+        // The last moment to cancel: once the device state is out, the target may resume.
+        if self.cancel.is_cancelled() {
+            return Err((step, ErrorKind::Cancelled));
+        }
+        // The last moment to cancel: once the device state is out, the target may resume.
+        if self.cancel.is_cancelled() {
+            return Err((step, ErrorKind::Cancelled));
+        }
         let json =
             serde_json::to_vec(state).map_err(|e| (step, ErrorKind::State(e.to_string())))?;
         self.wr
