@@ -157,13 +157,18 @@ impl Target<'_> {
                 )
                 .await;
         }
-        tracing::warn!(
-            t_us = unix_micros(),
-            vm = %self.name,
-            step = %step,
-            error = %kind,
-            "incoming migration failed; nothing kept"
-        );
+        if self.name.is_empty() {
+            // No Hello got through: an anonymous peer, worth no more than DEBUG.
+            tracing::debug!(step = %step, error = %kind, "incoming connection dropped");
+        } else {
+            tracing::warn!(
+                t_us = unix_micros(),
+                vm = %self.name,
+                step = %step,
+                error = %kind,
+                "incoming migration failed; nothing kept"
+            );
+        }
         MigrationError {
             step,
             kind,
