@@ -14,7 +14,10 @@ use vfabric::host::client::{self, Migrated, MigrationPlan};
 use vfabric::host::daemon::{self, HostConfig, VmotionSecurity};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::tls::{Encryption, Tls};
-use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
+use vfabric::migration::{
+    human_us, MigrationConfig, MigrationSummary, NoConvergence, Progress, Tick,
+    DEFAULT_MAX_DOWNTIME,
+};
 use vfabric::pki;
 use vfabric::wire::MacAddr;
 
@@ -72,6 +75,17 @@ pub struct HostArgs {
     /// migration succeeds only if the target's digest equals the source's.
     #[arg(long)]
     no_verify_memory: bool,
+    /// Throttle a VM's vCPUs when pre-copy cannot otherwise converge (SDPS, QEMU's
+    /// auto-converge): on or off. On by default: without it, a VM that dirties memory
+    /// faster than the link carries can only be stunned for long or not moved at all.
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    auto_converge: bool,
+    /// Stun guard, ms: a migration whose pre-copy ends without converging stops the VM
+    /// only if the estimated downtime is within this (after throttling, with
+    /// auto-converge); otherwise it aborts and the VM keeps running here.
+    #[arg(long, default_value_t = DEFAULT_MAX_DOWNTIME.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_downtime_ms: u64,
     /// vMotion encryption: required (TLS 1.3, both hosts authenticated by the fabric CA),
     /// opportunistic (TLS when both ends can, plaintext with a host that has it
     /// disabled; never after a failed certificate check) or disabled (plaintext).
@@ -96,6 +110,14 @@ pub struct HostArgs {
     test_exit_after_announce: bool,
 }
 
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
+}
+
 /// A whole number of at least 1.
 fn positive<T: std::str::FromStr + PartialEq + From<u8>>(s: &str) -> Result<T, String> {
     match s.parse::<T>() {
@@ -114,6 +136,8 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         on_no_convergence: a.on_no_convergence,
         io_timeout: Duration::from_millis(a.io_timeout_ms),
         verify_memory: !a.no_verify_memory,
+        auto_converge: a.auto_converge,
+        max_downtime: Duration::from_millis(a.max_downtime_ms),
         ..MigrationConfig::default()
     };
     let pki_dir = a.pki_dir.clone().unwrap_or_else(pki::default_dir);
@@ -397,11 +421,19 @@ pub struct MigrateArgs {
     /// (default: the target host's setting).
     #[arg(long)]
     announce: Option<Announce>,
+    /// Throttle the VM's vCPUs if pre-copy cannot otherwise converge: on or off
+    /// (default: the source host's, which is on).
+    #[arg(long, value_parser = parse_on_off)]
+    auto_converge: Option<bool>,
+    /// Stun guard, ms: abort rather than stop the VM for longer than this when pre-copy
+    /// does not converge (default: the source host's, 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_downtime_ms: Option<u64>,
     /// vMotion encryption of this migration: required, opportunistic or disabled
     /// (default: the source host's --vmotion-encryption).
     #[arg(long)]
     encryption: Option<Encryption>,
-    /// Print no progress.
+    /// Print no progress (a warning before a forced stop-and-copy still goes to stderr).
     #[arg(long, short)]
     quiet: bool,
 }
@@ -419,22 +451,31 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / (1024.0 * 1024.0)
 }
 
-/// Runs one migration, with progress on stderr when `progress` is set.
+/// Runs one migration, with progress on stderr when `progress` is set (the live line
+/// on stdout when it is a terminal). A warning before a forced stop-and-copy goes to
+/// stderr in every mode.
 pub fn migrate(plan: &MigrationPlan, progress: bool) -> Result<Migrated, CliError> {
-    Ok(client::migrate(plan, |step| {
-        if !progress {
-            return;
+    let mut live = LiveLine::new(progress);
+    let r = client::migrate(plan, |step| match step {
+        client::Step::Starting { from, to, vmotion } if progress => {
+            eprintln!(
+                "migrating {} from {from} to {to} (vMotion {vmotion})",
+                plan.vm
+            )
         }
-        match step {
-            client::Step::Starting { from, to, vmotion } => {
-                eprintln!(
-                    "migrating {} from {from} to {to} (vMotion {vmotion})",
-                    plan.vm
-                )
-            }
-            client::Step::Progress(p) => eprintln!("  {}", describe(&p)),
+        client::Step::Progress(Progress::Tick(t)) => live.draw(&t),
+        client::Step::Progress(p @ Progress::ForcedStop { .. }) => {
+            live.clear();
+            eprintln!("vfabric: warning: {}", describe(&p));
         }
-    })?)
+        client::Step::Progress(p) if progress => {
+            live.clear();
+            eprintln!("  {}", describe(&p));
+        }
+        _ => {}
+    });
+    live.clear();
+    Ok(r?)
 }
 
 /// Asks the daemon running `name` to cancel its outgoing migration.
@@ -521,6 +562,8 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
             max_rounds: a.max_rounds,
             on_no_convergence: a.on_no_convergence,
             bandwidth_mbps: a.bandwidth_mbps,
+            auto_converge: a.auto_converge,
+            max_downtime_ms: a.max_downtime_ms,
             encryption: a.encryption,
         },
     };
@@ -533,6 +576,62 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The live figures of a running round, on one line redrawn in place on the terminal
+/// (only when stdout is one, and progress is wanted).
+struct LiveLine {
+    on: bool,
+    drawn: bool,
+}
+
+impl LiveLine {
+    fn new(progress: bool) -> LiveLine {
+        use std::io::IsTerminal;
+        LiveLine {
+            on: progress && std::io::stdout().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    fn draw(&mut self, t: &Tick) {
+        use std::io::Write;
+        if !self.on {
+            return;
+        }
+        let eta = if t.eta_ms == u64::MAX {
+            "?".to_string()
+        } else {
+            human_us(t.eta_ms.saturating_mul(1000))
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = write!(
+            out,
+            "\r\x1b[2K  round {}: transferred {:.1} MiB, remaining {:.1} MiB of {:.0} MiB, \
+             dirty {} pages/s, expected downtime {}, throttle {} %, {:.0} Mbit/s, ETA {}",
+            t.round,
+            t.transferred_bytes as f64 / (1024.0 * 1024.0),
+            mib(t.remaining_pages),
+            t.total_bytes as f64 / (1024.0 * 1024.0),
+            t.dirty_rate_pages_per_s,
+            human_us(t.expected_downtime_us),
+            t.throttle_pct,
+            t.bandwidth_mbps,
+            eta
+        );
+        let _ = out.flush();
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        use std::io::Write;
+        if self.drawn {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\r\x1b[2K");
+            let _ = out.flush();
+            self.drawn = false;
+        }
+    }
+}
+
 fn describe(p: &Progress) -> String {
     match p {
         Progress::Round {
@@ -540,9 +639,29 @@ fn describe(p: &Progress) -> String {
             pages_sent,
             dirty_pages,
             throughput_mbps,
+            throttle_pct,
+            dirty_rate_pages_per_s,
+            expected_downtime_us,
         } => format!(
-            "pre-copy round {round}: sent {pages_sent} pages ({:.1} MiB), {dirty_pages} dirtied meanwhile, {throughput_mbps:.0} Mbit/s",
-            mib(*pages_sent)
+            "pre-copy round {round}: sent {pages_sent} pages ({:.1} MiB), {dirty_pages} dirtied \
+             meanwhile ({dirty_rate_pages_per_s} pages/s), {throughput_mbps:.0} Mbit/s, \
+             throttle {throttle_pct} %, expected downtime {}",
+            mib(*pages_sent),
+            human_us(*expected_downtime_us)
+        ),
+        Progress::Tick(t) => format!("round {} running", t.round),
+        Progress::Throttle { pct, .. } => format!("vCPUs throttled by {pct} % from the next round"),
+        Progress::ForcedStop {
+            reason,
+            expected_downtime_us,
+            dirty_pages,
+            dirty_rate_pages_per_s,
+            bandwidth_mbps,
+        } => format!(
+            "pre-copy did not converge ({reason}): stopping the VM anyway for an estimated {} \
+             ({dirty_pages} dirty pages, {dirty_rate_pages_per_s} pages/s dirtied, \
+             {bandwidth_mbps:.0} Mbit/s)",
+            human_us(*expected_downtime_us)
         ),
         Progress::Quiesced { dirty_pages, .. } => {
             format!("quiesced on the source; {dirty_pages} pages still dirty")
@@ -573,12 +692,18 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     println!(
         "  pre-copy rounds     {}{}",
         s.rounds,
-        if s.converged {
-            ""
-        } else {
-            " (did not converge: stopped by policy)"
+        match (&s.converged, &s.stop_reason) {
+            (true, _) => String::new(),
+            (false, Some(r)) => format!(" (did not converge: {r}; stopped anyway)"),
+            (false, None) => " (did not converge: stopped by policy)".to_string(),
         }
     );
+    if let Some(t) = s.throttle_pct_per_round.iter().max().filter(|&&t| t > 0) {
+        println!(
+            "  vCPU throttle       up to {t} % (per round: {:?}), released",
+            s.throttle_pct_per_round
+        );
+    }
     println!("  zero pages skipped  {}", s.zero_pages);
     println!(
         "  bitmap              {} dirty pages at quiesce",
@@ -586,10 +711,13 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     );
     println!("  pages pulled        {}", s.pages_pulled);
     println!(
-        "  downtime            {} us (quiesce -> resume on target)",
-        s.downtime_us
+        "  downtime            {} (quiesce -> resume on target)",
+        human_us(s.downtime_us)
     );
-    println!("  total time          {} ms", s.total_ms);
+    println!(
+        "  total time          {}",
+        human_us(s.total_ms.saturating_mul(1000))
+    );
     println!("  throughput          {:.0} Mbit/s", s.throughput_mbps);
     println!("  vMotion stream      {}", s.transport);
     println!("  memory sha256       source {}", s.memory_sha256_source);

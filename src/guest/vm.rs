@@ -6,7 +6,7 @@
 //! freed. Dropping a running VM quiesces it first.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -30,6 +30,8 @@ pub struct Vm {
     mac: MacAddr,
     ip: Ipv4Addr,
     regs: Arc<[VcpuRegs]>,
+    /// Share of the vCPUs' time taken away (auto-converge), percent.
+    throttle: Arc<AtomicU8>,
     running: AtomicBool,
     starts: AtomicU64,
     run_us: AtomicU64,
@@ -77,6 +79,7 @@ impl Vm {
             ip: state.ip,
             memory,
             regs,
+            throttle: Arc::new(AtomicU8::new(0)),
             running: AtomicBool::new(false),
             starts: AtomicU64::new(state.starts),
             run_us: AtomicU64::new(state.run_us),
@@ -119,11 +122,12 @@ impl Vm {
                 let mem = Arc::clone(&self.memory);
                 let regs = Arc::clone(&self.regs);
                 let stop = Arc::clone(&stop);
+                let throttle = Arc::clone(&self.throttle);
                 let pattern = self.config.workload.pattern.clone();
                 std::thread::Builder::new()
                     .name(format!("vcpu{i}-{}", self.config.name))
                     .spawn(move || {
-                        workload::run(&mem, &pattern, rate, &regs[i as usize], i, &stop)
+                        workload::run(&mem, &pattern, rate, &regs[i as usize], i, &stop, &throttle)
                     })
                     .map_err(|e| tracing::error!(vm = %self.config.name, vcpu = i, error = %e, "cannot spawn vCPU thread"))
                     .ok()
@@ -158,6 +162,24 @@ impl Vm {
         }
         drop(run);
         self.device_state()
+    }
+
+    /// Throttles the vCPUs by `pct` percent of their time (capped at 99); 0 releases
+    /// them. Takes effect within one batch, running or not.
+    pub fn set_throttle(&self, pct: u8) {
+        let pct = pct.min(workload::MAX_THROTTLE_PCT);
+        if self.throttle.swap(pct, Ordering::Relaxed) != pct {
+            if let Some(r) = self.lock().as_ref() {
+                for t in &r.threads {
+                    t.thread().unpark();
+                }
+            }
+        }
+    }
+
+    /// The current vCPU throttle, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
     }
 
     /// True while the vCPUs run: the NIC answers only then.

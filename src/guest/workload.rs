@@ -7,8 +7,14 @@
 //! thousand pages a second costs a few hundred wake-ups, not a thousand sleeps. The
 //! vCPU's registers (generator state, sweep cursor, counters) are published after each
 //! batch, so a quiesced VM continues exactly where it stopped.
+//!
+//! The throttle (auto-converge, SDPS) takes a share of the vCPU's time away, as QEMU's
+//! CPU throttle does: a vCPU throttled by `t` % runs `100 − t` % of the time. A paced
+//! vCPU's clock then advances at that share of real time, so its rate falls by `t` %;
+//! an unpaced one sleeps after each batch for `t ÷ (100 − t)` of the time the batch
+//! took.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Pattern, VcpuState, WorkloadConfig, SERVICE_PAGES, SWEEP_OFFSET};
@@ -118,8 +124,12 @@ pub fn write_one(mem: &GuestMemory, pattern: &Pattern, s: &mut VcpuState) {
     s.pages_written = s.pages_written.wrapping_add(1);
 }
 
-/// The body of one vCPU thread: writes `rate` pages a second of `pattern` until `stop`.
-/// Returns after at most one batch once `stop` is raised; wake it with `Thread::unpark`.
+/// The highest throttle: a vCPU keeps at least 1 % of its time.
+pub const MAX_THROTTLE_PCT: u8 = 99;
+
+/// The body of one vCPU thread: writes `rate` pages a second of `pattern` until `stop`,
+/// slowed by `throttle` percent. Returns after at most one batch once `stop` is raised;
+/// wake it with `Thread::unpark`.
 pub fn run(
     mem: &GuestMemory,
     pattern: &Pattern,
@@ -127,24 +137,32 @@ pub fn run(
     regs: &VcpuRegs,
     index: u8,
     stop: &AtomicBool,
+    throttle: &AtomicU8,
 ) {
     let mut s = regs.load(index);
-    let started = Instant::now();
+    let mut last = Instant::now();
+    // The vCPU's own clock: real time less the share the throttle took.
+    let mut vcpu_ns = 0u128;
     let mut done = 0u64;
     while !stop.load(Ordering::Acquire) {
-        let batch = if rate == 0 {
+        if rate == 0 {
             std::thread::park_timeout(MAX_NAP * 10);
             continue;
-        } else if rate == u64::MAX {
+        }
+        let t = throttle.load(Ordering::Relaxed).min(MAX_THROTTLE_PCT) as u128;
+        let now = Instant::now();
+        vcpu_ns += now.duration_since(last).as_nanos() * (100 - t) / 100;
+        last = now;
+        let batch = if rate == u64::MAX {
             MAX_BATCH
         } else {
-            let elapsed = started.elapsed().as_nanos();
-            let due = (rate as u128 * elapsed / 1_000_000_000).min(u64::MAX as u128) as u64;
+            let due = (rate as u128 * vcpu_ns / 1_000_000_000).min(u64::MAX as u128) as u64;
             let n = due.saturating_sub(done).min(MAX_BATCH);
             if n == 0 {
-                // Sleep until the next page is due.
+                // Sleep until the next page is due on the vCPU's clock.
                 let next_ns = ((done + 1) as u128 * 1_000_000_000).div_ceil(rate as u128);
-                let wait = Duration::from_nanos(next_ns.saturating_sub(elapsed) as u64);
+                let wait = next_ns.saturating_sub(vcpu_ns) * 100 / (100 - t);
+                let wait = Duration::from_nanos(wait.min(u64::MAX as u128) as u64);
                 std::thread::park_timeout(wait.clamp(Duration::from_micros(50), MAX_NAP));
                 continue;
             }
@@ -155,6 +173,19 @@ pub fn run(
         }
         done += batch;
         regs.store(&s);
+        if rate == u64::MAX && t > 0 {
+            // Unpaced: give the throttle its share of the time the batch took.
+            let busy = last.elapsed();
+            let nap = busy.mul_f64(t as f64 / (100 - t) as f64);
+            let until = Instant::now() + nap;
+            while !stop.load(Ordering::Acquire) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+            }
+        }
     }
     regs.store(&s);
 }
@@ -239,8 +270,9 @@ mod tests {
             pages_written: 0,
         });
         let stop = AtomicBool::new(false);
+        let throttle = AtomicU8::new(0);
         std::thread::scope(|sc| {
-            let h = sc.spawn(|| run(&mem, &Pattern::Uniform, 2000, &regs, 0, &stop));
+            let h = sc.spawn(|| run(&mem, &Pattern::Uniform, 2000, &regs, 0, &stop, &throttle));
             std::thread::sleep(Duration::from_millis(250));
             stop.store(true, Ordering::Release);
             h.thread().unpark();
@@ -249,6 +281,39 @@ mod tests {
         assert!(
             (300..=600).contains(&n),
             "wrote {n} pages in 250 ms at 2000/s"
+        );
+    }
+
+    /// Pages written in `ms` by one vCPU at `rate` throttled by `pct`.
+    fn written(rate: u64, pct: u8, ms: u64) -> u64 {
+        let mem = GuestMemory::new(64 * PAGE_SIZE as u64).unwrap();
+        let regs = VcpuRegs::default();
+        let stop = AtomicBool::new(false);
+        let throttle = AtomicU8::new(pct);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| run(&mem, &Pattern::Uniform, rate, &regs, 0, &stop, &throttle));
+            std::thread::sleep(Duration::from_millis(ms));
+            stop.store(true, Ordering::Release);
+            h.thread().unpark();
+        });
+        regs.load(0).pages_written
+    }
+
+    #[test]
+    fn the_throttle_takes_its_share_of_the_vcpu() {
+        // Paced: 4000 pages/s at 75 % is 1000 pages/s.
+        let n = written(4000, 75, 300);
+        assert!((150..=450).contains(&n), "wrote {n} pages in 300 ms");
+        // Unpaced: 90 % leaves about a tenth of the unthrottled pace. Both run side by
+        // side, so the load of a shared machine weighs on both alike (loose bound).
+        let (free, slowed) = std::thread::scope(|sc| {
+            let free = sc.spawn(|| written(u64::MAX, 0, 300));
+            let slowed = sc.spawn(|| written(u64::MAX, 90, 300));
+            (free.join().unwrap(), slowed.join().unwrap())
+        });
+        assert!(
+            slowed * 4 < free,
+            "throttled {slowed} vs free {free} pages in 300 ms"
         );
     }
 }

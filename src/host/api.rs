@@ -108,6 +108,12 @@ pub struct MigrateOptions {
     pub max_rounds: Option<u32>,
     pub on_no_convergence: Option<NoConvergence>,
     pub bandwidth_mbps: Option<u64>,
+    /// Throttle the vCPUs if pre-copy cannot otherwise converge.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+    /// The stun guard, ms.
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
     /// vMotion encryption of this migration (default: the source host's setting).
     #[serde(default)]
     pub encryption: Option<crate::migration::tls::Encryption>,

@@ -831,6 +831,13 @@ impl Host {
         if let Some(b) = o.bandwidth_mbps {
             cfg.bandwidth_limit = Some(b.saturating_mul(1_000_000) / 8);
         }
+        if let Some(on) = o.auto_converge {
+            cfg.auto_converge = on;
+        }
+        if let Some(ms) = o.max_downtime_ms {
+            // The CLI refuses 0; a raw request asking for it gets the smallest guard.
+            cfg.max_downtime = Duration::from_millis(ms.max(1));
+        }
         cfg
     }
 
@@ -1109,6 +1116,7 @@ fn publish_progress(events: &EventBus, host: &str, vm: &str, p: &migration::Prog
             pages_sent,
             dirty_pages,
             throughput_mbps,
+            ..
         } => (
             unix_micros(),
             Event::MigrationRound {
@@ -1131,6 +1139,9 @@ fn publish_progress(events: &EventBus, host: &str, vm: &str, p: &migration::Prog
         P::Pulled { pages } => (unix_micros(), Event::MigrationPulled { vm, pages }),
         // The target publishes its own resume, stamped by its clock.
         P::Resumed { .. } => return,
+        // Live figures are for the CLI's progress line, four a second: not events. The
+        // throttle and a forced stop-and-copy are (as `MigrationProgress`).
+        P::Tick(_) => return,
         #[allow(unreachable_patterns)]
         ref other => (
             unix_micros(),

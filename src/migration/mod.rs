@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::{Vm, VmConfig};
+use crate::memory::hex;
 
 pub use conn::ConnError;
 pub use source::{migrate_out, migrate_out_cancellable};
@@ -91,6 +92,37 @@ pub struct MigrationConfig {
     /// The target's per-page hashing costs receive throughput (see the notes): both
     /// ends read this flag.
     pub verify_memory: bool,
+    /// Stop pre-copy when the dirty set shrank by less than a fraction over the last
+    /// rounds (`None`: only when it no longer shrinks at all).
+    #[serde(default = "default_plateau")]
+    pub plateau: Option<policy::Plateau>,
+    /// Throttle the vCPUs when pre-copy cannot otherwise converge (SDPS, QEMU's
+    /// auto-converge). The throttle is released at switch-over and on failure.
+    #[serde(default = "default_true")]
+    pub auto_converge: bool,
+    /// The stun guard: pre-copy that ends without converging stops the VM only if the
+    /// estimated downtime is within this; otherwise the migration aborts.
+    #[serde(default = "default_max_downtime")]
+    pub max_downtime: Duration,
+    /// The target faults its fresh guest memory in on a thread of its own, ahead of the
+    /// stream, instead of on the receive path.
+    #[serde(default = "default_true")]
+    pub prefault: bool,
+}
+
+fn default_plateau() -> Option<policy::Plateau> {
+    Some(policy::Plateau::default())
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// vMotion's switch-over goal.
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_secs(1);
+
+fn default_max_downtime() -> Duration {
+    DEFAULT_MAX_DOWNTIME
 }
 
 impl Default for MigrationConfig {
@@ -102,6 +134,10 @@ impl Default for MigrationConfig {
             io_timeout: Duration::from_secs(10),
             bandwidth_limit: None,
             verify_memory: true,
+            plateau: default_plateau(),
+            auto_converge: true,
+            max_downtime: DEFAULT_MAX_DOWNTIME,
+            prefault: true,
         }
     }
 }
@@ -112,6 +148,10 @@ impl MigrationConfig {
             downtime_target: self.downtime_target,
             max_rounds: self.max_rounds.max(1),
             max_bytes_factor: MAX_BYTES_FACTOR,
+            plateau: self.plateau,
+            auto_converge: self.auto_converge,
+            max_downtime: self.max_downtime,
+            on_no_convergence: self.on_no_convergence,
         }
     }
 }
@@ -187,6 +227,28 @@ pub enum Progress {
         pages_sent: u64,
         dirty_pages: u64,
         throughput_mbps: f64,
+        /// The vCPU throttle during the round, percent.
+        #[serde(default)]
+        throttle_pct: u8,
+        /// Distinct pages dirtied per second during the round.
+        #[serde(default)]
+        dirty_rate_pages_per_s: u64,
+        /// Time to send the dirty set left by the round, at the measured bandwidth.
+        #[serde(default)]
+        expected_downtime_us: u64,
+    },
+    /// While a round runs, a few times a second: the fields of QEMU's `info migrate`.
+    Tick(Tick),
+    /// The throttle changes from the next round on.
+    Throttle { round: u32, pct: u8 },
+    /// Pre-copy ended without converging; the VM is about to stop for about
+    /// `expected_downtime_us` anyway (within the stun guard).
+    ForcedStop {
+        reason: policy::Reason,
+        expected_downtime_us: u64,
+        dirty_pages: u64,
+        dirty_rate_pages_per_s: u64,
+        bandwidth_mbps: f64,
     },
     /// The VM stopped on the source with `dirty_pages` still to move.
     Quiesced { t_us: u64, dirty_pages: u64 },
@@ -196,6 +258,27 @@ pub enum Progress {
     Pulled { pages: u64 },
     /// The VM runs on the target since `t_us` (the target's clock).
     Resumed { t_us: u64 },
+}
+
+/// Live figures of a running pre-copy round (QEMU `info migrate` plus an ETA).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Tick {
+    pub round: u32,
+    /// Bytes sent so far, every round.
+    pub transferred_bytes: u64,
+    /// Pages still to send: the rest of this round plus those dirtied meanwhile.
+    pub remaining_pages: u64,
+    /// Guest memory, bytes.
+    pub total_bytes: u64,
+    /// Distinct pages dirtied per second (this round so far).
+    pub dirty_rate_pages_per_s: u64,
+    /// Time to send what remains at the measured bandwidth.
+    pub expected_downtime_us: u64,
+    pub throttle_pct: u8,
+    /// Pre-copy bandwidth so far, Mbit/s.
+    pub bandwidth_mbps: f64,
+    /// Time until this round and the next one's dirty set would be sent.
+    pub eta_ms: u64,
 }
 
 /// Figures of one migration, from either end.
@@ -234,6 +317,19 @@ pub struct MigrationSummary {
     pub bytes_pulled: u64,
     /// Every byte of the stream in the main direction (source → target).
     pub bytes_total: u64,
+    /// The vCPU throttle during each pre-copy round, percent (source only).
+    #[serde(default)]
+    pub throttle_pct_per_round: Vec<u8>,
+    /// Distinct pages dirtied per second during each round (source only).
+    #[serde(default)]
+    pub dirty_rate_pages_per_s_per_round: Vec<u64>,
+    /// Time to send the dirty set each round left, at the bandwidth measured by then
+    /// (source only).
+    #[serde(default)]
+    pub expected_downtime_us_per_round: Vec<u64>,
+    /// Why pre-copy ended without converging (none when it converged).
+    #[serde(default)]
+    pub stop_reason: Option<policy::Reason>,
     /// How the stream was protected (filled in by the host daemon).
     #[serde(default)]
     pub transport: String,
@@ -289,6 +385,24 @@ pub enum ErrorKind {
     Hook(String),
     #[error("pull does not match the bitmap: {0}")]
     Pull(String),
+    #[error("bad pages: {0}")]
+    Pages(String),
+    #[error("bad bitmap: {0}")]
+    Bitmap(String),
+    #[error(
+        "stun guard: {reason}, and stopping now would stun the VM for about {} \
+         (limit {}): {dirty_pages} pages dirty, dirty rate {dirty_rate_pages_per_s} pages/s, \
+         bandwidth {bandwidth_mbps:.0} Mbit/s",
+        human_us(*expected_downtime_us), human_us(*max_downtime_us)
+    )]
+    StunGuard {
+        reason: policy::Reason,
+        expected_downtime_us: u64,
+        max_downtime_us: u64,
+        dirty_pages: u64,
+        dirty_rate_pages_per_s: u64,
+        bandwidth_mbps: f64,
+    },
     #[error("cannot allocate guest memory: {0}")]
     Memory(crate::memory::MemoryError),
     #[error("memory not verified: {0}")]
@@ -307,6 +421,113 @@ pub struct MigrationError {
     /// running before, or `reclaim` said the target owns it. Target: always false (the
     /// target keeps nothing).
     pub vm_running: bool,
+}
+
+/// A duration in µs for people: `0.42 ms`, `412 ms`, `10.4 s`.
+pub fn human_us(us: u64) -> String {
+    match us {
+        u64::MAX => "forever".to_string(),
+        0..10_000 => format!("{:.2} ms", us as f64 / 1e3),
+        10_000..1_000_000 => format!("{} ms", (us + 500) / 1000),
+        _ => format!("{:.1} s", us as f64 / 1e6),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A failed step of either driver: where, and what.
+type Failure = (Step, ErrorKind);
+
+/// Maps a stream error to a failure of `step`.
+fn at(step: Step) -> impl Fn(ConnError) -> Failure {
+    move |e| (step, ErrorKind::Conn(e))
+}
+
+/// The one answer to "expect this message": `pick` takes the message wanted (returning
+/// the others back); a peer's abort becomes `PeerAborted`, anything else `Unexpected`.
+fn expect<'m, T>(
+    step: Step,
+    msg: proto::Message<'m>,
+    pick: impl FnOnce(proto::Message<'m>) -> Result<T, proto::Message<'m>>,
+) -> Result<T, Failure> {
+    pick(msg).map_err(|m| match m {
+        proto::Message::Abort { reason } => (step, ErrorKind::PeerAborted(reason.into_owned())),
+        m => (step, ErrorKind::Unexpected(m.kind())),
+    })
+}
+
+/// What both ends count while pages flow, and how they make a summary of it.
+#[derive(Debug, Default)]
+struct Stats {
+    vm: String,
+    pages_per_round: Vec<u64>,
+    bytes_per_round: Vec<u64>,
+    throttle_pct_per_round: Vec<u8>,
+    dirty_rate_per_round: Vec<u64>,
+    expected_downtime_us_per_round: Vec<u64>,
+    zero_pages: u64,
+    stop_reason: Option<policy::Reason>,
+}
+
+/// The switch-over figures of a finished migration, from either end.
+struct Ending {
+    bitmap_bits: u64,
+    pages_pulled: u64,
+    bytes_pulled: u64,
+    quiesce_t_us: u64,
+    resume_t_us: u64,
+    total: Duration,
+    bytes_total: u64,
+    converged: bool,
+    sha_source: Option<[u8; 32]>,
+    sha_target: Option<[u8; 32]>,
+}
+
+impl Stats {
+    fn summary(&mut self, e: Ending) -> MigrationSummary {
+        let s = MigrationSummary {
+            vm: self.vm.clone(),
+            rounds: self.pages_per_round.len() as u32,
+            pages_sent_per_round: std::mem::take(&mut self.pages_per_round),
+            bytes_per_round: std::mem::take(&mut self.bytes_per_round),
+            zero_pages: self.zero_pages,
+            bitmap_bits: e.bitmap_bits,
+            pages_pulled: e.pages_pulled,
+            downtime_us: e.resume_t_us.saturating_sub(e.quiesce_t_us),
+            total_ms: e.total.as_millis() as u64,
+            throughput_mbps: mbps(e.bytes_total, e.total),
+            converged: e.converged,
+            memory_sha256_source: e.sha_source.map(|h| hex(&h)).unwrap_or_default(),
+            memory_sha256_target: e.sha_target.map(|h| hex(&h)).unwrap_or_default(),
+            quiesce_t_us: e.quiesce_t_us,
+            resume_t_us: e.resume_t_us,
+            bytes_pulled: e.bytes_pulled,
+            bytes_total: e.bytes_total,
+            throttle_pct_per_round: std::mem::take(&mut self.throttle_pct_per_round),
+            dirty_rate_pages_per_s_per_round: std::mem::take(&mut self.dirty_rate_per_round),
+            expected_downtime_us_per_round: std::mem::take(
+                &mut self.expected_downtime_us_per_round,
+            ),
+            stop_reason: self.stop_reason,
+            transport: String::new(),
+        };
+        tracing::info!(
+            t_us = crate::clock::unix_micros(),
+            vm = %s.vm,
+            phase = "done",
+            rounds = s.rounds,
+            downtime_us = s.downtime_us,
+            total_ms = s.total_ms,
+            throughput_mbps = s.throughput_mbps,
+            bitmap_bits = s.bitmap_bits,
+            pages_pulled = s.pages_pulled,
+            converged = s.converged,
+            "migration phase"
+        );
+        s
+    }
 }
 
 /// Slowest hashing a wait for the peer's digest allows for (an unoptimised build on a

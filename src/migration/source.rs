@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, Reader, Writer};
-use super::policy::{self, Decision, Figures};
+use super::policy::{self, Decision, History, Round};
 use super::proto::{Limits, Message, PageRange, PagesEncoder, MAX_MESSAGE};
 use super::{
-    mbps, Cancel, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, NoConvergence,
-    Progress, SourceHooks, Step,
+    at, expect, micros, Cancel, Ending, ErrorKind, Failure, MigrationConfig, MigrationError,
+    MigrationSummary, Progress, SourceHooks, Stats, Step, Tick,
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm};
@@ -22,12 +22,11 @@ use crate::memory::{count_set, hex, set_pages, GuestMemory, PAGE_SIZE};
 
 /// How long last words (an abort notice) may take to a peer that may be gone.
 const LAST_WORDS: Duration = Duration::from_millis(200);
+/// Live figures while a round runs: four a second.
+const TICK: Duration = Duration::from_millis(250);
 
-type Failure = (Step, ErrorKind);
-
-fn at(step: Step) -> impl Fn(ConnError) -> Failure {
-    move |e| (step, ErrorKind::Conn(e))
-}
+/// The caller's progress callback.
+type ProgressFn<'p> = &'p mut (dyn FnMut(Progress) + Send);
 
 struct Source<'c> {
     vm: Arc<Vm>,
@@ -39,9 +38,13 @@ struct Source<'c> {
     was_running: bool,
     started: Instant,
     precopy_started: Instant,
-    pages_per_round: Vec<u64>,
-    bytes_per_round: Vec<u64>,
-    zero_pages: u64,
+    /// Bytes on the stream when pre-copy started (the pre-check's are not bandwidth).
+    precopy_start_sent: u64,
+    /// The pre-copy history the policy decides on.
+    rounds: Vec<Round>,
+    stats: Stats,
+    /// The round being sent: its number, its pages, when it started, the last tick.
+    live: Live,
     /// The digest of memory at quiesce, computed beside the pull.
     digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
     /// Tells the digest's thread that the downtime is over: it may leave idle priority.
@@ -50,6 +53,23 @@ struct Source<'c> {
     cancel: Cancel,
     /// Pre-copy has begun (a cancel is reported in pre-copy rather than pre-check).
     in_precopy: bool,
+}
+
+/// The state of the round being sent, for the live figures.
+struct Live {
+    round: u32,
+    pages: u64,
+    started: Instant,
+    last_tick: Instant,
+}
+
+/// The VM stopped on the source: what the switch-over needs.
+struct Quiesced {
+    words: Vec<u64>,
+    bits: u64,
+    state: DeviceState,
+    quiesce_t_us: u64,
+    converged: bool,
 }
 
 /// Result of the switch-over phases (bitmap to resume).
@@ -65,62 +85,34 @@ struct SwitchOver {
 ///
 /// On `Ok` the VM runs on the target; the caller drops its `Arc<Vm>`, which frees the
 /// memory (no vCPU thread holds it any more). On `Err` the VM runs on the source again
-/// with its memory intact (`vm_running`), unless it was not running to begin with or
-/// `hooks.reclaim` reported that the target owns it.
+/// with its memory intact and its vCPUs unthrottled (`vm_running`), unless it was not
+/// running to begin with or `hooks.reclaim` reported that the target owns it.
 pub async fn migrate_out(
     vm: Arc<Vm>,
     stream: impl MigrationStream,
     cfg: &MigrationConfig,
     hooks: &mut dyn SourceHooks,
-    progress: &mut (dyn FnMut(Progress) + Send),
+    progress: ProgressFn<'_>,
 ) -> Result<MigrationSummary, MigrationError> {
     migrate_out_cancellable(vm, stream, cfg, hooks, progress, &Cancel::new()).await
 }
 
 /// [`migrate_out`] that stops with [`ErrorKind::Cancelled`] when `cancel` fires before
-/// the point of no return (the device state sent); the VM then runs on the source.
+/// the point of no return (the device state sent); the VM then runs on the source,
+/// unthrottled.
 pub async fn migrate_out_cancellable(
     vm: Arc<Vm>,
     stream: impl MigrationStream,
     cfg: &MigrationConfig,
     hooks: &mut dyn SourceHooks,
-    progress: &mut (dyn FnMut(Progress) + Send),
+    progress: ProgressFn<'_>,
     cancel: &Cancel,
 ) -> Result<MigrationSummary, MigrationError> {
-    let (rd, wr) = split_stream(stream);
-    let now = Instant::now();
-    let mut s = Source {
-        name: vm.config().name.clone(),
-        was_running: vm.is_running(),
-        vm,
-        cfg,
-        rd: Reader::new(rd, cfg.io_timeout),
-        wr: Writer::new(wr, cfg.io_timeout),
-        batch: vec![0; MAX_MESSAGE],
-        started: now,
-        precopy_started: now,
-        pages_per_round: Vec::new(),
-        bytes_per_round: Vec::new(),
-        zero_pages: 0,
-        digest: None,
-        digest_hurry: Arc::new(AtomicBool::new(false)),
-        cancel: cancel.clone(),
-        in_precopy: false,
-    };
-    s.rd.set_limits(Limits {
-        pages: s.vm.memory().page_count(),
-    });
-
+    let mut s = Source::new(vm, stream, cfg, cancel);
     // Pre-check and pre-copy: the VM runs throughout. A cancel drops them wherever they
     // are (mid-batch too): the VM never stopped, and reading memory changed nothing.
-    let run = async {
-        match s.precheck().await {
-            Ok(()) => s.precopy(progress).await,
-            Err(f) => Err(f),
-        }
-    };
     let converged = tokio::select! {
-        r = run => r,
+        r = s.live_phases(progress) => r,
         () = cancel.cancelled() => Err((Step::PreCheck, ErrorKind::Cancelled)),
     };
     let converged = match converged {
@@ -132,110 +124,34 @@ pub async fn migrate_out_cancellable(
             } else {
                 Step::PreCheck
             };
+            s.release_throttle();
             return Err(s.failed(step, ErrorKind::Cancelled, s.vm.is_running()));
         }
-        Err((step, kind)) => {
-            s.abort(&kind).await;
-            return Err(s.failed(step, kind, s.vm.is_running()));
-        }
+        Err((step, kind)) => return Err(s.give_up(step, kind).await),
     };
-
     // A cancel that came with the last round's answer: the VM has not stopped yet.
     if s.cancel.is_cancelled() {
-        s.abort(&ErrorKind::Cancelled).await;
-        return Err(s.failed(Step::PreCopy, ErrorKind::Cancelled, s.vm.is_running()));
+        return Err(s.give_up(Step::PreCopy, ErrorKind::Cancelled).await);
     }
-    // Quiesce: from here until the target's report the VM runs nowhere.
-    let state = s.vm.quiesce();
-    let quiesce_t_us = unix_micros();
-    if let Err(e) = hooks.quiesced(&s.vm) {
-        let kind = ErrorKind::Hook(e);
-        s.abort(&kind).await;
-        let running = s.take_back(hooks);
-        return Err(s.failed(Step::Quiesce, kind, running));
-    }
-    // Nothing writes memory any more: the dirty set is final.
-    let words = s.vm.memory().dirty().harvest();
-    let bits = count_set(&words);
-    progress(Progress::Quiesced {
-        t_us: quiesce_t_us,
-        dirty_pages: bits,
-    });
-    tracing::info!(
-        t_us = quiesce_t_us,
-        vm = %s.name,
-        phase = "quiesce",
-        dirty_pages = bits,
-        converged,
-        "migration phase"
-    );
-    let done = match s
-        .switch_over(&words, converged, quiesce_t_us, &state, progress)
-        .await
-    {
-        Ok(done) => done,
+    // From the quiesce until the target's report the VM runs nowhere.
+    let q = match s.quiesce(hooks, converged, progress) {
+        Ok(q) => q,
         Err((step, kind)) => {
             s.abort(&kind).await;
-            s.vm.memory().dirty().merge(&words);
             let running = s.take_back(hooks);
             return Err(s.failed(step, kind, running));
         }
     };
-    let total = done.resumed_at - s.started;
-
-    s.digest_hurry.store(true, Ordering::Relaxed);
-    let source_sha = match s.digest.take() {
-        Some(h) => h.await.ok(),
-        None => None,
-    };
-    // Success means verified: the VM is freed here only once the target's memory is
-    // known to be ours; otherwise the target stops its copy and the VM resumes here.
-    if cfg.verify_memory {
-        if let Err(reason) = check_digests(source_sha, done.target_sha) {
-            s.roll_back(&reason).await;
+    let done = match s.switch_over(&q, progress).await {
+        Ok(done) => done,
+        Err((step, kind)) => {
+            s.abort(&kind).await;
+            s.vm.memory().dirty().merge(&q.words);
             let running = s.take_back(hooks);
-            return Err(s.failed(Step::Verify, ErrorKind::Verify(reason), running));
+            return Err(s.failed(step, kind, running));
         }
-    }
-    // The target runs the VM; telling it our hash is a courtesy it can live without.
-    s.wr.send_now(&Message::Complete { sha256: source_sha }, s.cfg.io_timeout)
-        .await;
-    s.wr.shutdown().await;
-
-    let summary = MigrationSummary {
-        vm: s.name.clone(),
-        rounds: s.pages_per_round.len() as u32,
-        pages_sent_per_round: std::mem::take(&mut s.pages_per_round),
-        bytes_per_round: std::mem::take(&mut s.bytes_per_round),
-        zero_pages: s.zero_pages,
-        bitmap_bits: bits,
-        pages_pulled: done.pulled,
-        downtime_us: done.resume_t_us.saturating_sub(quiesce_t_us),
-        total_ms: total.as_millis() as u64,
-        throughput_mbps: mbps(s.wr.sent(), total),
-        converged,
-        memory_sha256_source: source_sha.map(|h| hex(&h)).unwrap_or_default(),
-        memory_sha256_target: done.target_sha.map(|h| hex(&h)).unwrap_or_default(),
-        quiesce_t_us,
-        resume_t_us: done.resume_t_us,
-        bytes_pulled: done.bytes_pulled,
-        bytes_total: s.wr.sent(),
-        transport: String::new(),
     };
-    tracing::info!(
-        t_us = unix_micros(),
-        vm = %summary.vm,
-        phase = "done",
-        rounds = summary.rounds,
-        downtime_us = summary.downtime_us,
-        total_ms = summary.total_ms,
-        throughput_mbps = summary.throughput_mbps,
-        bitmap_bits = summary.bitmap_bits,
-        pages_pulled = summary.pages_pulled,
-        converged,
-        "migration phase"
-    );
-    Ok(summary)
+    s.finish(&q, done, hooks).await
 }
 
 /// The verdict on the two memory digests: equal, or why not.
@@ -256,10 +172,62 @@ impl Drop for Source<'_> {
     fn drop(&mut self) {
         // Whatever the outcome, a digest still running no longer holds up the downtime.
         self.digest_hurry.store(true, Ordering::Relaxed);
+        // And however the migration ends (even dropped half-way), the vCPUs get their
+        // full speed back.
+        self.release_throttle();
+    }
+}
+
+impl<'c> Source<'c> {
+    fn new(
+        vm: Arc<Vm>,
+        stream: impl MigrationStream,
+        cfg: &'c MigrationConfig,
+        cancel: &Cancel,
+    ) -> Source<'c> {
+        let (rd, wr) = split_stream(stream);
+        let now = Instant::now();
+        let mut rd = Reader::new(rd, cfg.io_timeout);
+        rd.set_limits(Limits {
+            pages: vm.memory().page_count(),
+        });
+        Source {
+            name: vm.config().name.clone(),
+            was_running: vm.is_running(),
+            cfg,
+            rd,
+            wr: Writer::new(wr, cfg.io_timeout),
+            batch: vec![0; MAX_MESSAGE],
+            started: now,
+            precopy_started: now,
+            precopy_start_sent: 0,
+            rounds: Vec::new(),
+            stats: Stats {
+                vm: vm.config().name.clone(),
+                ..Stats::default()
+            },
+            live: Live {
+                round: 0,
+                pages: 0,
+                started: now,
+                last_tick: now,
+            },
+            digest: None,
+            digest_hurry: Arc::new(AtomicBool::new(false)),
+            cancel: cancel.clone(),
+            in_precopy: false,
+            vm,
+        }
     }
 }
 
 impl Source<'_> {
+    /// Pre-check and pre-copy. Returns whether pre-copy converged.
+    async fn live_phases(&mut self, progress: ProgressFn<'_>) -> Result<bool, Failure> {
+        self.precheck().await?;
+        self.precopy(progress).await
+    }
+
     fn failed(&self, step: Step, kind: ErrorKind, vm_running: bool) -> MigrationError {
         tracing::warn!(
             t_us = unix_micros(),
@@ -273,6 +241,21 @@ impl Source<'_> {
             step,
             kind,
             vm_running,
+        }
+    }
+
+    /// A failure while the VM still runs here: release the throttle, tell the target.
+    async fn give_up(&mut self, step: Step, kind: ErrorKind) -> MigrationError {
+        self.release_throttle();
+        self.abort(&kind).await;
+        self.failed(step, kind, self.vm.is_running())
+    }
+
+    /// Gives the vCPUs their full speed back.
+    fn release_throttle(&self) {
+        if self.vm.throttle() != 0 {
+            self.vm.set_throttle(0);
+            tracing::info!(t_us = unix_micros(), vm = %self.name, "vCPU throttle released");
         }
     }
 
@@ -308,6 +291,7 @@ impl Source<'_> {
 
     /// After a failure past quiesce: retake the disk and resume, if allowed.
     fn take_back(&self, hooks: &mut dyn SourceHooks) -> bool {
+        self.release_throttle();
         if !hooks.reclaim(&self.vm) {
             tracing::error!(
                 t_us = unix_micros(),
@@ -338,34 +322,42 @@ impl Source<'_> {
             .send_flush(&Message::Hello { config_json: &json })
             .await
             .map_err(at(step))?;
-        match self.rd.recv().await.map_err(at(step))? {
-            Message::Accept => Ok(()),
-            Message::Refuse { reason } => Err((step, ErrorKind::Refused(reason.into_owned()))),
-            Message::Abort { reason } => Err((step, ErrorKind::PeerAborted(reason.into_owned()))),
-            m => Err((step, ErrorKind::Unexpected(m.kind()))),
+        let answer = self.rd.recv().await.map_err(at(step))?;
+        expect(step, answer, |m| match m {
+            Message::Accept => Ok(Ok(())),
+            Message::Refuse { reason } => Ok(Err(reason.into_owned())),
+            m => Err(m),
+        })?
+        .map_err(|reason| (step, ErrorKind::Refused(reason)))
+    }
+
+    /// Pre-copy bandwidth so far, bytes per second.
+    fn bandwidth(&self) -> f64 {
+        let elapsed = self.precopy_started.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            (self.wr.sent() - self.precopy_start_sent) as f64 / elapsed
+        } else {
+            0.0
         }
     }
 
     /// Sends rounds until the policy says stop. Returns whether it converged.
-    async fn precopy(
-        &mut self,
-        progress: &mut (dyn FnMut(Progress) + Send),
-    ) -> Result<bool, Failure> {
+    async fn precopy(&mut self, progress: ProgressFn<'_>) -> Result<bool, Failure> {
         let step = Step::PreCopy;
         self.in_precopy = true;
+        self.in_precopy = true;
         let mem = Arc::clone(self.vm.memory());
-        let limits = self.cfg.policy_limits();
         // Dirty logging starts with everything dirty: round 1 sends every page.
         mem.dirty().mark_all();
         self.precopy_started = Instant::now();
-        let start_sent = self.wr.sent();
-        let mut round = 0u32;
+        self.precopy_start_sent = self.wr.sent();
         loop {
-            round += 1;
+            let round = self.rounds.len() as u32 + 1;
+            let throttle_pct = self.vm.throttle();
             let words = mem.dirty().harvest();
             let before = self.wr.sent();
             let t = Instant::now();
-            let sent = match self.send_round(round, &words).await {
+            let sent = match self.send_round(round, &words, progress).await {
                 Ok(sent) => sent,
                 Err(e) => {
                     // Nothing harvested may be lost if the VM stays here.
@@ -373,74 +365,175 @@ impl Source<'_> {
                     return Err((step, e));
                 }
             };
-            let bytes = self.wr.sent() - before;
-            let dirty = mem.dirty().count();
-            let throughput = mbps(bytes, t.elapsed());
-            self.pages_per_round.push(sent);
-            self.bytes_per_round.push(bytes);
-            progress(Progress::Round {
-                round,
-                pages_sent: sent,
-                dirty_pages: dirty,
-                throughput_mbps: throughput,
-            });
-            let total = self.wr.sent() - start_sent;
-            let elapsed = self.precopy_started.elapsed().as_secs_f64();
-            let figures = Figures {
-                round,
+            self.rounds.push(Round {
                 sent_pages: sent,
-                dirty_pages: dirty,
-                bandwidth_bps: if elapsed > 0.0 {
-                    total as f64 / elapsed
-                } else {
-                    0.0
-                },
-                bytes_sent: total,
-                memory_bytes: mem.size(),
-            };
-            let decision = policy::decide(&figures, &limits);
-            tracing::info!(
-                t_us = unix_micros(),
-                vm = %self.name,
-                phase = "precopy",
-                round,
-                pages_sent = sent,
-                bytes,
-                dirty_pages = dirty,
-                throughput_mbps = throughput,
-                estimated_downtime_us = figures.estimated_downtime().as_micros() as u64,
-                decision = ?decision,
-                "migration phase"
-            );
+                dirty_pages: mem.dirty().count(),
+                secs: t.elapsed().as_secs_f64(),
+                throttle_pct,
+            });
+            let decision = self.end_round(self.wr.sent() - before, progress);
             match decision {
-                Decision::Continue => {}
+                Decision::Continue { throttle_pct: next } => {
+                    if next != throttle_pct {
+                        self.vm.set_throttle(next);
+                        progress(Progress::Throttle { round, pct: next });
+                        tracing::info!(
+                            t_us = unix_micros(),
+                            vm = %self.name,
+                            round,
+                            throttle_pct = next,
+                            "vCPU throttle"
+                        );
+                    }
+                }
                 Decision::Converged => return Ok(true),
-                Decision::NoConvergence(reason) => match self.cfg.on_no_convergence {
-                    NoConvergence::ForceStop => return Ok(false),
-                    NoConvergence::Abort => return Err((step, ErrorKind::NoConvergence(reason))),
-                },
+                Decision::ForceStop(reason) => {
+                    self.stats.stop_reason = Some(reason);
+                    self.warn_forced_stop(reason, progress);
+                    return Ok(false);
+                }
+                Decision::Abort(reason) => {
+                    self.stats.stop_reason = Some(reason);
+                    return Err((step, ErrorKind::NoConvergence(reason)));
+                }
+                Decision::StunGuard(reason) => {
+                    self.stats.stop_reason = Some(reason);
+                    let h = self.history();
+                    return Err((
+                        step,
+                        ErrorKind::StunGuard {
+                            reason,
+                            expected_downtime_us: micros(h.estimated_downtime()),
+                            max_downtime_us: micros(self.cfg.max_downtime),
+                            dirty_pages: h.dirty_pages(),
+                            dirty_rate_pages_per_s: self.last_dirty_rate(),
+                            bandwidth_mbps: h.bandwidth_bps * 8.0 / 1e6,
+                        },
+                    ));
+                }
             }
         }
     }
 
-    /// Sends one pre-copy round and waits until the target has applied it.
-    async fn send_round(&mut self, round: u32, words: &[u64]) -> Result<u64, ErrorKind> {
-        let sent = self.send_pages(round, set_pages(words), true).await?;
-        self.wr.send_flush(&Message::RoundEnd { round }).await?;
-        match self.rd.recv().await? {
-            Message::RoundAck { round: r } if r == round => Ok(sent),
-            Message::Abort { reason } => Err(ErrorKind::PeerAborted(reason.into_owned())),
-            m => Err(ErrorKind::Unexpected(m.kind())),
+    fn history(&self) -> History<'_> {
+        History {
+            rounds: &self.rounds,
+            bandwidth_bps: self.bandwidth(),
+            bytes_sent: self.wr.sent() - self.precopy_start_sent,
+            memory_bytes: self.vm.memory().size(),
         }
     }
 
+    fn last_dirty_rate(&self) -> u64 {
+        self.rounds.last().map_or(0, |r| r.dirty_rate() as u64)
+    }
+
+    /// Records the round just sent, reports it, and asks the policy what next.
+    fn end_round(&mut self, bytes: u64, progress: ProgressFn<'_>) -> Decision {
+        let limits = self.cfg.policy_limits();
+        let h = self.history();
+        let decision = policy::decide(&h, &limits);
+        let expected = micros(h.estimated_downtime());
+        let Some(&r) = self.rounds.last() else {
+            return decision;
+        };
+        let round = self.rounds.len() as u32;
+        let throughput = if r.secs > 0.0 {
+            bytes as f64 * 8.0 / r.secs / 1e6
+        } else {
+            0.0
+        };
+        let rate = r.dirty_rate() as u64;
+        self.stats.pages_per_round.push(r.sent_pages);
+        self.stats.bytes_per_round.push(bytes);
+        self.stats.throttle_pct_per_round.push(r.throttle_pct);
+        self.stats.dirty_rate_per_round.push(rate);
+        self.stats.expected_downtime_us_per_round.push(expected);
+        progress(Progress::Round {
+            round,
+            pages_sent: r.sent_pages,
+            dirty_pages: r.dirty_pages,
+            throughput_mbps: throughput,
+            throttle_pct: r.throttle_pct,
+            dirty_rate_pages_per_s: rate,
+            expected_downtime_us: expected,
+        });
+        tracing::info!(
+            t_us = unix_micros(),
+            vm = %self.name,
+            phase = "precopy",
+            round,
+            pages_sent = r.sent_pages,
+            bytes,
+            dirty_pages = r.dirty_pages,
+            dirty_rate_pages_per_s = rate,
+            throttle_pct = r.throttle_pct,
+            throughput_mbps = throughput,
+            estimated_downtime_us = expected,
+            decision = ?decision,
+            "migration phase"
+        );
+        decision
+    }
+
+    /// Says, before it happens, that the VM stops without pre-copy having converged.
+    fn warn_forced_stop(&self, reason: policy::Reason, progress: ProgressFn<'_>) {
+        let h = self.history();
+        let expected = micros(h.estimated_downtime());
+        let bandwidth_mbps = h.bandwidth_bps * 8.0 / 1e6;
+        tracing::warn!(
+            t_us = unix_micros(),
+            vm = %self.name,
+            reason = %reason,
+            expected_downtime_us = expected,
+            dirty_pages = h.dirty_pages(),
+            bandwidth_mbps,
+            "forced stop-and-copy"
+        );
+        progress(Progress::ForcedStop {
+            reason,
+            expected_downtime_us: expected,
+            dirty_pages: h.dirty_pages(),
+            dirty_rate_pages_per_s: self.last_dirty_rate(),
+            bandwidth_mbps,
+        });
+    }
+
+    /// Sends one pre-copy round and waits until the target has applied it.
+    async fn send_round(
+        &mut self,
+        round: u32,
+        words: &[u64],
+        progress: ProgressFn<'_>,
+    ) -> Result<u64, ErrorKind> {
+        let now = Instant::now();
+        self.live = Live {
+            round,
+            pages: count_set(words),
+            started: now,
+            last_tick: now,
+        };
+        let sent = self
+            .send_pages(round, set_pages(words), Some(progress))
+            .await?;
+        self.wr.send_flush(&Message::RoundEnd { round }).await?;
+        let step = Step::PreCopy;
+        let answer = self.rd.recv().await?;
+        expect(step, answer, |m| match m {
+            Message::RoundAck { round: r } if r == round => Ok(sent),
+            m => Err(m),
+        })
+        .map_err(|(_, kind)| kind)
+    }
+
     /// Sends `pages` in batches of round `round` (0: pull answers). Returns the number
-    /// of pages sent. Pre-copy batches honour the bandwidth cap.
+    /// of pages sent. Pre-copy batches (those given a progress callback) honour the
+    /// bandwidth cap and report live figures.
     async fn send_pages(
         &mut self,
         round: u32,
         pages: impl Iterator<Item = u64>,
-        capped: bool,
+        mut progress: Option<ProgressFn<'_>>,
     ) -> Result<u64, ConnError> {
         let mem = Arc::clone(self.vm.memory());
         let mut pages = pages.peekable();
@@ -453,24 +546,61 @@ impl Source<'_> {
                 if enc.push_with(page, |buf| {
                     let _ = mem.read_page(page, buf);
                 })? {
-                    self.zero_pages += 1;
+                    self.stats.zero_pages += 1;
                 }
                 count += 1;
             }
             let n = enc.finish();
             self.wr.send_encoded(&self.batch[..n]).await?;
-            if capped {
+            if let Some(progress) = progress.as_deref_mut() {
                 self.pace().await;
+                if self.live.last_tick.elapsed() >= TICK {
+                    self.live.last_tick = Instant::now();
+                    progress(Progress::Tick(self.tick(&mem, count)));
+                }
             }
         }
         self.wr.flush().await?;
         Ok(count)
     }
 
+    /// The live figures of the round being sent, `done` of its pages out.
+    fn tick(&self, mem: &GuestMemory, done: u64) -> Tick {
+        let bw = self.bandwidth();
+        let dirty = mem.dirty().count();
+        let left = self.live.pages.saturating_sub(done);
+        let secs = self.live.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { dirty as f64 / secs } else { 0.0 };
+        // What remains: the rest of this round, then the dirty set, shrinking by the
+        // ratio of dirty rate to link rate each round (a geometric series) if it does.
+        let link = bw / PAGE_SIZE as f64;
+        let eta = if link > 0.0 && rate < link {
+            micros(policy::send_time(left, bw)).saturating_add(micros(policy::send_time(
+                (dirty as f64 / (1.0 - rate / link)) as u64,
+                bw,
+            ))) / 1000
+        } else {
+            u64::MAX
+        };
+        Tick {
+            round: self.live.round,
+            transferred_bytes: self.wr.sent(),
+            remaining_pages: left + dirty,
+            total_bytes: mem.size(),
+            dirty_rate_pages_per_s: rate as u64,
+            expected_downtime_us: micros(policy::send_time(dirty, bw)),
+            throttle_pct: self.vm.throttle(),
+            bandwidth_mbps: bw * 8.0 / 1e6,
+            eta_ms: eta,
+        }
+    }
+
     /// Sleeps as long as pre-copy is ahead of the bandwidth cap.
     async fn pace(&self) {
         if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
-            let due = Duration::from_secs_f64(self.wr.sent() as f64 / limit as f64);
+            let due = Duration::from_secs_f64(
+                (self.wr.sent() - self.precopy_start_sent) as f64 / limit as f64,
+            );
             let elapsed = self.precopy_started.elapsed();
             if due > elapsed {
                 tokio::time::sleep(due - elapsed).await;
@@ -478,76 +608,152 @@ impl Source<'_> {
         }
     }
 
+    /// Stops the VM, gives up its disk and NIC, and takes the final dirty set.
+    fn quiesce(
+        &mut self,
+        hooks: &mut dyn SourceHooks,
+        converged: bool,
+        progress: ProgressFn<'_>,
+    ) -> Result<Quiesced, Failure> {
+        let state = self.vm.quiesce();
+        let quiesce_t_us = unix_micros();
+        // The vCPUs are stopped: the throttle has done its work.
+        self.release_throttle();
+        hooks
+            .quiesced(&self.vm)
+            .map_err(|e| (Step::Quiesce, ErrorKind::Hook(e)))?;
+        // Nothing writes memory any more: the dirty set is final.
+        let words = self.vm.memory().dirty().harvest();
+        let bits = count_set(&words);
+        progress(Progress::Quiesced {
+            t_us: quiesce_t_us,
+            dirty_pages: bits,
+        });
+        tracing::info!(
+            t_us = quiesce_t_us,
+            vm = %self.name,
+            phase = "quiesce",
+            dirty_pages = bits,
+            converged,
+            "migration phase"
+        );
+        Ok(Quiesced {
+            words,
+            bits,
+            state,
+            quiesce_t_us,
+            converged,
+        })
+    }
+
     /// Bitmap, pull, device state, resume report.
     async fn switch_over(
         &mut self,
-        words: &[u64],
-        converged: bool,
-        quiesce_t_us: u64,
-        state: &DeviceState,
-        progress: &mut (dyn FnMut(Progress) + Send),
+        q: &Quiesced,
+        progress: ProgressFn<'_>,
     ) -> Result<SwitchOver, Failure> {
-        let bits = count_set(words);
-        let pages = self.vm.memory().page_count();
+        self.send_bitmap(q).await?;
+        progress(Progress::Bitmap { bits: q.bits });
+        self.start_digest();
+        let before = self.wr.sent();
+        let pulled = self.serve_pull(&q.words).await?;
+        let bytes_pulled = self.wr.sent() - before;
+        progress(Progress::Pulled { pages: pulled });
+        tracing::info!(
+            t_us = unix_micros(),
+            vm = %self.name,
+            phase = "pull",
+            pages = pulled,
+            bytes = bytes_pulled,
+            "migration phase"
+        );
+        self.send_device_state(&q.state).await?;
+        let (resume_t_us, target_sha) = self.await_resume().await?;
+        let resumed_at = Instant::now();
+        progress(Progress::Resumed { t_us: resume_t_us });
+        tracing::info!(
+            t_us = unix_micros(),
+            vm = %self.name,
+            phase = "resume",
+            target_resume_t_us = resume_t_us,
+            downtime_us = resume_t_us.saturating_sub(q.quiesce_t_us),
+            "migration phase"
+        );
+        Ok(SwitchOver {
+            resume_t_us,
+            resumed_at,
+            target_sha,
+            pulled,
+            bytes_pulled,
+        })
+    }
+
+    async fn send_bitmap(&mut self, q: &Quiesced) -> Result<(), Failure> {
         self.wr
             .send_flush(&Message::Bitmap {
-                quiesce_t_us,
-                pages,
-                converged,
-                words: words.into(),
+                quiesce_t_us: q.quiesce_t_us,
+                pages: self.vm.memory().page_count(),
+                converged: q.converged,
+                words: q.words.as_slice().into(),
             })
             .await
             .map_err(at(Step::Bitmap))?;
-        progress(Progress::Bitmap { bits });
-        // The digest at quiesce runs beside the pull, off the critical path: the VM is
-        // quiesced, so memory stays as it is until the target reports the resume. Its
-        // thread takes only idle CPU time, so it cannot lengthen the downtime.
-        if self.cfg.verify_memory {
-            let mem: Arc<GuestMemory> = Arc::clone(self.vm.memory());
-            let hurry = Arc::clone(&self.digest_hurry);
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let spawned = std::thread::Builder::new()
-                .name("memory-digest".into())
-                .spawn(move || {
-                    let mut idle = crate::sys::make_current_thread_idle();
-                    let d = mem.digest_with(|| {
-                        // The VM runs on the target (or the migration failed): finish
-                        // at normal priority.
-                        if idle && hurry.load(Ordering::Relaxed) {
-                            idle = !crate::sys::make_current_thread_normal();
-                        }
-                    });
-                    // Let go of the memory before answering: once the digest is in,
-                    // the caller may free the VM and expects its memory gone.
-                    drop(mem);
-                    let _ = tx.send(d);
-                });
-            match spawned {
-                Ok(_) => self.digest = Some(rx),
-                Err(e) => tracing::warn!(vm = %self.name, error = %e, "no memory digest"),
-            }
-        }
         tracing::info!(
             t_us = unix_micros(),
             vm = %self.name,
             phase = "bitmap",
-            bits,
+            bits = q.bits,
             "migration phase"
         );
+        Ok(())
+    }
 
-        // The target asks for the bitmap's pages; each exactly once.
+    /// The digest at quiesce runs beside the pull, off the critical path: the VM is
+    /// quiesced, so memory stays as it is until the target reports the resume. Its
+    /// thread takes only idle CPU time, so it cannot lengthen the downtime.
+    fn start_digest(&mut self) {
+        if !self.cfg.verify_memory {
+            return;
+        }
+        let mem: Arc<GuestMemory> = Arc::clone(self.vm.memory());
+        let hurry = Arc::clone(&self.digest_hurry);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("memory-digest".into())
+            .spawn(move || {
+                let mut idle = crate::sys::make_current_thread_idle();
+                let d = mem.digest_with(|| {
+                    // The VM runs on the target (or the migration failed): finish at
+                    // normal priority.
+                    if idle && hurry.load(Ordering::Relaxed) {
+                        idle = !crate::sys::make_current_thread_normal();
+                    }
+                });
+                // Let go of the memory before answering: once the digest is in, the
+                // caller may free the VM and expects its memory gone.
+                drop(mem);
+                let _ = tx.send(d);
+            });
+        match spawned {
+            Ok(_) => self.digest = Some(rx),
+            Err(e) => tracing::warn!(vm = %self.name, error = %e, "no memory digest"),
+        }
+    }
+
+    /// Answers the target's requests for the bitmap's pages; each exactly once.
+    async fn serve_pull(&mut self, words: &[u64]) -> Result<u64, Failure> {
         let step = Step::Pull;
-        let before = self.wr.sent();
         let mut remaining = words.to_vec();
         let mut pulled = 0u64;
         loop {
-            let ranges: Vec<PageRange> = match self.rd.recv().await.map_err(at(step))? {
-                Message::PullRequest { ranges } => ranges.into_owned(),
-                Message::PullEnd => break,
-                Message::Abort { reason } => {
-                    return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
-                }
-                m => return Err((step, ErrorKind::Unexpected(m.kind()))),
+            let msg = self.rd.recv().await.map_err(at(step))?;
+            let ranges: Vec<PageRange> = match expect(step, msg, |m| match m {
+                Message::PullRequest { ranges } => Ok(Some(ranges.into_owned())),
+                Message::PullEnd => Ok(None),
+                m => Err(m),
+            })? {
+                Some(ranges) => ranges,
+                None => break,
             };
             let mut list = Vec::new();
             for r in &ranges {
@@ -567,7 +773,7 @@ impl Source<'_> {
                 }
             }
             pulled += self
-                .send_pages(0, list.into_iter(), false)
+                .send_pages(0, list.into_iter(), None)
                 .await
                 .map_err(at(step))?;
         }
@@ -578,18 +784,15 @@ impl Source<'_> {
                 ErrorKind::Pull(format!("{missing} pages of the bitmap never requested")),
             ));
         }
-        let bytes_pulled = self.wr.sent() - before;
-        progress(Progress::Pulled { pages: pulled });
-        tracing::info!(
-            t_us = unix_micros(),
-            vm = %self.name,
-            phase = "pull",
-            pages = pulled,
-            bytes = bytes_pulled,
-            "migration phase"
-        );
+        Ok(pulled)
+    }
 
+    async fn send_device_state(&mut self, state: &DeviceState) -> Result<(), Failure> {
         let step = Step::DeviceState;
+        // The last moment to cancel: once the device state is out, the target may resume.
+        if self.cancel.is_cancelled() {
+            return Err((step, ErrorKind::Cancelled));
+        }
         // The last moment to cancel: once the device state is out, the target may resume.
         if self.cancel.is_cancelled() {
             return Err((step, ErrorKind::Cancelled));
@@ -599,8 +802,11 @@ impl Source<'_> {
         self.wr
             .send_flush(&Message::DeviceState { json: &json })
             .await
-            .map_err(at(step))?;
+            .map_err(at(step))
+    }
 
+    /// The target's resume report: its clock at resume and its memory digest.
+    async fn await_resume(&mut self) -> Result<(u64, Option<[u8; 32]>), Failure> {
         // The target hashes its page digests (32 bytes a page) before it answers.
         let step = Step::Resume;
         let mut wait = self.cfg.io_timeout;
@@ -608,29 +814,55 @@ impl Source<'_> {
             wait += super::hash_allowance(self.vm.memory().size() / PAGE_SIZE as u64 * 32);
         }
         self.rd.set_timeout(wait);
-        let (resume_t_us, target_sha) = match self.rd.recv().await.map_err(at(step))? {
-            Message::Resumed { t_us, sha256 } => (t_us, sha256),
-            Message::Abort { reason } => {
-                return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
-            }
-            m => return Err((step, ErrorKind::Unexpected(m.kind()))),
-        };
-        let resumed_at = Instant::now();
-        progress(Progress::Resumed { t_us: resume_t_us });
-        tracing::info!(
-            t_us = unix_micros(),
-            vm = %self.name,
-            phase = "resume",
-            target_resume_t_us = resume_t_us,
-            downtime_us = resume_t_us.saturating_sub(quiesce_t_us),
-            "migration phase"
-        );
-        Ok(SwitchOver {
-            resume_t_us,
-            resumed_at,
-            target_sha,
-            pulled,
-            bytes_pulled,
+        let msg = self.rd.recv().await.map_err(at(step))?;
+        expect(step, msg, |m| match m {
+            Message::Resumed { t_us, sha256 } => Ok((t_us, sha256)),
+            m => Err(m),
         })
+    }
+
+    /// The VM runs on the target: check its memory, send our digest, sum it all up.
+    async fn finish(
+        mut self,
+        q: &Quiesced,
+        done: SwitchOver,
+        hooks: &mut dyn SourceHooks,
+    ) -> Result<MigrationSummary, MigrationError> {
+        let total = done.resumed_at - self.started;
+        self.digest_hurry.store(true, Ordering::Relaxed);
+        let source_sha = match self.digest.take() {
+            Some(h) => h.await.ok(),
+            None => None,
+        };
+        // Success means verified: the VM is freed here only once the target's memory is
+        // known to be ours; otherwise the target stops its copy and the VM resumes here.
+        if self.cfg.verify_memory {
+            if let Err(reason) = check_digests(source_sha, done.target_sha) {
+                self.roll_back(&reason).await;
+                let running = self.take_back(hooks);
+                return Err(self.failed(Step::Verify, ErrorKind::Verify(reason), running));
+            }
+        }
+        // The target runs the VM; telling it our hash is a courtesy it can live without.
+        self.wr
+            .send_now(
+                &Message::Complete { sha256: source_sha },
+                self.cfg.io_timeout,
+            )
+            .await;
+        self.wr.shutdown().await;
+        let summary = self.stats.summary(Ending {
+            bitmap_bits: q.bits,
+            pages_pulled: done.pulled,
+            bytes_pulled: done.bytes_pulled,
+            quiesce_t_us: q.quiesce_t_us,
+            resume_t_us: done.resume_t_us,
+            total,
+            bytes_total: self.wr.sent(),
+            converged: q.converged,
+            sha_source: source_sha,
+            sha_target: done.target_sha,
+        });
+        Ok(summary)
     }
 }

@@ -6,23 +6,19 @@
 //! directions at once (requests out, pages in), so neither side can block the other
 //! however large the bitmap.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, Reader, Writer};
 use super::proto::{self, Limits, Message, PagesView, ProtoError};
 use super::{
-    mbps, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, Step, TargetHooks,
+    at, expect, Ending, ErrorKind, Failure, MigrationConfig, MigrationError, MigrationSummary,
+    Stats, Step, TargetHooks,
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm, VmConfig};
-use crate::memory::{count_set, hex, GuestMemory, PageDigests};
-
-type Failure = (Step, ErrorKind);
-
-fn at(step: Step) -> impl Fn(ConnError) -> Failure {
-    move |e| (step, ErrorKind::Conn(e))
-}
+use crate::memory::{count_set, GuestMemory, PageDigests};
 
 /// Writes a batch into guest memory, and each page's digest into `digests` when memory
 /// is verified. With `expect`, each page must be set there (a pull answer) and is
@@ -61,14 +57,13 @@ fn apply(
     Ok(zero)
 }
 
-struct Target {
+struct Target<'c> {
+    cfg: &'c MigrationConfig,
     name: String,
     rd: Reader<BoxRead>,
     wr: Writer<BoxWrite>,
     started: Instant,
-    pages_per_round: Vec<u64>,
-    bytes_per_round: Vec<u64>,
-    zero_pages: u64,
+    stats: Stats,
     /// One digest per page as the pages arrive (when memory is verified).
     digests: Option<PageDigests>,
 }
@@ -78,6 +73,48 @@ struct Quiesced {
     words: Vec<u64>,
     quiesce_t_us: u64,
     converged: bool,
+}
+
+/// Faults fresh guest memory in on a thread of its own, ahead of the stream, so the
+/// receive path only copies. Stops when dropped (a failed migration frees the memory
+/// without waiting for it).
+struct Prefault {
+    stop: Arc<AtomicBool>,
+}
+
+impl Prefault {
+    fn start(name: &str, mem: &Arc<GuestMemory>) -> Option<Prefault> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s, vm) = (Arc::clone(mem), Arc::clone(&stop), name.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                let t = Instant::now();
+                match m.prefault(&s) {
+                    Ok(bytes) => tracing::debug!(
+                        vm = %vm,
+                        bytes,
+                        ms = t.elapsed().as_millis() as u64,
+                        "guest memory faulted in"
+                    ),
+                    // An old kernel without MADV_POPULATE_WRITE: pages fault on arrival.
+                    Err(e) => tracing::debug!(vm = %vm, error = %e, "no prefault"),
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Prefault { stop }),
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "no prefault thread");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Receives a VM from the source at the other end of `stream`. On `Ok` the VM runs
@@ -92,114 +129,73 @@ pub async fn migrate_in(
     // Nothing larger than a Hello before admission.
     rd.set_max_message(proto::HEADER_LEN + proto::MAX_CONFIG_LEN);
     let mut t = Target {
+        cfg,
         name: String::new(),
         rd,
         wr: Writer::new(wr, cfg.io_timeout),
         started: Instant::now(),
-        pages_per_round: Vec::new(),
-        bytes_per_round: Vec::new(),
-        zero_pages: 0,
+        stats: Stats::default(),
         digests: None,
     };
-    match t.run(cfg, hooks).await {
+    match t.run(hooks).await {
         Ok(r) => Ok(r),
-        Err((step, kind)) => {
-            if !matches!(kind, ErrorKind::Refused(_) | ErrorKind::PeerAborted(_)) {
-                let reason = format!("target failed in {step}: {kind}");
-                t.wr.send_now(
-                    &Message::Abort {
-                        reason: reason.into(),
-                    },
-                    std::time::Duration::from_millis(200),
-                )
-                .await;
-            }
-            if t.name.is_empty() {
-                // No Hello got through: an anonymous peer, worth no more than DEBUG.
-                tracing::debug!(step = %step, error = %kind, "incoming connection dropped");
-            } else {
-                tracing::warn!(
-                    t_us = unix_micros(),
-                    vm = %t.name,
-                    step = %step,
-                    error = %kind,
-                    "incoming migration failed; nothing kept"
-                );
-            }
-            Err(MigrationError {
-                step,
-                kind,
-                vm_running: false,
-            })
-        }
+        Err((step, kind)) => Err(t.failed(step, kind).await),
     }
 }
 
-impl Target {
+impl Target<'_> {
+    /// Tells the source why (unless it is the one that gave up) and keeps nothing.
+    async fn failed(&mut self, step: Step, kind: ErrorKind) -> MigrationError {
+        if !matches!(kind, ErrorKind::Refused(_) | ErrorKind::PeerAborted(_)) {
+            let reason = format!("target failed in {step}: {kind}");
+            self.wr
+                .send_now(
+                    &Message::Abort {
+                        reason: reason.into(),
+                    },
+                    Duration::from_millis(200),
+                )
+                .await;
+        }
+        if self.name.is_empty() {
+            // No Hello got through: an anonymous peer, worth no more than DEBUG.
+            tracing::debug!(step = %step, error = %kind, "incoming connection dropped");
+        } else {
+            tracing::warn!(
+                t_us = unix_micros(),
+                vm = %self.name,
+                step = %step,
+                error = %kind,
+                "incoming migration failed; nothing kept"
+            );
+        }
+        MigrationError {
+            step,
+            kind,
+            vm_running: false,
+        }
+    }
+
     async fn run(
         &mut self,
-        cfg: &MigrationConfig,
         hooks: &mut dyn TargetHooks,
     ) -> Result<(Arc<Vm>, MigrationSummary), Failure> {
         let (config, mem) = self.precheck(hooks).await?;
-        if cfg.verify_memory {
+        if self.cfg.verify_memory {
             self.digests = Some(PageDigests::new(mem.page_count()));
         }
+        let prefault = if self.cfg.prefault {
+            Prefault::start(&self.name, &mem)
+        } else {
+            None
+        };
         let q = self.precopy(&mem).await?;
         let bits = count_set(&q.words);
         let (pulled, bytes_pulled) = self.pull(&mem, &q.words).await?;
-
-        let step = Step::DeviceState;
-        let state: DeviceState = match self.rd.recv().await.map_err(at(step))? {
-            Message::DeviceState { json } => {
-                serde_json::from_slice(json).map_err(|e| (step, ErrorKind::State(e.to_string())))?
-            }
-            Message::Abort { reason } => {
-                return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
-            }
-            m => return Err((step, ErrorKind::Unexpected(m.kind()))),
-        };
-        if state.mac != config.mac || state.ip != config.ip {
-            return Err((
-                step,
-                ErrorKind::State(format!(
-                    "device state names {} {}, the VM is configured as {} {}",
-                    state.mac, state.ip, config.mac, config.ip
-                )),
-            ));
-        }
-        let mut seen = vec![false; config.vcpus as usize];
-        for v in &state.vcpus {
-            match seen.get_mut(v.index as usize) {
-                Some(s) if !*s => *s = true,
-                _ => {
-                    return Err((
-                        step,
-                        ErrorKind::State(format!("vCPU {} repeated or out of range", v.index)),
-                    ))
-                }
-            }
-        }
-        if state.vcpus.len() != config.vcpus as usize {
-            return Err((
-                step,
-                ErrorKind::State(format!(
-                    "{} vCPUs in the state, {} configured",
-                    state.vcpus.len(),
-                    config.vcpus
-                )),
-            ));
-        }
-
-        // Resume: take the disk, start.
-        let step = Step::Resume;
-        let vm = Vm::restore(config, Arc::clone(&mem), state);
+        drop(prefault);
+        let state = self.receive_device_state(&config).await?;
         let memory_bytes = mem.size();
-        drop(mem);
-        hooks
-            .before_resume(&vm)
-            .map_err(|e| (step, ErrorKind::Hook(e)))?;
-        vm.start();
+        let vm = self.resume(config, mem, state, hooks)?;
         let resume_t_us = unix_micros();
         let total = self.started.elapsed();
         hooks.resumed(&vm);
@@ -210,86 +206,22 @@ impl Target {
             downtime_us = resume_t_us.saturating_sub(q.quiesce_t_us),
             "migration phase"
         );
-        // The digest of memory at resume. The page digests are final once the pull is
-        // in, and the running vCPUs do not touch them, so hashing the list (1/128 of
-        // memory) waits until the VM runs: it costs the downtime nothing.
-        let sha = match self.digests.take() {
-            Some(d) => match tokio::task::spawn_blocking(move || d.digest()).await {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    tracing::warn!(vm = %self.name, error = %e, "memory digest failed");
-                    None
-                }
-            },
-            None => None,
-        };
-        // The VM runs here now, whatever happens to the stream.
-        if let Err(e) = self
-            .wr
-            .send_flush(&Message::Resumed {
-                t_us: resume_t_us,
-                sha256: sha,
-            })
-            .await
-        {
-            tracing::warn!(vm = %self.name, error = %e, "cannot report the resume to the source");
-        }
-        // The source digests all of its memory from the bitmap on: allow for that.
-        self.rd
-            .set_timeout(cfg.io_timeout + super::hash_allowance(memory_bytes));
-        let source_sha = match self.rd.recv().await {
-            Ok(Message::Complete { sha256 }) => sha256,
-            Ok(Message::Rollback { reason }) => {
-                // The source did not find its memory here: stop, give the disk back,
-                // then let the source resume its copy.
-                let reason = reason.into_owned();
-                hooks.rolled_back(&vm);
-                drop(vm);
-                let _ = self.wr.send_flush(&Message::RolledBack).await;
-                self.wr.shutdown().await;
-                return Err((Step::Verify, ErrorKind::PeerAborted(reason)));
-            }
-            Ok(m) => {
-                tracing::warn!(vm = %self.name, kind = %m.kind(), "unexpected message after resume");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(vm = %self.name, error = %e, "no completion from the source");
-                None
-            }
-        };
+        let sha = self.digest_at_resume().await;
+        self.report_resume(resume_t_us, sha).await;
+        let (vm, source_sha) = self.await_complete(memory_bytes, vm, hooks).await?;
         self.wr.shutdown().await;
-
-        let summary = MigrationSummary {
-            vm: self.name.clone(),
-            rounds: self.pages_per_round.len() as u32,
-            pages_sent_per_round: std::mem::take(&mut self.pages_per_round),
-            bytes_per_round: std::mem::take(&mut self.bytes_per_round),
-            zero_pages: self.zero_pages,
+        let summary = self.stats.summary(Ending {
             bitmap_bits: bits,
             pages_pulled: pulled,
-            downtime_us: resume_t_us.saturating_sub(q.quiesce_t_us),
-            total_ms: total.as_millis() as u64,
-            throughput_mbps: mbps(self.rd.received(), total),
-            converged: q.converged,
-            memory_sha256_source: source_sha.map(|h| hex(&h)).unwrap_or_default(),
-            memory_sha256_target: sha.map(|h| hex(&h)).unwrap_or_default(),
+            bytes_pulled,
             quiesce_t_us: q.quiesce_t_us,
             resume_t_us,
-            bytes_pulled,
+            total,
             bytes_total: self.rd.received(),
-            transport: String::new(),
-        };
-        tracing::info!(
-            t_us = unix_micros(),
-            vm = %summary.vm,
-            phase = "done",
-            rounds = summary.rounds,
-            downtime_us = summary.downtime_us,
-            total_ms = summary.total_ms,
-            pages_pulled = summary.pages_pulled,
-            "migration phase"
-        );
+            converged: q.converged,
+            sha_source: source_sha,
+            sha_target: sha,
+        });
         Ok((vm, summary))
     }
 
@@ -309,6 +241,7 @@ impl Target {
         };
         let admitted = config.and_then(|c| {
             self.name = c.name.clone();
+            self.stats.vm = c.name.clone();
             tracing::info!(
                 t_us = unix_micros(),
                 vm = %c.name,
@@ -339,7 +272,7 @@ impl Target {
                         &Message::Refuse {
                             reason: reason.as_str().into(),
                         },
-                        std::time::Duration::from_millis(500),
+                        Duration::from_millis(500),
                     )
                     .await;
                 Err(refuse(reason))
@@ -352,32 +285,35 @@ impl Target {
         let step = Step::PreCopy;
         loop {
             let before = self.rd.received();
-            match self.rd.recv().await.map_err(at(step))? {
+            let msg = self.rd.recv().await.map_err(at(step))?;
+            let stats = &mut self.stats;
+            let digests = self.digests.as_mut();
+            match msg {
                 Message::Pages(v) => {
                     let round = v.round() as usize;
-                    let current = self.pages_per_round.len();
+                    let current = stats.pages_per_round.len();
                     // Rounds count up from 1, one at a time.
                     if round == 0 || round > current + 1 || round < current {
                         return Err((step, ErrorKind::Unexpected(proto::Kind::Pages)));
                     }
-                    let zero = apply(mem, &v, None, self.digests.as_mut())
-                        .map_err(|e| (step, ErrorKind::Pull(e)))?;
+                    let zero =
+                        apply(mem, &v, None, digests).map_err(|e| (step, ErrorKind::Pages(e)))?;
                     let count = v.count() as u64;
                     if round > current {
-                        self.pages_per_round.push(0);
-                        self.bytes_per_round.push(0);
+                        stats.pages_per_round.push(0);
+                        stats.bytes_per_round.push(0);
                     }
-                    self.zero_pages += zero;
-                    self.pages_per_round[round - 1] += count;
-                    self.bytes_per_round[round - 1] += self.rd.received() - before;
+                    stats.zero_pages += zero;
+                    stats.pages_per_round[round - 1] += count;
+                    stats.bytes_per_round[round - 1] += self.rd.received() - before;
                 }
                 Message::RoundEnd { round } => {
                     // A round without pages (nothing was dirty) still counts.
-                    if round as usize == self.pages_per_round.len() + 1 {
-                        self.pages_per_round.push(0);
-                        self.bytes_per_round.push(0);
+                    if round as usize == stats.pages_per_round.len() + 1 {
+                        stats.pages_per_round.push(0);
+                        stats.bytes_per_round.push(0);
                     }
-                    if round as usize != self.pages_per_round.len() {
+                    if round as usize != stats.pages_per_round.len() {
                         return Err((step, ErrorKind::Unexpected(proto::Kind::RoundEnd)));
                     }
                     self.wr
@@ -394,8 +330,8 @@ impl Target {
                     if pages != mem.page_count() {
                         return Err((
                             Step::Bitmap,
-                            ErrorKind::Pull(format!(
-                                "bitmap of {pages} pages for a guest of {}",
+                            ErrorKind::Bitmap(format!(
+                                "{pages} pages for a guest of {}",
                                 mem.page_count()
                             )),
                         ));
@@ -415,10 +351,7 @@ impl Target {
                         converged,
                     });
                 }
-                Message::Abort { reason } => {
-                    return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
-                }
-                m => return Err((step, ErrorKind::Unexpected(m.kind()))),
+                m => return expect(step, m, Err),
             }
         }
     }
@@ -447,22 +380,19 @@ impl Target {
             let mut remaining = words.to_vec();
             let mut pulled = 0u64;
             while pulled < bits {
-                match rd.recv().await.map_err(at(step))? {
-                    Message::Pages(v) if v.round() == 0 => {
-                        zero_pages += apply(mem, &v, Some(&mut remaining), digests.as_deref_mut())
-                            .map_err(|e| (step, ErrorKind::Pull(e)))?;
-                        pulled += v.count() as u64;
-                    }
-                    Message::Abort { reason } => {
-                        return Err((step, ErrorKind::PeerAborted(reason.into_owned())))
-                    }
-                    m => return Err((step, ErrorKind::Unexpected(m.kind()))),
-                }
+                let msg = rd.recv().await.map_err(at(step))?;
+                let v = expect(step, msg, |m| match m {
+                    Message::Pages(v) if v.round() == 0 => Ok(v),
+                    m => Err(m),
+                })?;
+                zero_pages += apply(mem, &v, Some(&mut remaining), digests.as_deref_mut())
+                    .map_err(|e| (step, ErrorKind::Pull(e)))?;
+                pulled += v.count() as u64;
             }
             Ok(pulled)
         };
         let (_, pulled) = tokio::try_join!(async { send.await.map_err(at(step)) }, receive)?;
-        self.zero_pages += zero_pages;
+        self.stats.zero_pages += zero_pages;
         let bytes = self.rd.received() - before;
         tracing::info!(
             t_us = unix_micros(),
@@ -473,5 +403,117 @@ impl Target {
             "migration phase"
         );
         Ok((pulled, bytes))
+    }
+
+    /// The device state, checked against the VM's configuration.
+    async fn receive_device_state(&mut self, config: &VmConfig) -> Result<DeviceState, Failure> {
+        let step = Step::DeviceState;
+        let bad = |why: String| (step, ErrorKind::State(why));
+        let msg = self.rd.recv().await.map_err(at(step))?;
+        let json = expect(step, msg, |m| match m {
+            Message::DeviceState { json } => Ok(json),
+            m => Err(m),
+        })?;
+        let state: DeviceState = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+        if state.mac != config.mac || state.ip != config.ip {
+            return Err(bad(format!(
+                "device state names {} {}, the VM is configured as {} {}",
+                state.mac, state.ip, config.mac, config.ip
+            )));
+        }
+        let mut seen = vec![false; config.vcpus as usize];
+        for v in &state.vcpus {
+            match seen.get_mut(v.index as usize) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(bad(format!("vCPU {} repeated or out of range", v.index))),
+            }
+        }
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(bad(format!(
+                "{} vCPUs in the state, {} configured",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        Ok(state)
+    }
+
+    /// Takes the disk and starts the VM.
+    fn resume(
+        &mut self,
+        config: VmConfig,
+        mem: Arc<GuestMemory>,
+        state: DeviceState,
+        hooks: &mut dyn TargetHooks,
+    ) -> Result<Arc<Vm>, Failure> {
+        let vm = Vm::restore(config, mem, state);
+        hooks
+            .before_resume(&vm)
+            .map_err(|e| (Step::Resume, ErrorKind::Hook(e)))?;
+        vm.start();
+        Ok(vm)
+    }
+
+    /// The digest of memory at resume. The page digests are final once the pull is in,
+    /// and the running vCPUs do not touch them, so hashing the list (1/128 of memory)
+    /// waits until the VM runs: it costs the downtime nothing.
+    async fn digest_at_resume(&mut self) -> Option<[u8; 32]> {
+        let d = self.digests.take()?;
+        match tokio::task::spawn_blocking(move || d.digest()).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "memory digest failed");
+                None
+            }
+        }
+    }
+
+    async fn report_resume(&mut self, resume_t_us: u64, sha: Option<[u8; 32]>) {
+        // The VM runs here now, whatever happens to the stream.
+        if let Err(e) = self
+            .wr
+            .send_flush(&Message::Resumed {
+                t_us: resume_t_us,
+                sha256: sha,
+            })
+            .await
+        {
+            tracing::warn!(vm = %self.name, error = %e, "cannot report the resume to the source");
+        }
+    }
+
+    /// The source's verdict: its digest at quiesce (if it sends one), or a rollback
+    /// when it did not find its memory here. Returns the VM for the former.
+    async fn await_complete(
+        &mut self,
+        memory_bytes: u64,
+        vm: Arc<Vm>,
+        hooks: &mut dyn TargetHooks,
+    ) -> Result<(Arc<Vm>, Option<[u8; 32]>), Failure> {
+        // The source digests all of its memory from the bitmap on: allow for that.
+        self.rd
+            .set_timeout(self.cfg.io_timeout + super::hash_allowance(memory_bytes));
+        let sha = match self.rd.recv().await {
+            Ok(Message::Complete { sha256 }) => sha256,
+            Ok(Message::Rollback { reason }) => {
+                // The source did not find its memory here: stop, give the disk back,
+                // then let the source resume its copy.
+                let reason = reason.into_owned();
+                hooks.rolled_back(&vm);
+                drop(vm);
+                let _ = self.wr.send_flush(&Message::RolledBack).await;
+                self.wr.shutdown().await;
+                return Err((Step::Verify, ErrorKind::PeerAborted(reason)));
+            }
+            Ok(m) => {
+                tracing::warn!(vm = %self.name, kind = %m.kind(), "unexpected message after resume");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.name, error = %e, "no completion from the source");
+                None
+            }
+        };
+        Ok((vm, sha))
     }
 }
