@@ -38,8 +38,8 @@ create_vmotion_link() {
 
 start_switch() {
     local pid mirror=()
-    mkdir -p "$VFABRIC_RUN_DIR"
-    chmod 0700 "$VFABRIC_RUN_DIR"
+    # Born 0700 if we make it; an existing directory keeps its mode (it is not ours).
+    [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
     [ -n "${VF_MIRROR:-}" ] && mirror=(--mirror "$VF_MIRROR")
     # shellcheck disable=SC2086 # VF_SWITCH_ARGS is a list of words
     setsid nohup "$VFABRIC_BIN" switch --name switch \

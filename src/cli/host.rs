@@ -12,6 +12,7 @@ use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
 use vfabric::host::daemon::{self, HostConfig};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
+use vfabric::names;
 use vfabric::wire::MacAddr;
 
 use super::CliError;
@@ -22,7 +23,8 @@ use super::CliError;
     ip netns exec vf-silo104 vfabric host --name silo104 --vmotion-addr 10.20.0.104:8000 \\\n    \
     --uplink vmnic0 --capacity-mb 4096 --datastore /var/lib/vfabric/datastore")]
 pub struct HostArgs {
-    /// Host name; also names the control socket (<run dir>/<name>.sock).
+    /// Host name; also names the control socket (<run dir>/<name>.sock): 1 to 31 of
+    /// a-z, 0-9 and '-', starting with a letter or digit.
     #[arg(long)]
     name: String,
     /// Address of the vMotion listener (TCP).
@@ -74,6 +76,8 @@ fn parse_policy(s: &str) -> Result<NoConvergence, String> {
 }
 
 pub fn run_host(a: HostArgs) -> Result<(), CliError> {
+    // The name becomes the control socket's file name: check it before anything else.
+    names::validate("host", &a.name)?;
     vfabric::logging::init();
     vfabric::memory::set_huge_pages(a.huge_pages);
     let migration = MigrationConfig {
@@ -146,7 +150,8 @@ enum VmCmd {
 
 #[derive(Debug, Args)]
 struct CreateArgs {
-    /// VM name.
+    /// VM name: 1 to 31 of a-z, 0-9 and '-', starting with a letter or digit (it names
+    /// the VM's disk and lock files on the datastore).
     name: String,
     /// Host to create it on.
     #[arg(long)]
@@ -217,6 +222,7 @@ fn hosts() -> Result<Vec<HostInfo>, CliError> {
 }
 
 fn host_info(name: &str) -> Result<HostInfo, CliError> {
+    names::validate("host", name)?;
     Ok(control::call_simple(
         &control::socket_path(name),
         &HostRequest::Info,
@@ -256,6 +262,9 @@ fn print_vm(v: &VmInfo) {
 pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
     match a.cmd {
         VmCmd::Create(c) => {
+            // Refused here, before any daemon or file is touched.
+            names::validate("VM", &c.name)?;
+            names::validate("host", &c.host)?;
             let config = VmConfig {
                 mac: c.mac.unwrap_or_else(|| mac_for(&c.name)),
                 name: c.name,

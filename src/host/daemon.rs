@@ -31,6 +31,8 @@ use crate::wire::MacAddr;
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
     #[error("cannot listen for vMotion on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -141,6 +143,7 @@ struct Host {
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
 /// its disk lock released, and the control socket removed.
 pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result<(), HostError> {
+    crate::names::validate("host", &cfg.name)?;
     let datastore = Datastore::open(&cfg.datastore)?;
     let uplink = match &cfg.uplink {
         Some(ifname) => Some(Arc::new(
