@@ -10,12 +10,7 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_vfabric");
 
 fn bad_names() -> Vec<String> {
-    vec![
-        "../x".into(),
-        "a/b".into(),
-        String::new(),
-        "a".repeat(200),
-    ]
+    vec!["../x".into(), "a/b".into(), String::new(), "a".repeat(200)]
 }
 
 /// Everything under `dir`, as relative paths with their modes.
@@ -64,7 +59,11 @@ fn refused(args: &[&str], what: &str) {
         "{args:?}: {err}"
     );
     assert!(err.len() < 300, "{args:?}: the line stays short: {err}");
-    assert_eq!(snapshot(tmp.path()), before, "{args:?} created or changed files");
+    assert_eq!(
+        snapshot(tmp.path()),
+        before,
+        "{args:?} created or changed files"
+    );
 }
 
 #[test]
@@ -92,10 +91,7 @@ fn switch_and_port_names_that_could_escape_are_refused() {
             &["switch", "--name", &n, "--port", "client=:vfx0"],
             "switch",
         );
-        refused(
-            &["switch", "--port", &format!("{n}=:vfx0")],
-            "port",
-        );
+        refused(&["switch", "--port", &format!("{n}=:vfx0")], "port");
         refused(&["fdb", "show", "--switch", &n], "switch");
     }
 }
@@ -104,7 +100,15 @@ fn switch_and_port_names_that_could_escape_are_refused() {
 fn vm_names_that_could_escape_are_refused() {
     for n in bad_names() {
         refused(
-            &["vm", "create", &n, "--host", "silo104", "--ip", "10.10.0.100"],
+            &[
+                "vm",
+                "create",
+                &n,
+                "--host",
+                "silo104",
+                "--ip",
+                "10.10.0.100",
+            ],
             "VM",
         );
         refused(

@@ -28,7 +28,9 @@ pub struct PortSpec {
 /// A port spec that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortSpecError {
-    #[error("bad port spec {spec:?}: {why} (expected NAME=NETNS:IFNAME, e.g. client=vf-client:eth0)")]
+    #[error(
+        "bad port spec {spec:?}: {why} (expected NAME=NETNS:IFNAME, e.g. client=vf-client:eth0)"
+    )]
     Syntax { spec: String, why: &'static str },
     #[error(transparent)]
     Name(#[from] NameError),
@@ -247,6 +249,7 @@ async fn serve(
             loop {
                 tick.tick().await;
                 fabric.sweep();
+                fabric.refresh_mtus();
             }
         })
     };
