@@ -40,11 +40,19 @@ pub enum Command {
     /// Create, list, show and destroy VMs.
     Vm(host::VmArgs),
     /// Live-migrate a running VM to another host.
+    ///
+    /// Ctrl-C cancels the migration, as `vfabric migrate cancel NAME` does from another
+    /// shell: the VM keeps running on the source, memory intact. After the point of no
+    /// return (the device state sent to the target) there is nothing left to cancel and
+    /// the move completes. A CLI that dies otherwise (SIGKILL, lost connection) cancels
+    /// nothing: the migration carries on.
     Migrate(host::MigrateArgs),
     /// Ping a VM from the client namespace while it migrates; report the loss window.
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
+    Pki(host::PkiArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -54,6 +62,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

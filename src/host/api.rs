@@ -23,6 +23,9 @@ pub enum HostRequest {
     VmShow { name: String },
     /// Stop a VM, release its disk and free its memory.
     VmDestroy { name: String },
+    /// Start a VM that is stopped here because its disk lock could not be retaken: take
+    /// the lock, then resume (and announce) it. Replies [`VmInfo`].
+    VmStart { name: String },
     /// Live-migrate a VM from this host to the host listening at `target_addr`.
     Migrate {
         name: String,
@@ -31,6 +34,10 @@ pub enum HostRequest {
         #[serde(default)]
         options: MigrateOptions,
     },
+    /// Cancel the outgoing migration of `name`. Replies [`VmInfo`] once the VM runs on
+    /// this host again; an error if it is not migrating, or if the switch-over had passed
+    /// the point of no return (the VM then runs on the target).
+    MigrateCancel { name: String },
     /// Announce mode for the next incoming migration of `name` (this host is the
     /// target); None forgets an earlier choice.
     PrepareIncoming {
@@ -46,6 +53,9 @@ pub struct MigrateOptions {
     pub max_rounds: Option<u32>,
     pub on_no_convergence: Option<String>,
     pub bandwidth_mbps: Option<u64>,
+    /// vMotion encryption of this migration (default: the source host's setting).
+    #[serde(default)]
+    pub encryption: Option<crate::migration::tls::Encryption>,
 }
 
 /// Reply to [`HostRequest::Info`].
@@ -87,6 +97,9 @@ pub struct VmInfo {
     pub resumed_t_us: Option<u64>,
     pub first_announce_t_us: Option<u64>,
     pub announce: String,
+    /// Why the VM is not running, and what the operator can do about it.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// Final reply to [`HostRequest::Migrate`].

@@ -13,8 +13,8 @@ use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, R
 use super::policy::{self, Decision, Figures};
 use super::proto::{Limits, Message, PageRange, PagesEncoder, MAX_MESSAGE};
 use super::{
-    mbps, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, NoConvergence, Progress,
-    SourceHooks, Step,
+    mbps, Cancel, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, NoConvergence,
+    Progress, SourceHooks, Step,
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm};
@@ -46,6 +46,10 @@ struct Source<'c> {
     digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
     /// Tells the digest's thread that the downtime is over: it may leave idle priority.
     digest_hurry: Arc<AtomicBool>,
+    /// The operator's cancel, honoured until the device state is sent.
+    cancel: Cancel,
+    /// Pre-copy has begun (a cancel is reported in pre-copy rather than pre-check).
+    in_precopy: bool,
 }
 
 /// Result of the switch-over phases (bitmap to resume).
@@ -70,6 +74,19 @@ pub async fn migrate_out(
     hooks: &mut dyn SourceHooks,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<MigrationSummary, MigrationError> {
+    migrate_out_cancellable(vm, stream, cfg, hooks, progress, &Cancel::new()).await
+}
+
+/// [`migrate_out`] that stops with [`ErrorKind::Cancelled`] when `cancel` fires before
+/// the point of no return (the device state sent); the VM then runs on the source.
+pub async fn migrate_out_cancellable(
+    vm: Arc<Vm>,
+    stream: impl MigrationStream,
+    cfg: &MigrationConfig,
+    hooks: &mut dyn SourceHooks,
+    progress: &mut (dyn FnMut(Progress) + Send),
+    cancel: &Cancel,
+) -> Result<MigrationSummary, MigrationError> {
     let (rd, wr) = split_stream(stream);
     let now = Instant::now();
     let mut s = Source {
@@ -87,24 +104,47 @@ pub async fn migrate_out(
         zero_pages: 0,
         digest: None,
         digest_hurry: Arc::new(AtomicBool::new(false)),
+        cancel: cancel.clone(),
+        in_precopy: false,
     };
     s.rd.set_limits(Limits {
         pages: s.vm.memory().page_count(),
     });
 
-    // Pre-check and pre-copy: the VM runs throughout.
-    let converged = match s.precheck().await {
-        Ok(()) => s.precopy(progress).await,
-        Err(f) => Err(f),
+    // Pre-check and pre-copy: the VM runs throughout. A cancel drops them wherever they
+    // are (mid-batch too): the VM never stopped, and reading memory changed nothing.
+    let run = async {
+        match s.precheck().await {
+            Ok(()) => s.precopy(progress).await,
+            Err(f) => Err(f),
+        }
+    };
+    let converged = tokio::select! {
+        r = run => r,
+        () = cancel.cancelled() => Err((Step::PreCheck, ErrorKind::Cancelled)),
     };
     let converged = match converged {
         Ok(c) => c,
+        Err((_, ErrorKind::Cancelled)) => {
+            // The stream may end mid-message: the target sees it close and discards.
+            let step = if s.in_precopy {
+                Step::PreCopy
+            } else {
+                Step::PreCheck
+            };
+            return Err(s.failed(step, ErrorKind::Cancelled, s.vm.is_running()));
+        }
         Err((step, kind)) => {
             s.abort(&kind).await;
             return Err(s.failed(step, kind, s.vm.is_running()));
         }
     };
 
+    // A cancel that came with the last round's answer: the VM has not stopped yet.
+    if s.cancel.is_cancelled() {
+        s.abort(&ErrorKind::Cancelled).await;
+        return Err(s.failed(Step::PreCopy, ErrorKind::Cancelled, s.vm.is_running()));
+    }
     // Quiesce: from here until the target's report the VM runs nowhere.
     let state = s.vm.quiesce();
     let quiesce_t_us = unix_micros();
@@ -148,6 +188,15 @@ pub async fn migrate_out(
         Some(h) => h.await.ok(),
         None => None,
     };
+    // Success means verified: the VM is freed here only once the target's memory is
+    // known to be ours; otherwise the target stops its copy and the VM resumes here.
+    if cfg.verify_memory {
+        if let Err(reason) = check_digests(source_sha, done.target_sha) {
+            s.roll_back(&reason).await;
+            let running = s.take_back(hooks);
+            return Err(s.failed(Step::Verify, ErrorKind::Verify(reason), running));
+        }
+    }
     // The target runs the VM; telling it our hash is a courtesy it can live without.
     s.wr.send_now(&Message::Complete { sha256: source_sha }, s.cfg.io_timeout)
         .await;
@@ -171,6 +220,7 @@ pub async fn migrate_out(
         resume_t_us: done.resume_t_us,
         bytes_pulled: done.bytes_pulled,
         bytes_total: s.wr.sent(),
+        transport: String::new(),
     };
     tracing::info!(
         t_us = unix_micros(),
@@ -185,18 +235,21 @@ pub async fn migrate_out(
         converged,
         "migration phase"
     );
-    if !summary.memory_sha256_source.is_empty()
-        && !summary.memory_sha256_target.is_empty()
-        && summary.memory_sha256_source != summary.memory_sha256_target
-    {
-        tracing::error!(
-            vm = %summary.vm,
-            source = %summary.memory_sha256_source,
-            target = %summary.memory_sha256_target,
-            "memory hash differs between source and target"
-        );
-    }
     Ok(summary)
+}
+
+/// The verdict on the two memory digests: equal, or why not.
+fn check_digests(source: Option<[u8; 32]>, target: Option<[u8; 32]>) -> Result<(), String> {
+    match (source, target) {
+        (Some(s), Some(t)) if s == t => Ok(()),
+        (None, _) => Err("the source could not digest its memory".into()),
+        (_, None) => Err("the target reported no memory digest".into()),
+        (Some(s), Some(t)) => Err(format!(
+            "the target's memory digest {} differs from the source's {}",
+            hex(&t),
+            hex(&s)
+        )),
+    }
 }
 
 impl Drop for Source<'_> {
@@ -236,13 +289,30 @@ impl Source<'_> {
             .await;
     }
 
+    /// Asks the target to stop its unverified copy and give the disk back, and waits
+    /// for its answer; the disk lock decides afterwards either way.
+    async fn roll_back(&mut self, reason: &str) {
+        let msg = Message::Rollback {
+            reason: reason.into(),
+        };
+        self.wr.send_now(&msg, self.cfg.io_timeout).await;
+        self.rd.set_timeout(self.cfg.io_timeout);
+        match self.rd.recv().await {
+            Ok(Message::RolledBack) => {
+                tracing::info!(t_us = unix_micros(), vm = %self.name, "target rolled back")
+            }
+            Ok(m) => tracing::warn!(vm = %self.name, kind = %m.kind(), "no rollback answer"),
+            Err(e) => tracing::warn!(vm = %self.name, error = %e, "no rollback answer"),
+        }
+    }
+
     /// After a failure past quiesce: retake the disk and resume, if allowed.
     fn take_back(&self, hooks: &mut dyn SourceHooks) -> bool {
         if !hooks.reclaim(&self.vm) {
             tracing::error!(
                 t_us = unix_micros(),
                 vm = %self.name,
-                "the target holds the VM's disk: not resuming on the source"
+                "disk lock not retaken: not resuming on the source"
             );
             return false;
         }
@@ -282,6 +352,7 @@ impl Source<'_> {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<bool, Failure> {
         let step = Step::PreCopy;
+        self.in_precopy = true;
         let mem = Arc::clone(self.vm.memory());
         let limits = self.cfg.policy_limits();
         // Dirty logging starts with everything dirty: round 1 sends every page.
@@ -519,6 +590,10 @@ impl Source<'_> {
         );
 
         let step = Step::DeviceState;
+        // The last moment to cancel: once the device state is out, the target may resume.
+        if self.cancel.is_cancelled() {
+            return Err((step, ErrorKind::Cancelled));
+        }
         let json =
             serde_json::to_vec(state).map_err(|e| (step, ErrorKind::State(e.to_string())))?;
         self.wr
