@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 use crate::names;
@@ -75,9 +75,7 @@ pub fn init(dir: &Path) -> Result<Init, PkiError> {
         return Ok(Init::Kept);
     }
     let key = KeyPair::generate().map_err(PkiError::Generate)?;
-    let cert = ca_params()
-        .self_signed(&key)
-        .map_err(PkiError::Generate)?;
+    let cert = ca_params().self_signed(&key).map_err(PkiError::Generate)?;
     write_private(&dir.join(CA_KEY), key.serialize_pem().as_bytes())?;
     write_private(&dir.join(CA_CERT), cert.pem().as_bytes())?;
     Ok(Init::Created)
@@ -100,7 +98,10 @@ pub fn issue(dir: &Path, name: &str) -> Result<(), PkiError> {
     let cert = host_params(name)?
         .signed_by(&key, &issuer)
         .map_err(PkiError::Generate)?;
-    write_private(&dir.join(format!("{name}.key")), key.serialize_pem().as_bytes())?;
+    write_private(
+        &dir.join(format!("{name}.key")),
+        key.serialize_pem().as_bytes(),
+    )?;
     write_private(&dir.join(format!("{name}.pem")), cert.pem().as_bytes())?;
     Ok(())
 }

@@ -818,7 +818,10 @@ async fn a_wrong_or_missing_target_digest_fails_and_the_vm_stays() {
         let e = migrate_out(Arc::clone(&vm), stream, &mcfg(), &mut src, &mut |_| {})
             .await
             .unwrap_err();
-        assert!(fh.await.unwrap(), "{claim:?}: the target was not told to roll back");
+        assert!(
+            fh.await.unwrap(),
+            "{claim:?}: the target was not told to roll back"
+        );
         assert_eq!(e.step, Step::Verify, "{claim:?}: {e}");
         assert!(matches!(e.kind, ErrorKind::Verify(_)), "{e}");
         assert!(e.vm_running && vm.is_running(), "{claim:?}: {e}");

@@ -11,11 +11,11 @@ use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
 use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
 use vfabric::host::daemon::{self, HostConfig, VmotionSecurity};
-use vfabric::migration::tls::{Encryption, Tls};
-use vfabric::pki;
 use vfabric::migration::announce::{Announce, Schedule};
+use vfabric::migration::tls::{Encryption, Tls};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
 use vfabric::names;
+use vfabric::pki;
 use vfabric::wire::MacAddr;
 
 use super::CliError;
@@ -538,9 +538,14 @@ pub fn migrate_call(
     // The source daemon died mid-migration: say which host, in which phase, and where
     // the VM is now, as far as the target can tell.
     let result = match result {
-        Err(control::ControlError::Closed | control::ControlError::Io(_)) => Err(
-            control::ControlError::Remote(lost_source(&r.name, &source.name, &target.name, last.as_ref())),
-        ),
+        Err(control::ControlError::Closed | control::ControlError::Io(_)) => {
+            Err(control::ControlError::Remote(lost_source(
+                &r.name,
+                &source.name,
+                &target.name,
+                last.as_ref(),
+            )))
+        }
         other => other,
     };
     if result.is_err() && r.announce.is_some() {
@@ -698,9 +703,7 @@ fn lost_source(vm: &str, source: &str, target: &str, last: Option<&Progress>) ->
                      (pre-copy keeps the only running copy on the source)"
                 )
             }
-            Err(e) => {
-                return format!("{died}; {target} cannot be asked where {vm} is ({e})")
-            }
+            Err(e) => return format!("{died}; {target} cannot be asked where {vm} is ({e})"),
         }
     }
 }

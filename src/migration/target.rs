@@ -273,7 +273,7 @@ impl Target {
             resume_t_us,
             bytes_pulled,
             bytes_total: self.rd.received(),
-        transport: String::new(),
+            transport: String::new(),
         };
         tracing::info!(
             t_us = unix_micros(),

@@ -84,7 +84,9 @@ impl fmt::Display for Encryption {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Protection {
     /// TLS 1.3; `peer` is the authenticated host name of the other end.
-    Tls { peer: String },
+    Tls {
+        peer: String,
+    },
     Plaintext,
 }
 
