@@ -212,7 +212,7 @@ impl Fdb {
                 events.push(FdbEvent::Aged { mac, port: e.port });
             } else if e.port == port {
                 self.nodes[i as usize].last_seen = now;
-                self.to_tail(i);
+                self.make_youngest(i);
                 return;
             } else {
                 if now.saturating_duration_since(e.last_seen) < self.cfg.hold_down {
@@ -360,7 +360,7 @@ impl Fdb {
     }
 
     /// Moves a refreshed entry to the young end of both its lists.
-    fn to_tail(&mut self, i: u32) {
+    fn make_youngest(&mut self, i: u32) {
         for w in [Which::All, Which::Port] {
             let list = self.list(w, self.nodes[i as usize].port);
             if list.tail != i {
