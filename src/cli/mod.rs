@@ -1,5 +1,6 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod events;
 mod flood;
 mod host;
 mod measure;
@@ -52,6 +53,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Follow the daemons' events live, merged in time order.
+    Events(events::EventsArgs),
     /// Send random-source-MAC frames at a fixed rate (for bench/flood.sh).
     #[command(hide = true)]
     MacFlood(flood::FloodArgs),
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Events(a) => events::run(a),
         Command::MacFlood(a) => flood::run(a),
         Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),

@@ -12,7 +12,7 @@
 //! Control path: a tokio runtime serves the control socket, runs the ageing sweep once a
 //! second (so entries age without traffic) and waits for SIGINT/SIGTERM.
 
-pub mod control;
+pub mod api;
 pub mod daemon;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, EventBus};
 use crate::port::{Port, PortError};
 use crate::switch::vnet::{self, VnetHdr};
 use crate::switch::{Decision, DropReason, FdbConfig, FdbEvent, PortId, Switch};
@@ -29,6 +30,8 @@ use crate::wire::ethernet::HEADER_LEN;
 
 pub use daemon::{run, DaemonConfig, PortSpec, SwitchdError};
 
+/// The switch's name when none is given: its control socket is `<run dir>/switch.sock`.
+pub const DEFAULT_NAME: &str = "switch";
 /// Largest Ethernet frame the data path takes: a 64 KiB GSO frame plus header and tag.
 pub const MAX_FRAME: usize = 65536 + HEADER_LEN + 4;
 /// How long a port thread blocks before checking for shutdown.
@@ -201,6 +204,7 @@ struct Shared {
     core: Mutex<Switch>,
     stop: AtomicBool,
     hdr_len: usize,
+    events: EventBus,
 }
 
 /// How the data path uses threads.
@@ -262,6 +266,17 @@ impl Fabric {
         cfg: FdbConfig,
         threading: Threading,
     ) -> Result<Fabric, FabricError> {
+        Self::start_events(ports, mirror, cfg, threading, EventBus::new(DEFAULT_NAME))
+    }
+
+    /// Like [`Fabric::start`], with a choice of threading and the bus its events go to.
+    pub fn start_events(
+        ports: Vec<SwitchPort>,
+        mirror: Option<SwitchPort>,
+        cfg: FdbConfig,
+        threading: Threading,
+        events: EventBus,
+    ) -> Result<Fabric, FabricError> {
         if ports.len() > usize::from(u16::MAX) {
             return Err(FabricError::TooManyPorts);
         }
@@ -284,6 +299,7 @@ impl Fabric {
             core: Mutex::new(Switch::new(cfg)),
             stop: AtomicBool::new(false),
             hdr_len,
+            events,
         });
         for p in &shared.ports {
             p.refresh_mtu();
@@ -339,11 +355,9 @@ impl Fabric {
     /// Empties the FDB; returns how many entries went.
     pub fn flush(&self) -> usize {
         let n = self.shared.core().fdb_mut().flush();
-        tracing::info!(
-            entries = n,
-            t_us = crate::clock::unix_micros(),
-            "fdb flushed"
-        );
+        self.shared
+            .events
+            .emit_now(Event::FdbFlushed { entries: n });
         n
     }
 
@@ -368,7 +382,8 @@ impl Fabric {
             core.fdb_mut().sweep(now, &mut events);
             core.fdb().len()
         };
-        self.shared.log_events(&events, crate::clock::unix_micros());
+        self.shared
+            .emit_events(&events, crate::clock::unix_micros());
         let mut last = self
             .shared
             .summary
@@ -397,6 +412,11 @@ impl Fabric {
             );
         }
         *last = Summary { at: now, counts };
+    }
+
+    /// The bus the switch's events go to.
+    pub fn events(&self) -> &EventBus {
+        &self.shared.events
     }
 
     /// Counters of every port (the mirror last).
@@ -465,49 +485,61 @@ impl Shared {
             .map_or("?", |p| p.name.as_str())
     }
 
-    /// Logs FDB changes for people without letting a MAC flood write a line per
-    /// frame: learn, age and evict go to DEBUG and into counters summed up at INFO by
-    /// [`Fabric::sweep`]; a move (what a migration's RARP does, and what explains a loss
-    /// window) stays at INFO with its µs stamp, up to [`MOVE_LINES_PER_SEC`] lines a
-    /// second, the rest counted as suppressed in the summary.
-    fn log_events(&self, events: &[FdbEvent], t_us: u64) {
+    /// Publishes every FDB event on the events stream, and logs them for people without
+    /// letting a MAC flood write a line per frame: learn, age and evict go to DEBUG and
+    /// into counters summed up at INFO by [`Fabric::sweep`]; a move (what a
+    /// migration's RARP does, and what explains a loss window) stays at INFO with its
+    /// µs stamp, up to [`MOVE_LINES_PER_SEC`] lines a second, the rest counted in the
+    /// summary. `t_us` is when the frame that caused them was read.
+    fn emit_events(&self, events: &[FdbEvent], t_us: u64) {
         let a = &self.fdb_activity;
         for ev in events {
-            match *ev {
-                FdbEvent::Learned { mac, port } => {
-                    a.learned.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%mac, port = %self.port_name(port), t_us, "mac learned")
-                }
+            let (counter, ev) = match *ev {
+                FdbEvent::Learned { mac, port } => (
+                    &a.learned,
+                    Event::MacLearned {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
                 FdbEvent::Moved {
                     mac,
                     from,
                     to,
                     ethertype,
-                } => {
-                    a.moved.fetch_add(1, Ordering::Relaxed);
-                    if a.move_line_allowed(t_us) {
-                        tracing::info!(
-                            %mac,
-                            from = %self.port_name(from),
-                            to = %self.port_name(to),
-                            %ethertype,
-                            t_us,
-                            "mac moved"
-                        )
-                    } else {
-                        a.moves_unlogged.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%mac, from = %self.port_name(from),
-                            to = %self.port_name(to), %ethertype, t_us, "mac moved")
-                    }
+                } => (
+                    &a.moved,
+                    Event::MacMoved {
+                        mac,
+                        from: self.port_name(from).to_string(),
+                        to: self.port_name(to).to_string(),
+                        ethertype: ethertype.to_string(),
+                    },
+                ),
+                FdbEvent::Aged { mac, port } => (
+                    &a.aged,
+                    Event::MacAged {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
+                FdbEvent::Evicted { mac, port } => (
+                    &a.evicted,
+                    Event::MacEvicted {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if matches!(ev, Event::MacMoved { .. }) && a.move_line_allowed(t_us) {
+                self.events.emit(t_us, ev);
+            } else {
+                if matches!(ev, Event::MacMoved { .. }) {
+                    a.moves_unlogged.fetch_add(1, Ordering::Relaxed);
                 }
-                FdbEvent::Aged { mac, port } => {
-                    a.aged.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%mac, port = %self.port_name(port), t_us, "mac aged out")
-                }
-                FdbEvent::Evicted { mac, port } => {
-                    a.evicted.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%mac, port = %self.port_name(port), t_us, "mac evicted")
-                }
+                tracing::debug!(t_us, "{ev}");
+                self.events.publish(t_us, ev);
             }
         }
     }
@@ -518,13 +550,11 @@ impl Shared {
         if p.up.swap(false, Ordering::Relaxed) {
             let n = core.fdb_mut().flush_port(p.id);
             drop(core);
-            tracing::warn!(
-                port = %p.name,
-                ifname = %p.port.ifname(),
-                fdb_entries_removed = n,
-                t_us = crate::clock::unix_micros(),
-                "port down: its device is gone"
-            );
+            self.events.emit_now(Event::PortGone {
+                port: p.name.clone(),
+                ifname: p.port.ifname().to_string(),
+                fdb_entries_removed: n,
+            });
         }
     }
 
@@ -755,7 +785,7 @@ fn forward(
     events.clear();
     let decision = s.core().handle(me.id, &frame[hdr..], now, t_us, events);
     if !events.is_empty() {
-        s.log_events(events, t_us);
+        s.emit_events(events, t_us);
     }
     if let Some(m) = &s.mirror {
         s.transmit(m, frame);
