@@ -5,6 +5,10 @@
 # Settings: see lib.sh. Undo with down.sh.
 #
 # Usage: up.sh [--no-hosts]   (--no-hosts, or VF_HOSTS=0: the switch and namespaces only)
+#        up.sh --restart-switch
+#            Stops the running switch (if any) and starts it again with the same ports,
+#            then re-applies the uplink addresses and links in the namespaces. Host
+#            daemons and their VMs keep running; they re-bind to the new interfaces.
 #
 # Steps run in order from main(); each is a function, so more (host daemons, demo
 # traffic) slot in as one more function and one more line in main().
@@ -36,35 +40,80 @@ create_vmotion_link() {
     ip link add vmk1 netns "$NS_SILO104" type veth peer name vmk1 netns "$NS_SILO105"
 }
 
+# start_switch [append] — starts the switch with the three ports; its options (VF_MIRROR,
+# VF_SWITCH_ARGS) are kept in switch.env so that --restart-switch uses the same ones.
 start_switch() {
     local pid mirror=()
-    mkdir -p "$VFABRIC_RUN_DIR"
-    chmod 0700 "$VFABRIC_RUN_DIR"
+    # Born 0700 if we make it; an existing directory keeps its mode (it is not ours).
+    [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
     [ -n "${VF_MIRROR:-}" ] && mirror=(--mirror "$VF_MIRROR")
+    printf 'VF_MIRROR=%q\nVF_SWITCH_ARGS=%q\n' "${VF_MIRROR:-}" "${VF_SWITCH_ARGS:-}" \
+        >"$VFABRIC_RUN_DIR/switch.env"
+    if [ "${1:-}" = append ]; then exec 3>>"$VFABRIC_RUN_DIR/switch.log"; else exec 3>"$VFABRIC_RUN_DIR/switch.log"; fi
     # shellcheck disable=SC2086 # VF_SWITCH_ARGS is a list of words
     setsid nohup "$VFABRIC_BIN" switch --name switch \
         --port "client=$NS_CLIENT:eth0" \
         --port "silo104=$NS_SILO104:vmnic0" \
         --port "silo105=$NS_SILO105:vmnic0" \
         "${mirror[@]}" ${VF_SWITCH_ARGS:-} \
-        >"$VFABRIC_RUN_DIR/switch.log" 2>&1 </dev/null &
+        >&3 2>&1 </dev/null &
     pid=$!
+    exec 3>&-
     write_pidfile switch "$pid"
     wait_for_socket "$VFABRIC_RUN_DIR/switch.sock" "$pid" "$VFABRIC_RUN_DIR/switch.log"
 }
 
-configure_addresses() {
+# The switch's TAP interfaces: created by the switch, gone when it stops.
+configure_uplinks() {
     ip -n "$NS_CLIENT" addr add "$CLIENT_IP" dev eth0
     ip -n "$NS_CLIENT" link set eth0 up
     ip -n "$NS_SILO104" addr add "$SILO104_IP" dev vmnic0
     ip -n "$NS_SILO105" addr add "$SILO105_IP" dev vmnic0
+    ip -n "$NS_SILO104" link set vmnic0 up
+    ip -n "$NS_SILO105" link set vmnic0 up
+}
+
+configure_vmotion() {
     ip -n "$NS_SILO104" addr add "$SILO104_VMK" dev vmk1
     ip -n "$NS_SILO105" addr add "$SILO105_VMK" dev vmk1
-    local ns
-    for ns in "$NS_SILO104" "$NS_SILO105"; do
-        ip -n "$ns" link set vmnic0 up
-        ip -n "$ns" link set vmk1 up
+    ip -n "$NS_SILO104" link set vmk1 up
+    ip -n "$NS_SILO105" link set vmk1 up
+}
+
+# The switch's interfaces vanish as its TAP fds close; a new switch cannot name its
+# own the same until they have.
+wait_for_uplinks_gone() {
+    local i
+    for i in $(seq 100); do
+        if ! ip -n "$NS_CLIENT" link show eth0 >/dev/null 2>&1 \
+            && ! ip -n "$NS_SILO104" link show vmnic0 >/dev/null 2>&1 \
+            && ! ip -n "$NS_SILO105" link show vmnic0 >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
     done
+    die "the old switch's interfaces did not go away"
+}
+
+# Brings the switch back with the same ports, whether it still runs or died. The host
+# daemons notice their uplink return and re-bind their VMs' NICs by themselves.
+restart_switch() {
+    local ns
+    for ns in "${ALL_NS[@]}"; do
+        ns_exists "$ns" || die "namespace $ns does not exist; run up.sh first"
+    done
+    if [ -e "$VFABRIC_RUN_DIR/switch.pid" ]; then kill_pidfile "$VFABRIC_RUN_DIR/switch.pid"; fi
+    wait_for_uplinks_gone
+    # The old switch is gone: a socket file left by a crash is stale.
+    rm -f "$VFABRIC_RUN_DIR/switch.sock"
+    # The options up.sh used, unless given again.
+    if [ -z "${VF_MIRROR+x}${VF_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/switch.env" ]; then
+        # shellcheck disable=SC1091
+        . "$VFABRIC_RUN_DIR/switch.env"
+    fi
+    start_switch append
+    configure_uplinks
+    log "switch restarted; log in $VFABRIC_RUN_DIR/switch.log"
 }
 
 # One hypervisor daemon per host namespace: vMotion listener on vmk1, VM NICs on vmnic0,
@@ -99,7 +148,13 @@ main() {
     local hosts=${VF_HOSTS:-1}
     case "${1:-}" in
         --no-hosts) hosts=0 ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --restart-switch)
+            need_root
+            ensure_bin
+            restart_switch
+            exit 0
+            ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         "") ;;
         *) die "unknown option $1 (try --help)" ;;
     esac
@@ -112,7 +167,8 @@ main() {
     create_namespaces
     create_vmotion_link
     start_switch
-    configure_addresses
+    configure_uplinks
+    configure_vmotion
     if [ "$hosts" = 1 ]; then start_hosts; fi
     trap - EXIT
     log "up: namespaces ${ALL_NS[*]}; logs in $VFABRIC_RUN_DIR"

@@ -725,3 +725,64 @@ fn a_vm_created_where_the_switch_did_not_expect_it_is_reachable_at_once() {
     );
     assert!(replies.len() > 50, "{} replies", replies.len());
 }
+
+#[test]
+fn a_restarted_switch_finds_every_vm_again() {
+    let Some(s) = setup(64) else { return };
+    let t = &s.t;
+    let udp = |req: &str| {
+        ok(t.exec("client", &[bin(), "udp", VM_IP, req]), "vfabric udp")
+            .trim()
+            .to_string()
+    };
+    for i in 1..=3 {
+        assert_eq!(udp("incr"), format!("counter {i}"));
+    }
+    let log_len = |host: &str| {
+        std::fs::metadata(t.run_dir.path().join(format!("{host}.log")))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let before = [log_len("silo104"), log_len("silo105")];
+    let pid = t.switch_pid().expect("switch pid");
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    // The hosts live without a switch for a while: their logs must not fill up.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!t.ping("client", VM_IP, 1), "no switch, no ping");
+    let out = t.restart_switch();
+    assert!(
+        out.status.success(),
+        "up.sh --restart-switch: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.switch_log()
+    );
+    let t0 = Instant::now();
+    let back = t.wait_for(Duration::from_secs(5), || {
+        t.exec("client", &["ping", "-c", "1", "-W", "1", "-q", VM_IP])
+            .status
+            .success()
+    });
+    assert!(back, "vm1 unreachable 5 s after the switch came back");
+    eprintln!(
+        "vm1 answered {} ms after the restart",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(udp("incr"), "counter 4", "the VM's state is intact");
+    let v = t.vfabric_json(&["vm", "show", "vm1"]);
+    assert_eq!(
+        (v["host"].as_str(), v["state"].as_str()),
+        (Some("silo104"), Some("running"))
+    );
+    // A few lines each (lost, back, the announces), not ten a second.
+    for (host, b) in ["silo104", "silo105"].iter().zip(before) {
+        let grown = log_len(host) - b;
+        assert!(grown < 4096, "{host}'s log grew by {grown} bytes in ~4 s");
+    }
+    // And a migration over the new switch still works.
+    migrate(t, "silo105");
+    assert_eq!(t.vfabric_json(&["vm", "show", "vm1"])["host"], "silo105");
+    assert!(t.ping("client", VM_IP, 2));
+}

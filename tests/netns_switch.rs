@@ -151,6 +151,52 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
 }
 
 #[test]
+fn frames_over_the_egress_mtu_are_dropped_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let t = Topology::up_with(&[("VF_HOSTS", "0")]);
+    let out = t.exec("client", &["ip", "link", "set", "eth0", "mtu", "9000"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(t.ping("client", "10.10.0.104", 1));
+    let silo104: MacAddr = t.mac("silo104", "vmnic0").parse().unwrap();
+    let client: MacAddr = t.mac("client", "eth0").parse().unwrap();
+    assert_eq!(port_stats(&t, "silo104")["mtu"], 1500);
+    // 9014 bytes to silo104's known MAC: the client may send it (MTU 9000), silo104's
+    // interface (MTU 1500) may not take it. A 1514-byte frame may.
+    let frame = |len: usize| {
+        let mut f = vec![0u8; len];
+        Repr {
+            src: client,
+            dst: silo104,
+            ethertype: EtherType::Unknown(0x88b5),
+        }
+        .emit(&mut Frame::new_checked(&mut f[..]).unwrap());
+        f
+    };
+    let sent = send_raw(
+        &t,
+        "client",
+        "eth0",
+        &[frame(9014), frame(9014), frame(1514)],
+    );
+    assert_eq!(sent, 3);
+    assert!(
+        t.wait_for(Duration::from_secs(3), || port_stats(&t, "silo104")
+            ["dropped"]["oversize"]
+            == 2),
+        "{}",
+        port_stats(&t, "silo104")
+    );
+    let s = port_stats(&t, "silo104");
+    assert!(
+        s["tx_bytes"].as_u64().unwrap() < 9014,
+        "nothing jumbo went out: {s}"
+    );
+    assert!(t.ping("client", "10.10.0.104", 2), "forwarding goes on");
+}
+
+#[test]
 fn garbage_leaves_the_switch_forwarding() {
     if !require_root() {
         return;

@@ -18,6 +18,7 @@ use vfabric::migration::{
     human_us, MigrationConfig, MigrationSummary, NoConvergence, Progress, Tick,
     DEFAULT_MAX_DOWNTIME,
 };
+use vfabric::names;
 use vfabric::pki;
 use vfabric::wire::MacAddr;
 
@@ -29,7 +30,8 @@ use super::CliError;
     ip netns exec vf-silo104 vfabric host --name silo104 --vmotion-addr 10.20.0.104:8000 \\\n    \
     --uplink vmnic0 --capacity-mb 4096 --datastore /var/lib/vfabric/datastore")]
 pub struct HostArgs {
-    /// Host name; also names the control socket (<run dir>/<name>.sock).
+    /// Host name; also names the control socket (<run dir>/<name>.sock): 1 to 31 of
+    /// a-z, 0-9 and '-', starting with a letter or digit.
     #[arg(long)]
     name: String,
     /// Address of the vMotion listener (TCP).
@@ -128,6 +130,8 @@ fn positive<T: std::str::FromStr + PartialEq + From<u8>>(s: &str) -> Result<T, S
 }
 
 pub fn run_host(a: HostArgs) -> Result<(), CliError> {
+    // The name becomes the control socket's file name: check it before anything else.
+    names::validate("host", &a.name)?;
     vfabric::logging::init();
     vfabric::memory::set_huge_pages(a.huge_pages);
     let migration = MigrationConfig {
@@ -232,7 +236,8 @@ enum VmCmd {
 
 #[derive(Debug, Args)]
 struct CreateArgs {
-    /// VM name.
+    /// VM name: 1 to 31 of a-z, 0-9 and '-', starting with a letter or digit (it names
+    /// the VM's disk and lock files on the datastore).
     name: String,
     /// Host to create it on.
     #[arg(long, value_name = "HOST")]
@@ -304,6 +309,9 @@ fn print_vm(v: &VmInfo) {
 pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
     match a.cmd {
         VmCmd::Create(c) => {
+            // Refused here, before any daemon or file is touched.
+            names::validate("VM", &c.name)?;
+            names::validate("host", &c.host)?;
             let config = VmConfig {
                 mac: c.mac.unwrap_or_else(|| mac_for(&c.name)),
                 name: c.name,

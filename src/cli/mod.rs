@@ -2,6 +2,7 @@
 
 mod docs;
 mod events;
+mod flood;
 mod host;
 mod measure;
 mod switch;
@@ -65,6 +66,9 @@ pub enum Command {
     Man(docs::ManArgs),
     /// Follow the daemons' events live, merged in time order.
     Events(events::EventsArgs),
+    /// Send random-source-MAC frames at a fixed rate (for bench/flood.sh).
+    #[command(hide = true)]
+    MacFlood(flood::FloodArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
     Pki(host::PkiArgs),
 }
@@ -77,6 +81,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
         Command::Events(a) => events::run(a),
+        Command::MacFlood(a) => flood::run(a),
         Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),

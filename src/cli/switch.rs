@@ -25,7 +25,8 @@ use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
         Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0"
 )]
 pub struct SwitchArgs {
-    /// Switch name; the control socket is $VFABRIC_RUN_DIR/NAME.sock
+    /// Switch name; the control socket is $VFABRIC_RUN_DIR/NAME.sock (1 to 31 of a-z,
+    /// 0-9 and '-', starting with a letter or digit; port names follow the same rule)
     #[arg(long, default_value = switchd::DEFAULT_NAME)]
     name: String,
     /// A port, e.g. client=vf-client:eth0 (repeat for each port)
@@ -97,6 +98,7 @@ pub struct PortsArgs {
 }
 
 pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
+    vfabric::names::validate("switch", &args.name)?;
     let ports = args
         .ports
         .iter()
@@ -127,6 +129,7 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
 }
 
 fn ask<R: control::Request>(switch: &str, req: R) -> Result<R::Reply, CliError> {
+    vfabric::names::validate("switch", switch)?;
     Ok(control::request(&control::socket_path(switch), req)?)
 }
 

@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -160,11 +160,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(bind_err)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(bind_err)?;
-        }
+        // Directories made here are born 0700; one that exists is left as it is, since
+        // this code changes no permissions on anything it did not create. (Setting the
+        // mode afterwards would follow `..`: `<run dir>/../x.sock` once made /run 0700.)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(bind_err)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -486,6 +489,27 @@ mod tests {
         Echo(String),
         Count(u32),
         Fail,
+    }
+
+    #[tokio::test]
+    async fn bind_changes_no_permissions_it_did_not_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("run");
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A path through `..`, as a name like "../x" once made: the run directory is
+        // created (0700, ours), its parent keeps its mode.
+        let path = parent.join("vfabric").join("..").join("x.sock");
+        let _listener = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&parent), 0o755);
+        assert_eq!(mode(&parent.join("vfabric")), 0o700);
+        // An existing run directory keeps its mode too.
+        let run = dir.path().join("open");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o751)).unwrap();
+        let _l2 = bind(&run.join("y.sock")).unwrap();
+        assert_eq!(mode(&run), 0o751);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

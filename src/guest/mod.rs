@@ -31,7 +31,7 @@ pub const MIN_MEMORY_MB: u64 = 4;
 /// Largest guest accepted, in MB.
 pub const MAX_MEMORY_MB: u64 = MAX_MEMORY_BYTES >> 20;
 /// Longest VM name accepted.
-pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_NAME_LEN: usize = crate::names::MAX_LEN;
 
 /// Byte offset inside each page that the sweep workload increments.
 pub const SWEEP_OFFSET: u64 = 0;
@@ -39,8 +39,8 @@ pub const SWEEP_OFFSET: u64 = 0;
 /// Errors of VM configuration and lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuestError {
-    #[error("invalid VM name {0:?}: use 1-{MAX_NAME_LEN} of A-Z a-z 0-9 . _ -, not starting with . or -")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] crate::names::NameError),
     #[error("invalid vCPU count {0}: must be 1, 2 or 4")]
     BadVcpus(u8),
     #[error("invalid memory size {0} MB: must be {MIN_MEMORY_MB} to {MAX_MEMORY_MB} MB")]
@@ -146,9 +146,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), GuestError> {
-        if !valid_name(&self.name) {
-            return Err(GuestError::BadName(self.name.clone()));
-        }
+        crate::names::validate("VM", &self.name)?;
         if !matches!(self.vcpus, 1 | 2 | 4) {
             return Err(GuestError::BadVcpus(self.vcpus));
         }
@@ -183,15 +181,6 @@ impl VmConfig {
     pub fn page_count(&self) -> u64 {
         self.memory_bytes() / PAGE_SIZE as u64
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The registers of one vCPU: enough to continue its workload where it stopped.
@@ -378,7 +367,7 @@ mod tests {
             let mut c = good.clone();
             c.vcpus = v;
             c.word_bits = 32;
-            c.name = "web-01.prod_a".into();
+            c.name = "web-01-prod-a".into();
             assert_eq!(c.validate(), Ok(()));
         }
     }

@@ -27,13 +27,15 @@ use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreEr
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
 use crate::migration::{self, Cancel, ErrorKind, MigrationConfig, SourceHooks, Step, TargetHooks};
-use crate::port::packet::PacketSocket;
+use crate::port::packet::{Backoff, Uplink, UplinkHealth};
 use crate::wire::ethernet::Frame;
 use crate::wire::MacAddr;
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
     #[error("cannot listen for vMotion on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -194,7 +196,7 @@ struct Host {
     inv: Mutex<Inventory>,
     /// VMs by MAC, for the NIC thread.
     by_mac: RwLock<HashMap<MacAddr, Arc<VmShared>>>,
-    uplink: Option<Arc<PacketSocket>>,
+    uplink: Option<Arc<Uplink>>,
     stop: AtomicBool,
     events: EventBus,
     /// vMotion connections refused before authentication, since the last summary.
@@ -204,10 +206,11 @@ struct Host {
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
 /// its disk lock released, and the control socket removed.
 pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result<(), HostError> {
+    crate::names::validate("host", &cfg.name)?;
     let datastore = Datastore::open(&cfg.datastore)?;
     let uplink = match &cfg.uplink {
         Some(ifname) => Some(Arc::new(
-            PacketSocket::open(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
+            Uplink::open(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
         )),
         None => None,
     };
@@ -318,21 +321,90 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     Ok(())
 }
 
+/// How often the NIC thread checks that its socket is still bound to the interface
+/// named like the uplink, traffic or not (one ioctl).
+const UPLINK_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Re-bind attempts while the uplink is gone: 50 ms doubling up to 500 ms (one ioctl
+/// each), so a switch that comes back is found within half a second.
+const UPLINK_RETRY_MIN: Duration = Duration::from_millis(50);
+const UPLINK_RETRY_MAX: Duration = Duration::from_millis(500);
+/// At most one WARN about receive errors on a still-bound uplink per this period.
+const UPLINK_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// The VMs' NIC: frames from the uplink go to the VM whose MAC they are for (broadcast
 /// and multicast to every VM); a VM that is not running neither answers nor forwards.
-fn nic_loop(host: Arc<Host>, uplink: Arc<PacketSocket>) {
+///
+/// The uplink is the kernel side of a TAP whose other end the switch holds: when the
+/// switch dies the interface vanishes, and a restarted switch makes a new one under
+/// the same name. The thread notices (an error, or the periodic check), says so once,
+/// re-binds with backoff when the interface is back, and announces every running VM
+/// so the new switch learns where they are. VMs keep running meanwhile.
+fn nic_loop(host: Arc<Host>, uplink: Arc<Uplink>) {
     let mut buf = vec![0u8; 65536 + 64];
     let mut out = Vec::new();
+    let mut backoff = Backoff::new(UPLINK_RETRY_MIN, UPLINK_RETRY_MAX);
+    let mut next_check = Instant::now() + UPLINK_CHECK_EVERY;
+    let mut lost_at: Option<(Instant, u64)> = None;
+    let mut last_warn: Option<Instant> = None;
+    let mut errors_unlogged = 0u64;
     while !host.stop.load(Ordering::Relaxed) {
-        let n = match uplink.recv(&mut buf, Duration::from_millis(200)) {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
+        let Some(sock) = uplink.socket() else {
+            match uplink.rebind() {
+                Ok(true) => {
+                    backoff.reset();
+                    let (since, lost_t_us) = lost_at.take().unwrap_or((Instant::now(), 0));
+                    tracing::info!(host = %host.cfg.name, uplink = %uplink.ifname(),
+                        lost_t_us, down_ms = since.elapsed().as_millis() as u64,
+                        t_us = unix_micros(), "uplink back: VM NICs re-bound");
+                    host.reannounce();
+                }
+                Ok(false) => std::thread::sleep(backoff.next_delay()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "uplink re-bind failed");
+                    std::thread::sleep(backoff.next_delay());
+                }
+            }
+            continue;
+        };
+        let received = sock.recv(&mut buf, Duration::from_millis(200));
+        drop(sock);
+        let n = match received {
+            Ok(Some(n)) => Some(n),
+            Ok(None) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "uplink receive failed");
-                std::thread::sleep(Duration::from_millis(100));
+                // Gone for good, or a passing error (the link is down, a full buffer)?
+                if uplink.check() == UplinkHealth::Bound {
+                    errors_unlogged += 1;
+                    let link_down = matches!(&e, crate::port::packet::PacketError::Recv { source, .. }
+                        if source.raw_os_error() == Some(libc::ENETDOWN));
+                    if link_down {
+                        // Bound to an interface that is down (as a re-made uplink is
+                        // until its namespace sets it up): frames flow once it is up.
+                        tracing::debug!(uplink = %uplink.ifname(), "uplink is down");
+                    } else if last_warn.is_none_or(|t| t.elapsed() >= UPLINK_WARN_EVERY) {
+                        tracing::warn!(uplink = %uplink.ifname(), error = %e,
+                            errors = errors_unlogged, "uplink receive failed");
+                        last_warn = Some(Instant::now());
+                        errors_unlogged = 0;
+                    }
+                    std::thread::sleep(backoff.next_delay());
+                } else {
+                    lost_at = lost_at.or(Some((Instant::now(), unix_micros())));
+                    uplink_lost(&host, &uplink, Some(&e));
+                }
                 continue;
             }
         };
+        if Instant::now() >= next_check {
+            next_check = Instant::now() + UPLINK_CHECK_EVERY;
+            if uplink.check() == UplinkHealth::JustLost {
+                lost_at = lost_at.or(Some((Instant::now(), unix_micros())));
+                uplink_lost(&host, &uplink, None);
+                continue;
+            }
+        }
+        let Some(n) = n else { continue };
+        backoff.reset();
         let frame = &buf[..n];
         let Ok(eth) = Frame::new_checked(frame) else {
             continue;
@@ -368,6 +440,27 @@ fn nic_loop(host: Arc<Host>, uplink: Arc<PacketSocket>) {
             }
         }
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &crate::port::packet::PacketError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Says once that the uplink went away (the switch stopped, most likely).
+fn uplink_lost(host: &Host, uplink: &Uplink, error: Option<&crate::port::packet::PacketError>) {
+    let vms = host.lock_inv().vms.len();
+    tracing::warn!(host = %host.cfg.name, uplink = %uplink.ifname(),
+        error = error.map(error_chain).unwrap_or_else(|| "interface gone".into()),
+        vms, t_us = unix_micros(),
+        "uplink lost: its interface is gone (switch stopped?); VMs keep running, unreachable until it is back");
 }
 
 /// Appends a record to the VM's disk every second while it runs here and holds the lock,
@@ -457,6 +550,29 @@ impl Host {
         HostApiError::NoSuchVm {
             vm: name.to_string(),
             host: self.cfg.name.clone(),
+        }
+    }
+
+    /// Announces every VM running here, on the announce schedule: after the uplink came
+    /// back, a restarted switch knows no MAC yet.
+    fn reannounce(self: &Arc<Self>) {
+        let vms: Vec<(Arc<VmEntryHandles>, Announce)> = self
+            .lock_inv()
+            .vms
+            .values()
+            .filter(|e| e.state == VmState::Running && e.shared.vm.is_running())
+            .map(|e| {
+                (
+                    Arc::new(VmEntryHandles {
+                        shared: e.shared.clone(),
+                        first_announce: e.first_announce_t_us.clone(),
+                    }),
+                    e.announce,
+                )
+            })
+            .collect();
+        for (handles, kind) in vms {
+            start_announce(self, handles, kind);
         }
     }
 

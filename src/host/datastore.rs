@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 use crate::wire::MacAddr;
 
 /// Longest VM or owner name.
-pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_NAME_LEN: usize = crate::names::MAX_LEN;
 
 /// Errors of the datastore.
 #[derive(Debug, thiserror::Error)]
 pub enum DatastoreError {
-    #[error("invalid name {0:?}: use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ -, not starting with '.' or '-'")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] crate::names::NameError),
     #[error("disk of {vm} is locked by {owner}")]
     Held { vm: String, owner: String },
     #[error("{key} is in use by VM {vm} on host {host}")]
@@ -72,19 +72,10 @@ fn io_err<'a>(
 }
 
 /// Checks a VM or owner name: it becomes part of a file name and must not escape the
-/// datastore directory.
+/// datastore directory (the one rule of [`crate::names`]).
 pub fn validate_name(name: &str) -> Result<(), DatastoreError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(DatastoreError::BadName(name.to_string()))
-    }
+    crate::names::validate("VM or host", name)?;
+    Ok(())
 }
 
 /// A datastore directory.
@@ -813,7 +804,7 @@ mod tests {
             );
             assert_eq!(ds.owner(bad), None);
         }
-        for good in ["vm1", "VM_1.a-b", &"x".repeat(64)] {
+        for good in ["vm1", "vm-1-a-b", &"x".repeat(31)] {
             ds.create_disk(good).unwrap();
         }
     }

@@ -1,8 +1,9 @@
 //! In-memory port (test adapter): a pair of channels standing in for a TAP, so the
 //! switch daemon's data path is tested without root.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Port, PortError};
@@ -16,6 +17,8 @@ pub struct MemPort {
     /// A frame taken off the channel by `wait`, handed out by the next `try_recv`.
     pending: Mutex<Option<Vec<u8>>>,
     tx: Sender<Vec<u8>>,
+    /// The "interface" MTU the peer set (0: none).
+    mtu: Arc<AtomicU32>,
 }
 
 /// The far end: what a test uses to inject frames and see what the switch sent.
@@ -23,12 +26,14 @@ pub struct MemPort {
 pub struct MemPeer {
     tx: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
+    mtu: Arc<AtomicU32>,
 }
 
 /// A new link: the port for the switch and its peer for the test.
 pub fn pair(name: &str, vnet_hdr_len: usize, offload: bool) -> (MemPort, MemPeer) {
     let (to_switch, from_peer) = mpsc::channel();
     let (to_peer, from_switch) = mpsc::channel();
+    let mtu = Arc::new(AtomicU32::new(0));
     (
         MemPort {
             name: name.to_string(),
@@ -37,10 +42,12 @@ pub fn pair(name: &str, vnet_hdr_len: usize, offload: bool) -> (MemPort, MemPeer
             rx: Mutex::new(from_peer),
             pending: Mutex::new(None),
             tx: to_peer,
+            mtu: mtu.clone(),
         },
         MemPeer {
             tx: to_switch,
             rx: from_switch,
+            mtu,
         },
     )
 }
@@ -56,6 +63,11 @@ impl MemPeer {
         self.rx.recv_timeout(timeout).ok()
     }
 
+    /// Sets the MTU the port reports, as `ip link set … mtu` would (0: none).
+    pub fn set_mtu(&self, mtu: u32) {
+        self.mtu.store(mtu, Ordering::Relaxed);
+    }
+
     /// Every frame already sent to this port.
     pub fn drain(&self) -> Vec<Vec<u8>> {
         self.rx.try_iter().collect()
@@ -63,6 +75,10 @@ impl MemPeer {
 }
 
 impl Port for MemPort {
+    fn mtu(&self) -> Option<u32> {
+        Some(self.mtu.load(Ordering::Relaxed)).filter(|&m| m > 0)
+    }
+
     fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
         // A thread blocked in `wait` holds `pending`: nothing is ready for us then.
         let pending = match self.pending.try_lock() {

@@ -60,6 +60,12 @@ pub trait Port: Send + Sync {
     /// The interface name users know the port by on its side (e.g. `eth0`).
     fn ifname(&self) -> &str;
 
+    /// The MTU of the port's interface as the kernel has it now (None: unknown, or no
+    /// limit). Asked about once a second, never per frame.
+    fn mtu(&self) -> Option<u32> {
+        None
+    }
+
     /// The file descriptor to poll, when the port has one: lets one thread wait on
     /// every port at once. In-memory ports have none.
     fn poll_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -165,6 +165,123 @@ impl PacketSocket {
     }
 }
 
+/// A hypervisor's uplink that survives its interface vanishing and coming back (the
+/// switch that holds the other end of the TAP restarted): the socket is bound to an
+/// interface *index*, which dies with the interface; a new interface of the same name
+/// gets a new index, so the socket is opened again.
+///
+/// [`Uplink::socket`] is what the NIC thread receives on and what senders use; the
+/// NIC thread calls [`Uplink::check`] after an error and about once a second, and
+/// [`Uplink::rebind`] on a [`Backoff`] schedule while the interface is gone.
+#[derive(Debug)]
+pub struct Uplink {
+    ifname: String,
+    sock: std::sync::RwLock<Option<std::sync::Arc<PacketSocket>>>,
+}
+
+/// What [`Uplink::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkHealth {
+    /// Bound to the interface that has the name now.
+    Bound,
+    /// No socket: the interface went away and has not been re-bound yet.
+    Lost,
+    /// The socket's interface is gone (the name is free or names another index): the
+    /// socket was dropped, the uplink is [`UplinkHealth::Lost`] from now on.
+    JustLost,
+}
+
+impl Uplink {
+    /// Opens the uplink on `ifname`; it must exist now.
+    pub fn open(ifname: &str) -> Result<Uplink, PacketError> {
+        let sock = PacketSocket::open(ifname)?;
+        Ok(Uplink {
+            ifname: ifname.to_string(),
+            sock: std::sync::RwLock::new(Some(std::sync::Arc::new(sock))),
+        })
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The socket, unless the interface is gone.
+    pub fn socket(&self) -> Option<std::sync::Arc<PacketSocket>> {
+        self.sock.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends one frame on the current socket.
+    pub fn send(&self, frame: &[u8]) -> Result<(), PacketError> {
+        match self.socket() {
+            Some(s) => s.send(frame),
+            None => Err(PacketError::Send {
+                ifname: self.ifname.clone(),
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            }),
+        }
+    }
+
+    /// Is the socket still bound to the interface named `ifname`? One ioctl.
+    pub fn check(&self) -> UplinkHealth {
+        let Some(s) = self.socket() else {
+            return UplinkHealth::Lost;
+        };
+        if sys::if_index(&self.ifname).ok() == Some(s.ifindex()) {
+            return UplinkHealth::Bound;
+        }
+        let mut g = self.sock.write().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|cur| cur.ifindex() == s.ifindex()) {
+            *g = None;
+        }
+        UplinkHealth::JustLost
+    }
+
+    /// Opens a socket on the interface named `ifname` again, if it exists now. True if
+    /// the uplink is bound afterwards.
+    pub fn rebind(&self) -> Result<bool, PacketError> {
+        if self.check() == UplinkHealth::Bound {
+            return Ok(true);
+        }
+        let sock = match PacketSocket::open(&self.ifname) {
+            Ok(s) => s,
+            Err(PacketError::NoInterface { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        *self.sock.write().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(sock));
+        Ok(true)
+    }
+}
+
+/// Retry delays that double from `min` up to `max` (sans-IO: the caller sleeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt; each call doubles the following one.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// After a success: the next failure waits `min` again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
 /// Fills in the transport checksum the sender left to offload. A peer on this machine
 /// (veth, or a TAP written with a virtio-net header) hands such frames over with only the
 /// pseudo-header sum in place; receivers that check checksums would drop them.
@@ -313,6 +430,16 @@ mod tests {
     }
 
     #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(50), ms(1000));
+        let got: Vec<u128> = (0..7).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![50, 100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_delay(), ms(50));
+    }
+
+    #[test]
     fn missing_interface_is_a_named_error() {
         let e = PacketSocket::open("vfnosuch0").unwrap_err();
         assert!(e.to_string().contains("vfnosuch0"), "{e}");
@@ -393,5 +520,47 @@ mod tests {
 
         drop((a, b));
         assert_eq!(ns.promiscuity(&a_name), "0");
+    }
+    #[test]
+    fn an_uplink_rebinds_when_its_interface_comes_back() {
+        if !crate::sys::tap::is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "namespace test needs root when CI=true"
+            );
+            eprintln!("SKIPPED an_uplink_rebinds_when_its_interface_comes_back: needs root");
+            return;
+        }
+        let ns = Netns::new();
+        let (a, b) = (ns.ifname('a'), ns.ifname('b'));
+        let path = PathBuf::from("/run/netns").join(&ns.name);
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            // Uplink::check resolves the name in the calling thread's namespace.
+            sys::enter_netns(&path).expect("enter namespace");
+            let up = Uplink::open(&a).unwrap();
+            assert_eq!(up.check(), UplinkHealth::Bound);
+            let old_index = up.socket().unwrap().ifindex();
+            ip(&["-n", &name, "link", "del", &a]);
+            assert_eq!(up.check(), UplinkHealth::JustLost);
+            assert_eq!(up.check(), UplinkHealth::Lost);
+            assert!(up.socket().is_none());
+            assert!(up.send(&test_frame(MAC_B, MAC_A, 1)).is_err());
+            assert!(!up.rebind().unwrap(), "nothing to bind to yet");
+            ip(&[
+                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ]);
+            ip(&["-n", &name, "link", "set", &a, "up"]);
+            ip(&["-n", &name, "link", "set", &b, "up"]);
+            assert!(up.rebind().unwrap());
+            assert_eq!(up.check(), UplinkHealth::Bound);
+            assert_ne!(up.socket().unwrap().ifindex(), old_index);
+            // And it carries frames again.
+            let peer = PacketSocket::open(&b).unwrap();
+            up.send(&test_frame(MAC_B, MAC_A, 7)).unwrap();
+            assert!(wait_for(&peer, 7, Duration::from_secs(3)).is_some());
+        })
+        .join()
+        .expect("namespace thread");
     }
 }

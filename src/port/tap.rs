@@ -38,6 +38,8 @@ pub enum TapError {
 #[derive(Debug)]
 pub struct Tap {
     file: File,
+    /// A socket in the interface's namespace, to ask for its MTU.
+    ctl: Option<std::os::fd::OwnedFd>,
     ifname: String,
     netns: Option<String>,
     vnet_hdr_len: usize,
@@ -57,6 +59,7 @@ impl Tap {
         match sys::open_tap(name, opts) {
             Ok((file, ifname)) => Ok(Tap {
                 file,
+                ctl: sys::ctl_socket().ok(),
                 ifname,
                 netns: None,
                 vnet_hdr_len: VNET_HDR_LEN,
@@ -90,6 +93,15 @@ impl Tap {
         ])?;
         self.ifname = ifname.to_string();
         self.netns = Some(netns.to_string());
+        // Best effort: without it the port's MTU is unknown and not enforced.
+        let path = Path::new("/run/netns").join(netns);
+        self.ctl = std::thread::spawn(move || {
+            crate::sys::packet::enter_netns(&path).ok()?;
+            sys::ctl_socket().ok()
+        })
+        .join()
+        .ok()
+        .flatten();
         Ok(())
     }
 
@@ -185,5 +197,9 @@ impl Port for Tap {
 
     fn ifname(&self) -> &str {
         &self.ifname
+    }
+
+    fn mtu(&self) -> Option<u32> {
+        sys::if_mtu(self.ctl.as_ref()?, &self.ifname).ok()
     }
 }

@@ -7,7 +7,8 @@
 //! after the MAC was last seen on its old port, as vde_switch does), and, as in Open
 //! vSwitch, a full table (default 8192) evicts from the port holding the most MACs.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::PortId;
@@ -78,27 +79,90 @@ pub struct FdbEntry {
     pub updated_t_us: u64,
 }
 
+/// No node: the end of a list.
+const NIL: u32 = u32::MAX;
+
+/// One entry, a node of two intrusive lists: the table-wide list ordered by last frame
+/// seen (its head ages out first) and its port's list in the same order (its head is
+/// evicted first).
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+struct Node {
+    mac: MacAddr,
     port: PortId,
     last_seen: Instant,
     updated_t_us: u64,
+    all: Links,
+    on_port: Links,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Links {
+    prev: u32,
+    next: u32,
+}
+
+impl Links {
+    const NONE: Links = Links {
+        prev: NIL,
+        next: NIL,
+    };
+}
+
+/// Ends of one list and its length.
+#[derive(Debug, Clone, Copy)]
+struct List {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl List {
+    const EMPTY: List = List {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
+}
+
+/// Which of a node's two lists an operation is about.
+#[derive(Clone, Copy)]
+enum Which {
+    All,
+    Port,
 }
 
 /// The table. Not thread-safe by itself: the daemon holds it under a lock.
+///
+/// Every operation a frame can cause is O(1) in the number of entries (a hash lookup
+/// and a few list links), including when the table is full: the expired entries are
+/// the head of the table-wide list, the victim of an eviction is the head of the
+/// busiest port's list, and the busiest port is the last element of an ordered set of
+/// (count, port) pairs, O(log ports). A flood of new MACs therefore costs the same per
+/// frame whether the table is empty or full.
 #[derive(Debug)]
 pub struct Fdb {
     cfg: FdbConfig,
-    table: HashMap<MacAddr, Entry>,
-    per_port: HashMap<PortId, usize>,
+    index: HashMap<MacAddr, u32>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    all: List,
+    ports: HashMap<PortId, List>,
+    /// (entries, port) of every port holding at least one entry; the last element is
+    /// the busiest port, the lowest id among equals.
+    busiest: BTreeSet<(usize, Reverse<PortId>)>,
 }
 
 impl Fdb {
     pub fn new(cfg: FdbConfig) -> Fdb {
+        let cap = cfg.max_entries.min(DEFAULT_MAX_ENTRIES);
         Fdb {
             cfg,
-            table: HashMap::with_capacity(cfg.max_entries.min(DEFAULT_MAX_ENTRIES)),
-            per_port: HashMap::new(),
+            index: HashMap::with_capacity(cap),
+            nodes: Vec::with_capacity(cap),
+            free: Vec::new(),
+            all: List::EMPTY,
+            ports: HashMap::new(),
+            busiest: BTreeSet::new(),
         }
     }
 
@@ -108,11 +172,11 @@ impl Fdb {
 
     /// Number of entries, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.index.is_empty()
     }
 
     /// False in hub mode (ageing zero).
@@ -120,8 +184,8 @@ impl Fdb {
         !self.cfg.ageing.is_zero() && self.cfg.max_entries > 0
     }
 
-    fn expired(&self, e: &Entry, now: Instant) -> bool {
-        now.saturating_duration_since(e.last_seen) >= self.cfg.ageing
+    fn expired_at(&self, last_seen: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(last_seen) >= self.cfg.ageing
     }
 
     /// Records that `mac` sent a frame of type `ethertype` on `port` at `now`; `t_us`
@@ -140,30 +204,30 @@ impl Fdb {
         if !self.learns() || !mac.is_unicast() {
             return;
         }
-        if let Some(e) = self.table.get(&mac).copied() {
-            if self.expired(&e, now) {
+        if let Some(&i) = self.index.get(&mac) {
+            let e = self.nodes[i as usize];
+            if self.expired_at(e.last_seen, now) {
                 // Not swept yet: report it as the sweep would have, then learn afresh.
-                self.remove(&mac);
+                self.remove_node(i);
                 events.push(FdbEvent::Aged { mac, port: e.port });
             } else if e.port == port {
-                if let Some(e) = self.table.get_mut(&mac) {
-                    e.last_seen = now;
-                }
+                self.nodes[i as usize].last_seen = now;
+                self.make_youngest(i);
                 return;
             } else {
                 if now.saturating_duration_since(e.last_seen) < self.cfg.hold_down {
                     return;
                 }
-                self.dec(e.port);
-                self.inc(port);
-                self.table.insert(
-                    mac,
-                    Entry {
-                        port,
-                        last_seen: now,
-                        updated_t_us: t_us,
-                    },
-                );
+                self.unlink(i, Which::Port);
+                self.count_changed(e.port, -1);
+                let n = &mut self.nodes[i as usize];
+                n.port = port;
+                n.last_seen = now;
+                n.updated_t_us = t_us;
+                self.push_back(i, Which::Port);
+                self.count_changed(port, 1);
+                self.unlink(i, Which::All);
+                self.push_back(i, Which::All);
                 events.push(FdbEvent::Moved {
                     mac,
                     from: e.port,
@@ -173,72 +237,91 @@ impl Fdb {
                 return;
             }
         }
-        if self.table.len() >= self.cfg.max_entries {
+        if self.index.len() >= self.cfg.max_entries {
             self.sweep(now, events);
         }
-        if self.table.len() >= self.cfg.max_entries {
+        if self.index.len() >= self.cfg.max_entries {
             self.evict_one(events);
         }
-        self.table.insert(
+        let node = Node {
             mac,
-            Entry {
-                port,
-                last_seen: now,
-                updated_t_us: t_us,
-            },
-        );
-        self.inc(port);
+            port,
+            last_seen: now,
+            updated_t_us: t_us,
+            all: Links::NONE,
+            on_port: Links::NONE,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = node;
+                i
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        self.index.insert(mac, i);
+        self.push_back(i, Which::All);
+        self.push_back(i, Which::Port);
+        self.count_changed(port, 1);
         events.push(FdbEvent::Learned { mac, port });
     }
 
     /// The port `mac` lives on, unless unknown or expired.
     pub fn lookup(&self, mac: &MacAddr, now: Instant) -> Option<PortId> {
-        let e = self.table.get(mac)?;
-        (!self.expired(e, now)).then_some(e.port)
+        let e = &self.nodes[*self.index.get(mac)? as usize];
+        (!self.expired_at(e.last_seen, now)).then_some(e.port)
     }
 
-    /// Removes expired entries. Runs periodically so entries age without traffic.
+    /// Removes expired entries, oldest first. Runs periodically so entries age without
+    /// traffic; costs O(1) per entry removed, nothing for the live ones.
     pub fn sweep(&mut self, now: Instant, events: &mut Vec<FdbEvent>) {
-        let ageing = self.cfg.ageing;
-        let mut gone = Vec::new();
-        self.table.retain(|mac, e| {
-            let keep = now.saturating_duration_since(e.last_seen) < ageing;
-            if !keep {
-                gone.push((*mac, e.port));
+        while self.all.head != NIL {
+            let i = self.all.head;
+            let e = self.nodes[i as usize];
+            if !self.expired_at(e.last_seen, now) {
+                break;
             }
-            keep
-        });
-        gone.sort();
-        for (mac, port) in gone {
-            self.dec(port);
-            events.push(FdbEvent::Aged { mac, port });
+            self.remove_node(i);
+            events.push(FdbEvent::Aged {
+                mac: e.mac,
+                port: e.port,
+            });
         }
     }
 
     /// Empties the table; returns how many entries were removed.
     pub fn flush(&mut self) -> usize {
-        let n = self.table.len();
-        self.table.clear();
-        self.per_port.clear();
+        let n = self.index.len();
+        self.index.clear();
+        self.nodes.clear();
+        self.free.clear();
+        self.all = List::EMPTY;
+        self.ports.clear();
+        self.busiest.clear();
         n
     }
 
     /// Removes the entries of one port (the port went down); returns how many.
     pub fn flush_port(&mut self, port: PortId) -> usize {
-        let before = self.table.len();
-        self.table.retain(|_, e| e.port != port);
-        self.per_port.remove(&port);
-        before - self.table.len()
+        let mut n = 0;
+        while let Some(i) = self.ports.get(&port).map(|l| l.head).filter(|&h| h != NIL) {
+            self.remove_node(i);
+            n += 1;
+        }
+        n
     }
 
     /// Live entries, ordered by port then MAC.
     pub fn entries(&self, now: Instant) -> Vec<FdbEntry> {
         let mut v: Vec<FdbEntry> = self
-            .table
-            .iter()
-            .filter(|(_, e)| !self.expired(e, now))
-            .map(|(mac, e)| FdbEntry {
-                mac: *mac,
+            .index
+            .values()
+            .map(|&i| &self.nodes[i as usize])
+            .filter(|e| !self.expired_at(e.last_seen, now))
+            .map(|e| FdbEntry {
+                mac: e.mac,
                 port: e.port,
                 age: now.saturating_duration_since(e.last_seen),
                 updated_t_us: e.updated_t_us,
@@ -250,48 +333,116 @@ impl Fdb {
 
     /// Number of entries on `port`.
     pub fn port_entries(&self, port: PortId) -> usize {
-        self.per_port.get(&port).copied().unwrap_or(0)
+        self.ports.get(&port).map_or(0, |l| l.len)
     }
 
     /// Evicts the least recently seen entry of the port holding the most entries
-    /// (ties: the lowest port id). A linear scan: it runs only when the table is full.
+    /// (ties: the lowest port id): the head of that port's list.
     fn evict_one(&mut self, events: &mut Vec<FdbEvent>) {
-        let Some(port) = self
-            .per_port
-            .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-            .map(|(p, _)| *p)
-        else {
+        let Some(&(_, Reverse(port))) = self.busiest.last() else {
             return;
         };
-        let victim = self
-            .table
-            .iter()
-            .filter(|(_, e)| e.port == port)
-            .min_by_key(|(mac, e)| (e.last_seen, **mac))
-            .map(|(mac, _)| *mac);
-        if let Some(mac) = victim {
-            self.remove(&mac);
-            events.push(FdbEvent::Evicted { mac, port });
-        }
+        let Some(i) = self.ports.get(&port).map(|l| l.head).filter(|&h| h != NIL) else {
+            return;
+        };
+        let mac = self.nodes[i as usize].mac;
+        self.remove_node(i);
+        events.push(FdbEvent::Evicted { mac, port });
     }
 
-    fn remove(&mut self, mac: &MacAddr) {
-        if let Some(e) = self.table.remove(mac) {
-            self.dec(e.port);
-        }
+    fn remove_node(&mut self, i: u32) {
+        let e = self.nodes[i as usize];
+        self.unlink(i, Which::All);
+        self.unlink(i, Which::Port);
+        self.count_changed(e.port, -1);
+        self.index.remove(&e.mac);
+        self.free.push(i);
     }
 
-    fn inc(&mut self, port: PortId) {
-        *self.per_port.entry(port).or_insert(0) += 1;
-    }
-
-    fn dec(&mut self, port: PortId) {
-        if let Some(n) = self.per_port.get_mut(&port) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_port.remove(&port);
+    /// Moves a refreshed entry to the young end of both its lists.
+    fn make_youngest(&mut self, i: u32) {
+        for w in [Which::All, Which::Port] {
+            let list = self.list(w, self.nodes[i as usize].port);
+            if list.tail != i {
+                self.unlink(i, w);
+                self.push_back(i, w);
             }
+        }
+    }
+
+    fn links(&mut self, i: u32, w: Which) -> &mut Links {
+        let n = &mut self.nodes[i as usize];
+        match w {
+            Which::All => &mut n.all,
+            Which::Port => &mut n.on_port,
+        }
+    }
+
+    fn list(&self, w: Which, port: PortId) -> List {
+        match w {
+            Which::All => self.all,
+            Which::Port => self.ports.get(&port).copied().unwrap_or(List::EMPTY),
+        }
+    }
+
+    fn list_mut(&mut self, w: Which, port: PortId) -> &mut List {
+        match w {
+            Which::All => &mut self.all,
+            Which::Port => self.ports.entry(port).or_insert(List::EMPTY),
+        }
+    }
+
+    fn unlink(&mut self, i: u32, w: Which) {
+        let port = self.nodes[i as usize].port;
+        let Links { prev, next } = *self.links(i, w);
+        if prev != NIL {
+            self.links(prev, w).next = next;
+        }
+        if next != NIL {
+            self.links(next, w).prev = prev;
+        }
+        let list = self.list_mut(w, port);
+        if list.head == i {
+            list.head = next;
+        }
+        if list.tail == i {
+            list.tail = prev;
+        }
+        list.len -= 1;
+        if let (Which::Port, 0) = (w, list.len) {
+            self.ports.remove(&port);
+        }
+        *self.links(i, w) = Links::NONE;
+    }
+
+    fn push_back(&mut self, i: u32, w: Which) {
+        let port = self.nodes[i as usize].port;
+        let list = self.list_mut(w, port);
+        let old_tail = list.tail;
+        list.tail = i;
+        if list.head == NIL {
+            list.head = i;
+        }
+        list.len += 1;
+        if old_tail != NIL {
+            self.links(old_tail, w).next = i;
+        }
+        *self.links(i, w) = Links {
+            prev: old_tail,
+            next: NIL,
+        };
+    }
+
+    /// Keeps `busiest` in step after `port`'s list grew or shrank by one (its list
+    /// length is already updated).
+    fn count_changed(&mut self, port: PortId, delta: isize) {
+        let now = self.port_entries(port);
+        let before = now.wrapping_add_signed(-delta);
+        if before > 0 {
+            self.busiest.remove(&(before, Reverse(port)));
+        }
+        if now > 0 {
+            self.busiest.insert((now, Reverse(port)));
         }
     }
 }
@@ -562,5 +713,182 @@ mod tests {
         assert_eq!(fdb.flush(), 1);
         assert!(fdb.is_empty());
         assert_eq!(fdb.port_entries(P1), 0);
+    }
+    #[test]
+    fn a_refreshed_entry_is_not_the_one_evicted() {
+        let t0 = Instant::now();
+        let mut fdb = Fdb::new(FdbConfig {
+            max_entries: 3,
+            ..FdbConfig::default()
+        });
+        let mut ev = vec![];
+        let s = Duration::from_secs;
+        fdb.learn(mac(1), P1, IP, t0, 0, &mut ev);
+        fdb.learn(mac(2), P1, IP, t0 + s(1), 0, &mut ev);
+        fdb.learn(mac(3), P1, IP, t0 + s(2), 0, &mut ev);
+        fdb.learn(mac(1), P1, IP, t0 + s(3), 0, &mut ev);
+        ev.clear();
+        fdb.learn(mac(4), P2, IP, t0 + s(4), 0, &mut ev);
+        assert_eq!(
+            ev[0],
+            FdbEvent::Evicted {
+                mac: mac(2),
+                port: P1
+            }
+        );
+    }
+
+    /// The table against a plain model (a map scanned in full for every decision, as
+    /// the first version of this table did) over a long pseudo-random run of learns,
+    /// moves, refreshes, sweeps and port flushes with a small cap: same events, same
+    /// entries, same counts.
+    #[test]
+    fn matches_a_linear_scan_model() {
+        #[derive(Clone, Copy)]
+        struct M {
+            port: PortId,
+            seen: Instant,
+            seq: u64,
+        }
+        let cfg = FdbConfig {
+            max_entries: 16,
+            ageing: Duration::from_millis(400),
+            hold_down: Duration::ZERO,
+        };
+        let mut fdb = Fdb::new(cfg);
+        let mut model: HashMap<MacAddr, M> = HashMap::new();
+        let t0 = Instant::now();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut seq = 0u64;
+        for step in 0..20_000u64 {
+            let now = t0 + Duration::from_millis(step / 8);
+            let mut ev = vec![];
+            let mut want = vec![];
+            match rnd(100) {
+                0 => {
+                    fdb.sweep(now, &mut ev);
+                    let mut gone: Vec<_> = model
+                        .iter()
+                        .filter(|(_, m)| now.duration_since(m.seen) >= cfg.ageing)
+                        .map(|(k, m)| (m.seq, *k, m.port))
+                        .collect();
+                    gone.sort();
+                    for (_, k, p) in gone {
+                        model.remove(&k);
+                        want.push(FdbEvent::Aged { mac: k, port: p });
+                    }
+                }
+                1 => {
+                    let p = PortId(rnd(4) as u16);
+                    let n = model.values().filter(|m| m.port == p).count();
+                    assert_eq!(fdb.flush_port(p), n);
+                    model.retain(|_, m| m.port != p);
+                }
+                _ => {
+                    let m = mac(rnd(40) as u8);
+                    let p = PortId(rnd(4) as u16);
+                    fdb.learn(m, p, IP, now, 0, &mut ev);
+                    seq += 1;
+                    match model.get(&m).copied() {
+                        Some(e) if now.duration_since(e.seen) >= cfg.ageing => {
+                            model.remove(&m);
+                            want.push(FdbEvent::Aged {
+                                mac: m,
+                                port: e.port,
+                            });
+                        }
+                        Some(e) if e.port == p => {
+                            model.insert(
+                                m,
+                                M {
+                                    seen: now,
+                                    seq,
+                                    ..e
+                                },
+                            );
+                        }
+                        Some(e) => {
+                            model.insert(
+                                m,
+                                M {
+                                    port: p,
+                                    seen: now,
+                                    seq,
+                                },
+                            );
+                            want.push(FdbEvent::Moved {
+                                mac: m,
+                                from: e.port,
+                                to: p,
+                                ethertype: IP,
+                            });
+                        }
+                        None => {}
+                    }
+                    if !model.contains_key(&m) {
+                        if model.len() >= cfg.max_entries {
+                            let mut gone: Vec<_> = model
+                                .iter()
+                                .filter(|(_, e)| now.duration_since(e.seen) >= cfg.ageing)
+                                .map(|(k, e)| (e.seq, *k, e.port))
+                                .collect();
+                            gone.sort();
+                            for (_, k, p) in gone {
+                                model.remove(&k);
+                                want.push(FdbEvent::Aged { mac: k, port: p });
+                            }
+                        }
+                        if model.len() >= cfg.max_entries {
+                            let mut counts: HashMap<PortId, usize> = HashMap::new();
+                            for e in model.values() {
+                                *counts.entry(e.port).or_default() += 1;
+                            }
+                            let busiest = counts
+                                .iter()
+                                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                                .map(|(p, _)| *p)
+                                .unwrap();
+                            let (k, _) = model
+                                .iter()
+                                .filter(|(_, e)| e.port == busiest)
+                                .min_by_key(|(_, e)| e.seq)
+                                .map(|(k, e)| (*k, *e))
+                                .unwrap();
+                            model.remove(&k);
+                            want.push(FdbEvent::Evicted {
+                                mac: k,
+                                port: busiest,
+                            });
+                        }
+                        model.insert(
+                            m,
+                            M {
+                                port: p,
+                                seen: now,
+                                seq,
+                            },
+                        );
+                        want.push(FdbEvent::Learned { mac: m, port: p });
+                    }
+                }
+            }
+            assert_eq!(ev, want, "step {step}");
+            assert_eq!(fdb.len(), model.len(), "step {step}");
+            for p in 0..4 {
+                let p = PortId(p);
+                let n = model.values().filter(|m| m.port == p).count();
+                assert_eq!(fdb.port_entries(p), n, "step {step}");
+            }
+            for (k, m) in &model {
+                let live = now.duration_since(m.seen) < cfg.ageing;
+                assert_eq!(fdb.lookup(k, now), live.then_some(m.port), "step {step}");
+            }
+        }
     }
 }

@@ -43,7 +43,9 @@ pub enum DropReason {
     LinkLocal,
     /// The destination lives on the ingress port: the frame would go back where it came.
     SamePort,
-    /// Larger than the port's buffer (the rest was cut off by the read).
+    /// Larger than the read buffer (counted on the ingress port), or larger than the
+    /// egress port's MTU and not a GSO frame (counted on the egress port, as the Linux
+    /// bridge drops such frames).
     Oversize,
     /// The virtio-net header is inconsistent with the frame.
     BadVnetHeader,

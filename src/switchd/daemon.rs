@@ -9,6 +9,7 @@ use super::api::{self, SwitchRequest};
 use super::{Fabric, FabricError, SwitchPort};
 use crate::control::{self, ControlError, Request};
 use crate::events::{Event, EventBus};
+use crate::names::{self, NameError};
 use crate::port::tap::{Tap, TapError};
 use crate::port::Port;
 use crate::switch::{FdbConfig, PortId};
@@ -27,32 +28,35 @@ pub struct PortSpec {
 
 /// A port spec that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad port spec {spec:?}: {why} (expected NAME=NETNS:IFNAME, e.g. client=vf-client:eth0)")]
-pub struct PortSpecError {
-    spec: String,
-    why: &'static str,
+pub enum PortSpecError {
+    #[error(
+        "bad port spec {spec:?}: {why} (expected NAME=NETNS:IFNAME, e.g. client=vf-client:eth0)"
+    )]
+    Syntax { spec: String, why: &'static str },
+    #[error(transparent)]
+    Name(#[from] NameError),
 }
 
+/// A kernel name (namespace, interface): not ours to restrict to the name rule, but it
+/// becomes a path (/run/netns/NAME), so no separator and no `.`/`..`.
 fn valid_token(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 impl FromStr for PortSpec {
     type Err = PortSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why| PortSpecError {
-            spec: s.to_string(),
+        let err = |why| PortSpecError::Syntax {
+            spec: s.chars().take(80).collect(),
             why,
         };
         let (name, rest) = s.split_once('=').ok_or_else(|| err("missing '='"))?;
         let (netns, ifname) = rest.split_once(':').ok_or_else(|| err("missing ':'"))?;
-        if name.is_empty() || !valid_token(name) {
-            return Err(err(
-                "port name must be non-empty letters, digits, '-', '_', '.'",
-            ));
-        }
+        names::validate("port", name)?;
         if !valid_token(netns) {
             return Err(err("namespace name has bad characters"));
         }
@@ -87,6 +91,8 @@ pub struct DaemonConfig {
 /// Errors of the switch daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchdError {
+    #[error(transparent)]
+    Name(#[from] NameError),
     #[error("no ports given (use --port NAME=NETNS:IFNAME)")]
     NoPorts,
     #[error("too many ports (at most {MAX_PORTS})")]
@@ -111,6 +117,7 @@ pub enum SwitchdError {
 
 impl DaemonConfig {
     fn validate(&self) -> Result<(), SwitchdError> {
+        names::validate("switch", &self.name)?;
         if self.ports.is_empty() {
             return Err(SwitchdError::NoPorts);
         }
@@ -248,6 +255,7 @@ async fn serve(
             loop {
                 tick.tick().await;
                 fabric.sweep();
+                fabric.refresh_mtus();
             }
         })
     };
@@ -310,10 +318,17 @@ mod tests {
             "c=ns:",
             "c=ns:averyveryverylongname",
             "c=n/s:eth0",
+            "c=..:eth0",
             "c=ns:et h0",
+            "../x=ns:eth0",
+            "a/b=ns:eth0",
+            "Client=ns:eth0",
         ] {
             let e = bad.parse::<PortSpec>().unwrap_err().to_string();
-            assert!(e.starts_with("bad port spec"), "{bad}: {e}");
+            assert!(
+                e.starts_with("bad port spec") || e.starts_with("invalid port name"),
+                "{bad}: {e}"
+            );
         }
     }
 

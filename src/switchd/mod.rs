@@ -15,7 +15,7 @@
 pub mod api;
 pub mod daemon;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,6 +71,8 @@ pub struct SwitchPort {
     port: Box<dyn Port>,
     pub counters: PortCounters,
     up: AtomicBool,
+    /// The interface's MTU as last read from the kernel (0: unknown, no limit).
+    mtu: AtomicU32,
     /// Held while a frame of this port is read and forwarded: whichever thread does it,
     /// the port's frames leave in the order they came.
     rx: Mutex<()>,
@@ -85,12 +87,28 @@ impl SwitchPort {
             port,
             counters: PortCounters::default(),
             up: AtomicBool::new(true),
+            mtu: AtomicU32::new(0),
             rx: Mutex::new(()),
         }
     }
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Rereads the interface's MTU; returns (old, new) when it changed.
+    fn refresh_mtu(&self) -> Option<(u32, u32)> {
+        let new = self.port.mtu()?;
+        let old = self.mtu.swap(new, Ordering::Relaxed);
+        (old != new).then_some((old, new))
+    }
+
+    /// True if an Ethernet frame of `eth_len` bytes (`tagged`: with an 802.1Q tag)
+    /// exceeds what this port's interface takes: its MTU plus the Ethernet header, and
+    /// the tag, as the Linux bridge counts (`is_skb_forwardable`).
+    fn exceeds_mtu(&self, eth_len: usize, tagged: bool) -> bool {
+        let mtu = self.mtu.load(Ordering::Relaxed);
+        mtu != 0 && eth_len > mtu as usize + HEADER_LEN + if tagged { 4 } else { 0 }
     }
 }
 
@@ -103,6 +121,9 @@ pub struct PortStats {
     pub netns: String,
     pub up: bool,
     pub offload: bool,
+    /// The interface's MTU as the switch last read it (0: unknown).
+    #[serde(default)]
+    pub mtu: u32,
     pub fdb_entries: usize,
     pub rx_frames: u64,
     pub rx_bytes: u64,
@@ -129,7 +150,55 @@ pub struct FdbRow {
     pub updated_t_us: u64,
 }
 
+/// Most `mac moved` lines logged per second; more moves than that (a flood, a loop)
+/// are counted and summed up instead.
+pub const MOVE_LINES_PER_SEC: u64 = 20;
+/// How often [`Fabric::sweep`] sums up FDB activity at INFO (when there was any).
+const ACTIVITY_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// FDB changes since the switch started, for the log summary.
+#[derive(Debug, Default)]
+struct FdbActivity {
+    learned: AtomicU64,
+    moved: AtomicU64,
+    aged: AtomicU64,
+    evicted: AtomicU64,
+    moves_unlogged: AtomicU64,
+    /// The second (of `t_us`) the move lines are being counted in, and how many.
+    move_second: AtomicU64,
+    move_lines: AtomicU64,
+}
+
+impl FdbActivity {
+    fn move_line_allowed(&self, t_us: u64) -> bool {
+        let sec = t_us / 1_000_000;
+        if self.move_second.swap(sec, Ordering::Relaxed) != sec {
+            self.move_lines.store(0, Ordering::Relaxed);
+        }
+        self.move_lines.fetch_add(1, Ordering::Relaxed) < MOVE_LINES_PER_SEC
+    }
+
+    fn snapshot(&self) -> [u64; 5] {
+        [
+            &self.learned,
+            &self.moved,
+            &self.aged,
+            &self.evicted,
+            &self.moves_unlogged,
+        ]
+        .map(|a| a.load(Ordering::Relaxed))
+    }
+}
+
+/// What the periodic summary last reported.
+struct Summary {
+    at: Instant,
+    counts: [u64; 5],
+}
+
 struct Shared {
+    fdb_activity: FdbActivity,
+    summary: Mutex<Summary>,
     ports: Vec<SwitchPort>,
     mirror: Option<SwitchPort>,
     core: Mutex<Switch>,
@@ -220,6 +289,11 @@ impl Fabric {
             return Err(FabricError::MixedHeaders);
         }
         let shared = Arc::new(Shared {
+            fdb_activity: FdbActivity::default(),
+            summary: Mutex::new(Summary {
+                at: Instant::now(),
+                counts: [0; 5],
+            }),
             ports,
             mirror,
             core: Mutex::new(Switch::new(cfg)),
@@ -227,6 +301,9 @@ impl Fabric {
             hdr_len,
             events,
         });
+        for p in &shared.ports {
+            p.refresh_mtu();
+        }
         let mut threads = Vec::with_capacity(shared.ports.len());
         let pollable = shared.ports.iter().all(|p| p.port.poll_fd().is_some());
         if threading == Threading::Single && pollable {
@@ -284,15 +361,57 @@ impl Fabric {
         n
     }
 
-    /// Removes expired entries, logging each. Called periodically.
+    /// Rereads every port's MTU (an ioctl per port: cheap enough once a second, and the
+    /// data path then only loads an atomic per frame); logs changes.
+    pub fn refresh_mtus(&self) {
+        for p in &self.shared.ports {
+            if let Some((old, new)) = p.refresh_mtu() {
+                tracing::info!(port = %p.name, ifname = %p.port.ifname(), old, new,
+                    t_us = crate::clock::unix_micros(), "port mtu changed");
+            }
+        }
+    }
+
+    /// Removes expired entries, and every [`ACTIVITY_SUMMARY_EVERY`] sums up at INFO
+    /// what the FDB did meanwhile. Called once a second.
     pub fn sweep(&self) {
         let mut events = Vec::new();
-        self.shared
-            .core()
-            .fdb_mut()
-            .sweep(Instant::now(), &mut events);
+        let now = Instant::now();
+        let entries = {
+            let mut core = self.shared.core();
+            core.fdb_mut().sweep(now, &mut events);
+            core.fdb().len()
+        };
         self.shared
             .emit_events(&events, crate::clock::unix_micros());
+        let mut last = self
+            .shared
+            .summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(last.at) < ACTIVITY_SUMMARY_EVERY {
+            return;
+        }
+        let counts = self.shared.fdb_activity.snapshot();
+        let d: Vec<u64> = counts
+            .iter()
+            .zip(last.counts.iter())
+            .map(|(a, b)| a - b)
+            .collect();
+        if d.iter().any(|&n| n > 0) {
+            tracing::info!(
+                learned = d[0],
+                moved = d[1],
+                aged = d[2],
+                evicted = d[3],
+                moves_not_logged = d[4],
+                entries,
+                secs = now.duration_since(last.at).as_secs(),
+                t_us = crate::clock::unix_micros(),
+                "fdb activity"
+            );
+        }
+        *last = Summary { at: now, counts };
     }
 
     /// The bus the switch's events go to.
@@ -317,6 +436,7 @@ impl Fabric {
                     netns: p.netns.clone().unwrap_or_default(),
                     up: p.is_up(),
                     offload: p.port.offload(),
+                    mtu: p.mtu.load(Ordering::Relaxed),
                     fdb_entries: core.fdb().port_entries(p.id),
                     rx_frames: ld(&c.rx_frames),
                     rx_bytes: ld(&c.rx_bytes),
@@ -365,35 +485,62 @@ impl Shared {
             .map_or("?", |p| p.name.as_str())
     }
 
-    /// Logs and publishes FDB events; `t_us` is when the frame that caused them was read.
+    /// Publishes every FDB event on the events stream, and logs them for people without
+    /// letting a MAC flood write a line per frame: learn, age and evict go to DEBUG and
+    /// into counters summed up at INFO by [`Fabric::sweep`]; a move (what a
+    /// migration's RARP does, and what explains a loss window) stays at INFO with its
+    /// µs stamp, up to [`MOVE_LINES_PER_SEC`] lines a second, the rest counted in the
+    /// summary. `t_us` is when the frame that caused them was read.
     fn emit_events(&self, events: &[FdbEvent], t_us: u64) {
+        let a = &self.fdb_activity;
         for ev in events {
-            let ev = match *ev {
-                FdbEvent::Learned { mac, port } => Event::MacLearned {
-                    mac,
-                    port: self.port_name(port).to_string(),
-                },
+            let (counter, ev) = match *ev {
+                FdbEvent::Learned { mac, port } => (
+                    &a.learned,
+                    Event::MacLearned {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
                 FdbEvent::Moved {
                     mac,
                     from,
                     to,
                     ethertype,
-                } => Event::MacMoved {
-                    mac,
-                    from: self.port_name(from).to_string(),
-                    to: self.port_name(to).to_string(),
-                    ethertype: ethertype.to_string(),
-                },
-                FdbEvent::Aged { mac, port } => Event::MacAged {
-                    mac,
-                    port: self.port_name(port).to_string(),
-                },
-                FdbEvent::Evicted { mac, port } => Event::MacEvicted {
-                    mac,
-                    port: self.port_name(port).to_string(),
-                },
+                } => (
+                    &a.moved,
+                    Event::MacMoved {
+                        mac,
+                        from: self.port_name(from).to_string(),
+                        to: self.port_name(to).to_string(),
+                        ethertype: ethertype.to_string(),
+                    },
+                ),
+                FdbEvent::Aged { mac, port } => (
+                    &a.aged,
+                    Event::MacAged {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
+                FdbEvent::Evicted { mac, port } => (
+                    &a.evicted,
+                    Event::MacEvicted {
+                        mac,
+                        port: self.port_name(port).to_string(),
+                    },
+                ),
             };
-            self.events.emit(t_us, ev);
+            counter.fetch_add(1, Ordering::Relaxed);
+            if matches!(ev, Event::MacMoved { .. }) && a.move_line_allowed(t_us) {
+                self.events.emit(t_us, ev);
+            } else {
+                if matches!(ev, Event::MacMoved { .. }) {
+                    a.moves_unlogged.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(t_us, "{ev}");
+                self.events.publish(t_us, ev);
+            }
         }
     }
 
@@ -420,6 +567,16 @@ impl Shared {
             return;
         }
         let hdr = self.hdr_len;
+        let eth = &frame[hdr..];
+        let tagged = eth.len() >= HEADER_LEN && eth[12..14] == [0x81, 0x00];
+        // GSO frames are exempt: the receiving stack gets them whole and segments them
+        // to its MTU itself (or, without offloads, they are refused below).
+        if out.exceeds_mtu(eth.len(), tagged)
+            && !(hdr > 0 && VnetHdr::new_checked(&frame[..hdr]).is_ok_and(|h| h.is_gso()))
+        {
+            out.counters.drop(DropReason::Oversize);
+            return;
+        }
         if hdr > 0 && !out.port.offload() {
             let (vh, eth) = frame.split_at_mut(hdr);
             match VnetHdr::new_checked(&*vh) {
@@ -744,6 +901,42 @@ mod tests {
         assert_eq!(st.dropped.get("runt"), Some(&6));
         assert_eq!(st.dropped.get("invalid_source"), Some(&1));
         assert_eq!(st.dropped.get("oversize"), Some(&1));
+        f.stop();
+    }
+
+    #[test]
+    fn frames_over_the_egress_mtu_are_dropped_and_counted() {
+        let (f, peers) = fabric(3, 12, true, false);
+        peers[1].set_mtu(1500);
+        f.refresh_mtus();
+        assert_eq!(f.stats()[1].mtu, 1500);
+        // Each frame floods (unknown destination) to port 1 (MTU 1500: at most 1514
+        // bytes of Ethernet) and port 2 (no limit); returns what port 1 got.
+        let send = |frame: &[u8]| -> Option<Vec<u8>> {
+            peers[0].inject(frame);
+            assert_eq!(peers[2].recv(T).map(|f| f.len()), Some(frame.len()));
+            peers[1].recv(SHORT)
+        };
+        let jumbo = eth(12, A, B, 9014);
+        assert!(send(&jumbo).is_none(), "9014 bytes into a 1500-byte MTU");
+        let full = eth(12, A, B, 1514);
+        assert_eq!(send(&full).map(|f| f.len()), Some(full.len()));
+        assert!(send(&eth(12, A, B, 1515)).is_none(), "one byte over");
+        // A VLAN tag adds 4 bytes to what fits.
+        let mut tagged = eth(12, A, B, 1518);
+        tagged[12 + 12..12 + 14].copy_from_slice(&[0x81, 0x00]);
+        assert_eq!(send(&tagged).map(|f| f.len()), Some(tagged.len()));
+        // A GSO frame is segmented by the receiver: it passes whatever its size.
+        let mut gso = eth(12, A, B, 9014);
+        gso[1] = vnet::GSO_TCPV4;
+        assert_eq!(send(&gso).map(|f| f.len()), Some(gso.len()));
+        let st = f.stats();
+        assert_eq!(st[1].dropped.get("oversize"), Some(&2));
+        assert_eq!(st[2].dropped.get("oversize"), None);
+        // The MTU grows: the next refresh notices and the jumbo frame passes.
+        peers[1].set_mtu(9000);
+        f.refresh_mtus();
+        assert_eq!(send(&jumbo).map(|f| f.len()), Some(jumbo.len()));
         f.stop();
     }
 

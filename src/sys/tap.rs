@@ -162,3 +162,44 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// A datagram socket for interface ioctls (SIOCGIFMTU) in the calling thread's network
+/// namespace; the kernel resolves interface names in the namespace of the socket, so a
+/// socket made in a port's namespace answers for that port's interface from any thread.
+pub fn ctl_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
+/// The MTU of interface `ifname`, asked through `ctl` (see [`ctl_socket`]).
+pub fn if_mtu(ctl: &std::os::fd::OwnedFd, ifname: &str) -> io::Result<u32> {
+    if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains('\0') {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value of it.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name (at most 15 bytes in a
+    // zeroed 16-byte array); SIOCGIFMTU writes only its ifru_mtu member.
+    if unsafe {
+        libc::ioctl(
+            ctl.as_raw_fd(),
+            libc::SIOCGIFMTU,
+            &mut ifr as *mut libc::ifreq,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so the union holds the MTU.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    Ok(mtu.max(0) as u32)
+}

@@ -95,8 +95,13 @@ impl Topology {
     }
 
     fn script(&self, name: &str, env: &[(&str, &str)]) -> Output {
+        self.script_with(name, &[], env)
+    }
+
+    fn script_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new("bash");
         cmd.arg(repo().join("netns-scripts").join(name))
+            .args(args)
             .env("VF_PREFIX", &self.prefix)
             .env("VFABRIC_RUN_DIR", self.run_dir.path())
             .env("VFABRIC_BIN", bin())
@@ -105,6 +110,11 @@ impl Topology {
             cmd.env(k, v);
         }
         cmd.output().expect("run bash")
+    }
+
+    /// Runs `up.sh --restart-switch`: the switch again, same ports, hosts untouched.
+    pub fn restart_switch(&self) -> Output {
+        self.script_with("up.sh", &["--restart-switch"], &[])
     }
 
     /// Runs down.sh (the guard also does on drop).
