@@ -72,6 +72,10 @@ configure_addresses() {
 start_hosts() {
     local host ns vmk pid
     mkdir -p "$VF_DATASTORE"
+    # The fabric CA and one certificate per host, for authenticated, encrypted vMotion
+    # ($VFABRIC_RUN_DIR/pki, 0700; files 0600). An existing CA is kept.
+    "$VFABRIC_BIN" pki init >/dev/null
+    "$VFABRIC_BIN" pki issue silo104 silo105 >/dev/null
     for host in silo104 silo105; do
         if [ "$host" = silo104 ]; then ns=$NS_SILO104 vmk=${SILO104_VMK%/*}; else ns=$NS_SILO105 vmk=${SILO105_VMK%/*}; fi
         # shellcheck disable=SC2086 # VF_HOST_ARGS is a list of words

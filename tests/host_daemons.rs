@@ -61,6 +61,13 @@ impl Hosts {
             names: vec![],
             datastore: ds.clone(),
         };
+        // The fabric CA and one certificate per host, as up.sh makes them.
+        let mut pki = vec!["pki", "issue"];
+        pki.extend(names.iter().map(|(n, _)| *n));
+        for args in [&["pki", "init"][..], &pki] {
+            let o = h.cli(args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         for (name, capacity) in names {
             h.add_host(name, *capacity, &ds, extra);
         }
@@ -69,6 +76,15 @@ impl Hosts {
 
     /// Starts one more host, on datastore `ds`, and waits for its socket.
     fn add_host(&mut self, name: &str, capacity: u64, ds: &Path, extra: &[&str]) {
+        if !self
+            .run_dir()
+            .join("pki")
+            .join(format!("{name}.pem"))
+            .exists()
+        {
+            let o = self.cli(&["pki", "issue", name]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
             .args(["host", "--name", name, "--vmotion-addr", "127.0.0.1:0"])
