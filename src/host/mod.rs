@@ -3,5 +3,6 @@
 
 pub mod admission;
 pub mod api;
+pub mod client;
 pub mod daemon;
 pub mod datastore;

@@ -291,10 +291,10 @@ pub enum ErrorKind {
     Pull(String),
     #[error("cannot allocate guest memory: {0}")]
     Memory(crate::memory::MemoryError),
-    #[error("cancelled by the operator")]
-    Cancelled,
     #[error("memory not verified: {0}")]
     Verify(String),
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 /// A failed migration: the step, the cause, and where the VM is now.
