@@ -60,6 +60,8 @@ fn unique_prefix() -> String {
 pub struct Topology {
     pub prefix: String,
     pub run_dir: tempfile::TempDir,
+    /// What up.sh printed on stderr (its progress and hints).
+    pub up_stderr: String,
     downed: bool,
 }
 
@@ -71,15 +73,17 @@ impl Topology {
 
     /// Runs up.sh with extra environment (e.g. VF_SWITCH_ARGS).
     pub fn up_with(env: &[(&str, &str)]) -> Topology {
-        let t = Topology {
+        let mut t = Topology {
             prefix: unique_prefix(),
             run_dir: tempfile::Builder::new()
                 .prefix("vfabric-test-")
                 .tempdir()
                 .expect("temp dir"),
+            up_stderr: String::new(),
             downed: false,
         };
         let out = t.script("up.sh", env);
+        t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             out.status.success(),
             "up.sh failed:\n{}\n{}\nswitch log:\n{}",
