@@ -14,8 +14,8 @@ use vfabric::memory::{count_set, hex, GuestAddress, PAGE_SIZE};
 use vfabric::migration::conn::{Reader, Writer};
 use vfabric::migration::proto::{self, Limits, Message};
 use vfabric::migration::{
-    migrate_in, migrate_out, ErrorKind, MigrationConfig, MigrationError, MigrationSummary,
-    NoConvergence, Progress, SourceHooks, Step, TargetHooks,
+    migrate_in, migrate_out, migrate_out_cancellable, Cancel, ErrorKind, MigrationConfig,
+    MigrationError, MigrationSummary, NoConvergence, Progress, SourceHooks, Step, TargetHooks,
 };
 
 fn config(name: &str, memory_mb: u64, vcpus: u8, pattern: Pattern, rate: u64) -> VmConfig {
@@ -735,6 +735,74 @@ async fn silent_target_times_out_in_precheck() {
     assert!(e.to_string().contains("no progress"), "{e}");
     assert!(vm.is_running());
     keep.abort();
+}
+
+/// Cancels a migration of `vm` once the target has admitted it (pre-copy runs, capped so
+/// that it would last seconds); returns the source's error and how long the cancel took.
+async fn cancel_in_precopy(vm: &Arc<Vm>) -> (MigrationError, Duration) {
+    let disk = Disk::owned_by("a");
+    let mut src = Src::new("a", &disk);
+    let tgt = Tgt::new("b", &disk);
+    let log = Arc::clone(&tgt.log);
+    let cfg = MigrationConfig {
+        bandwidth_limit: Some(4_000_000),
+        ..mcfg()
+    };
+    let (addr, target) = spawn_target(cfg.clone(), tgt).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let cancel = Cancel::new();
+    let c = cancel.clone();
+    let canceller = tokio::spawn(async move {
+        while log.lock().unwrap().admitted == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.cancel();
+        std::time::Instant::now()
+    });
+    let r =
+        migrate_out_cancellable(Arc::clone(vm), stream, &cfg, &mut src, &mut |_| {}, &cancel).await;
+    let took = canceller.await.unwrap().elapsed();
+    let e = r.expect_err("the migration was cancelled");
+    // The target discards its copy and keeps nothing.
+    assert!(target.await.unwrap().is_err());
+    assert_eq!(src.quiesced, 0);
+    assert_eq!(disk.owner().as_deref(), Some("a"));
+    (e, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_in_precopy_leaves_the_vm_running_on_the_source_intact() {
+    // Idle: memory must be exactly what it was.
+    let vm = Vm::create(config("idle", 32, 1, Pattern::Idle, 0)).unwrap();
+    fill(&vm);
+    vm.start();
+    let before = hex(&vm.memory().digest());
+    let (e, took) = cancel_in_precopy(&vm).await;
+    eprintln!("idle: cancelled in {took:?}: {e}");
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    assert_eq!(e.step, Step::PreCopy);
+    assert!(e.vm_running && vm.is_running());
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(hex(&vm.memory().digest()), before, "memory changed");
+
+    // Busy: the sweep goes on, and its pattern is whole.
+    let vm = Vm::create(config("busy", 32, 2, Pattern::Sweep, 200_000)).unwrap();
+    vm.start();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (e, took) = cancel_in_precopy(&vm).await;
+    eprintln!("busy: cancelled in {took:?}: {e}");
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(vm.is_running());
+    let st = vm.quiesce();
+    check_sweep(vm.memory()).unwrap();
+    vm.start();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        vm.quiesce().pages_written() > st.pages_written(),
+        "the VM runs on"
+    );
 }
 
 /// What a lying target reports as its memory digest after the resume.

@@ -1090,6 +1090,17 @@ impl Host {
                         }
                     }
                     drop(inv);
+                    // A target that resumed it may have written its name into the
+                    // VM's claims: they name this host again.
+                    if reannounce.is_some() {
+                        let mut claims = shared.claims.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(c) = claims.as_mut() {
+                            if let Err(err) = self.datastore.move_claims(c, &self.cfg.name) {
+                                tracing::warn!(vm = %name, error = %chain(&err),
+                                    "claims keep naming the target");
+                            }
+                        }
+                    }
                     if let Some((handles, kind)) = reannounce {
                         // Past the quiesce, the VM stopped here and runs again; its
                         // announces from here are `announce_sent` events of this host.
@@ -1442,9 +1453,15 @@ impl TargetHooks for TargetSide {
         let entry = self.host.uninstall(&mut inv, &name);
         drop(inv);
         vm.quiesce();
-        // Stopping releases the disk lock, for the source to retake.
+        // Stopping releases the disk lock, for the source to retake; the claims go
+        // back to the source alone.
         if let Some(e) = entry {
             e.shared.stop();
+            e.shared
+                .claims
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
         }
         self.disk.take();
         self.host.events.emit_now(Event::MigrationRolledBack {
