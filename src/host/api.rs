@@ -21,6 +21,8 @@ pub enum HostRequest {
     VmList,
     /// One VM.
     VmShow { name: String },
+    /// The digest of one VM's memory as it is now.
+    VmDigest { name: String },
     /// Stop a VM, release its disk and free its memory.
     VmDestroy { name: String },
     /// Live-migrate a VM from this host to the host listening at `target_addr`.
@@ -87,6 +89,16 @@ pub struct VmInfo {
     pub resumed_t_us: Option<u64>,
     pub first_announce_t_us: Option<u64>,
     pub announce: String,
+}
+
+/// Reply to [`HostRequest::VmDigest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDigest {
+    pub name: String,
+    pub host: String,
+    /// SHA-256 hash list of guest memory, hex: the figure a verified migration reports
+    /// as `memory_sha256_source`/`_target`.
+    pub memory_sha256: String,
 }
 
 /// Final reply to [`HostRequest::Migrate`].

@@ -20,10 +20,13 @@ use crate::control::{self, Progress};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmInfo};
+use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmDigest, VmInfo};
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
+use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
-use crate::migration::{self, MigrationConfig, NoConvergence, SourceHooks, TargetHooks};
+use crate::migration::{
+    self, MigrationConfig, NoConvergence, PhaseWait, SourceHooks, Step, TargetHooks,
+};
 use crate::port::packet::PacketSocket;
 use crate::wire::ethernet::Frame;
 use crate::wire::MacAddr;
@@ -61,6 +64,9 @@ pub struct HostConfig {
     pub announce: Announce,
     pub schedule: Schedule,
     pub migration: MigrationConfig,
+    /// Test pause points (`--test-pause-dir`, see [`crate::host::pause`]); None in
+    /// normal use.
+    pub test_pause_dir: Option<PathBuf>,
 }
 
 /// Lifecycle of a VM on this host.
@@ -136,6 +142,7 @@ struct Host {
     by_mac: RwLock<HashMap<MacAddr, Arc<VmShared>>>,
     uplink: Option<Arc<PacketSocket>>,
     stop: AtomicBool,
+    pause: PausePoints,
 }
 
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
@@ -159,7 +166,9 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         source,
     })?;
     let control = control::bind(&cfg.socket)?;
+    let pause = PausePoints::new(cfg.test_pause_dir.clone(), &cfg.name);
     let host = Arc::new(Host {
+        pause,
         cfg,
         vmotion_addr,
         datastore: Arc::new(datastore),
@@ -340,6 +349,7 @@ impl Host {
             HostRequest::VmCreate { config } => self.create(config).map(|i| to_json(&i)),
             HostRequest::VmList => Ok(to_json(&self.list())),
             HostRequest::VmShow { name } => self.show(&name).map(|i| to_json(&i)),
+            HostRequest::VmDigest { name } => self.digest(&name).await.map(|d| to_json(&d)),
             HostRequest::VmDestroy { name } => {
                 self.destroy(&name).map(|()| serde_json::Value::Null)
             }
@@ -432,6 +442,28 @@ impl Host {
             .get(name)
             .map(|e| self.vm_info(e))
             .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))
+    }
+
+    /// The digest of the VM's memory as it is now (`GuestMemory::digest`, the one a
+    /// verified migration compares). Meaningful for a VM whose memory is at rest: one
+    /// with the idle workload and no client writing to it.
+    async fn digest(&self, name: &str) -> Result<VmDigest, String> {
+        let mem = {
+            let inv = self.lock_inv();
+            let e = inv
+                .vms
+                .get(name)
+                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+            Arc::clone(e.shared.vm.memory())
+        };
+        let d = tokio::task::spawn_blocking(move || mem.digest())
+            .await
+            .map_err(|e| format!("memory digest failed: {e}"))?;
+        Ok(VmDigest {
+            name: name.to_string(),
+            host: self.cfg.name.clone(),
+            memory_sha256: crate::memory::hex(&d),
+        })
     }
 
     /// Checks that `config` may come to this host and reserves room for it.
@@ -635,6 +667,7 @@ impl Host {
             shared: shared.clone(),
             datastore: self.datastore.clone(),
             host: self.cfg.name.clone(),
+            pause: self.pause.clone(),
         };
         let vm = shared.vm.clone();
         let mut report = |p: migration::Progress| progress.send(&p);
@@ -717,9 +750,14 @@ struct SourceSide {
     shared: Arc<VmShared>,
     datastore: Arc<Datastore>,
     host: String,
+    pause: PausePoints,
 }
 
 impl SourceHooks for SourceSide {
+    fn at_phase(&mut self, step: Step) -> PhaseWait {
+        self.pause.at(step, &self.shared.vm.config().name)
+    }
+
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
         // A NIC reply that passed its running check before the quiesce may still be
         // writing guest memory: wait for it, so its write is in the final bitmap.
@@ -778,6 +816,12 @@ impl Drop for TargetSide {
 }
 
 impl TargetHooks for TargetSide {
+    fn at_phase(&mut self, step: Step) -> PhaseWait {
+        self.host
+            .pause
+            .at(step, self.name.as_deref().unwrap_or_default())
+    }
+
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
         let mut inv = self.host.lock_inv();
         let (need, _) = self.host.admit(&mut inv, cfg)?;

@@ -94,7 +94,10 @@ pub async fn migrate_out(
 
     // Pre-check and pre-copy: the VM runs throughout.
     let converged = match s.precheck().await {
-        Ok(()) => s.precopy(progress).await,
+        Ok(()) => {
+            hooks.at_phase(Step::PreCopy).await;
+            s.precopy(progress).await
+        }
         Err(f) => Err(f),
     };
     let converged = match converged {
@@ -108,6 +111,7 @@ pub async fn migrate_out(
     // Quiesce: from here until the target's report the VM runs nowhere.
     let state = s.vm.quiesce();
     let quiesce_t_us = unix_micros();
+    hooks.at_phase(Step::Quiesce).await;
     if let Err(e) = hooks.quiesced(&s.vm) {
         let kind = ErrorKind::Hook(e);
         s.abort(&kind).await;
@@ -129,6 +133,7 @@ pub async fn migrate_out(
         converged,
         "migration phase"
     );
+    hooks.at_phase(Step::Bitmap).await;
     let done = match s
         .switch_over(&words, converged, quiesce_t_us, &state, progress)
         .await

@@ -139,6 +139,7 @@ impl Target {
         }
         let q = self.precopy(&mem).await?;
         let bits = count_set(&q.words);
+        hooks.at_phase(Step::Pull).await;
         let (pulled, bytes_pulled) = self.pull(&mem, &q.words).await?;
 
         let step = Step::DeviceState;
@@ -195,6 +196,7 @@ impl Target {
         let resume_t_us = unix_micros();
         let total = self.started.elapsed();
         hooks.resumed(&vm);
+        hooks.at_phase(Step::Resume).await;
         tracing::info!(
             t_us = resume_t_us,
             vm = %self.name,
