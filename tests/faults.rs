@@ -47,9 +47,9 @@ const VM: &str = "vm1";
 const VM_IP: &str = "10.10.0.100";
 const HOSTS: [&str; 2] = ["silo104", "silo105"];
 /// The hosts' migration I/O timeout here: a silent peer fails a migration after this.
-/// Long enough that a pause point held while a fault is applied (milliseconds) never
-/// trips it, short enough to keep the matrix quick.
-const IO_TIMEOUT_MS: u64 = 2000;
+/// Long enough that a pause point held while a fault is applied (milliseconds, more on
+/// a loaded machine) never trips it, short enough to keep the matrix quick.
+const IO_TIMEOUT_MS: u64 = 3000;
 /// Size of the datastore's tmpfs: room for the VM's disk records over the whole run.
 const DATASTORE_SIZE: &str = "4m";
 /// A VM answers ping within this long of the outcome.
@@ -687,9 +687,20 @@ impl Fabric {
                 text(&o)
             ));
         }
+        let held = Instant::now();
         let struck = self.strike(f, &src, &dst, &mut cli);
         let _ = std::fs::remove_file(&paused);
+        let held = held.elapsed();
         let undo = struck?;
+        // The peer waiting across the pause must not have timed out because of it, or
+        // the outcome would be the timeout's, not the fault's.
+        if held > Duration::from_millis(IO_TIMEOUT_MS / 2) {
+            let _ = self.undo(undo);
+            let _ = cli.wait();
+            return Err(format!(
+                "inconclusive: striking took {held:?}, near the {IO_TIMEOUT_MS} ms I/O timeout"
+            ));
+        }
 
         // The outcome: the CLI's answer, or, with the CLI gone, the hosts settling.
         let (cli_ok, cli_msg) = if f == Fault::KillCli {
@@ -782,6 +793,11 @@ impl Fabric {
                 running[0].disk_owner
             ));
         }
+        let took = match ping {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e),
+            None => Duration::ZERO,
+        };
         let after = self.digest()?;
         if after != digest {
             return Err(format!(
@@ -792,11 +808,6 @@ impl Fabric {
         if got != counter {
             return Err(format!("UDP counter: {got:?} after, {counter:?} before"));
         }
-        let took = match ping {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e),
-            None => Duration::ZERO,
-        };
         let how = match cli_ok {
             Some(true) => "migrated",
             Some(false) => "failed",
