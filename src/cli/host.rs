@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
-use vfabric::host::api::{HostInfo, HostRequest, MigrateOptions, VmDigest, VmInfo};
+use vfabric::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
 use vfabric::host::daemon::{self, HostConfig};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
@@ -337,7 +337,7 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
         }
         VmCmd::Digest { name, json } => {
             let h = locate(&name)?;
-            let d: VmDigest = control::call_simple(
+            let d: MemoryDigest = control::call_simple(
                 &control::socket_path(&h.name),
                 &HostRequest::VmDigest { name },
             )?;

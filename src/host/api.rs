@@ -93,7 +93,7 @@ pub struct VmInfo {
 
 /// Reply to [`HostRequest::VmDigest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmDigest {
+pub struct MemoryDigest {
     pub name: String,
     pub host: String,
     /// SHA-256 hash list of guest memory, hex: the figure a verified migration reports

@@ -20,7 +20,7 @@ use crate::control::{self, Progress};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{HostInfo, HostRequest, MigrateOptions, VmDigest, VmInfo};
+use crate::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
@@ -447,7 +447,7 @@ impl Host {
     /// The digest of the VM's memory as it is now (`GuestMemory::digest`, the one a
     /// verified migration compares). Meaningful for a VM whose memory is at rest: one
     /// with the idle workload and no client writing to it.
-    async fn digest(&self, name: &str) -> Result<VmDigest, String> {
+    async fn digest(&self, name: &str) -> Result<MemoryDigest, String> {
         let mem = {
             let inv = self.lock_inv();
             let e = inv
@@ -459,7 +459,7 @@ impl Host {
         let d = tokio::task::spawn_blocking(move || mem.digest())
             .await
             .map_err(|e| format!("memory digest failed: {e}"))?;
-        Ok(VmDigest {
+        Ok(MemoryDigest {
             name: name.to_string(),
             host: self.cfg.name.clone(),
             memory_sha256: crate::memory::hex(&d),
