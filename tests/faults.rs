@@ -64,13 +64,14 @@ enum Fault {
     DropVmotion,
     DatastoreFull,
     KillCli,
+    InterruptCli,
     SwitchRestart,
 }
 
 impl Fault {
     /// In the order they run: the switch last, since a switch that does not come back
     /// leaves nothing for later cases.
-    const ALL: [Fault; 8] = [
+    const ALL: [Fault; 9] = [
         Fault::KillTarget,
         Fault::KillSource,
         Fault::StopTarget,
@@ -78,6 +79,7 @@ impl Fault {
         Fault::DropVmotion,
         Fault::DatastoreFull,
         Fault::KillCli,
+        Fault::InterruptCli,
         Fault::SwitchRestart,
     ];
 
@@ -90,6 +92,7 @@ impl Fault {
             Fault::DropVmotion => "drop-vmotion",
             Fault::DatastoreFull => "datastore-full",
             Fault::KillCli => "kill-cli",
+            Fault::InterruptCli => "ctrl-c-cli",
             Fault::SwitchRestart => "switch-restart",
         }
     }
@@ -157,42 +160,46 @@ fn expect(f: Fault, p: Phase) -> Expect {
         // The daemon runs the migration, not the CLI: a CLI killed outright (no
         // chance to cancel) leaves it to finish, as QEMU does when its QMP client goes.
         (Fault::KillCli, _) => Expect::Target,
+        // Ctrl-C cancels, up to the point of no return (the device state sent; the
+        // target may resume at any moment after it).
+        (Fault::InterruptCli, Phase::Resume) => Expect::Target,
+        (Fault::InterruptCli, _) => Expect::Source,
         (Fault::DatastoreFull | Fault::SwitchRestart, _) => Expect::OneHost,
     }
 }
 
-/// Cells that fail until work not merged yet lands: (fault, phase or every phase, the
-/// behaviour they wait for). Remove an entry as soon as its cells pass; the matrix
+/// Cells that fail until work not merged yet lands: (fault, phases, the behaviour they
+/// wait for). Remove an entry as soon as its cells pass; the matrix
 /// reports a pending cell that passes when run with `VF_FAULTS_PENDING=1`.
-const PENDING: &[(Fault, Option<Phase>, &str)] = &[
+const PENDING: &[(Fault, &[Phase], &str)] = &[
     (
         Fault::KillTarget,
-        Some(Phase::Resume),
+        &[Phase::Resume],
         "the source re-announces a VM it resumes after a failed switch-over \
          (today the switch keeps sending its frames to the dead target's port)",
     ),
     (
         Fault::KillSource,
-        None,
+        &Phase::ALL,
         "clear words on a lost VM: the error names the host that died and where the \
          VM is, or that it is lost with that host (today: \"daemon closed the \
          connection without a reply\"); where the VM ends up is already right",
     ),
     (
         Fault::DatastoreFull,
-        Some(Phase::Bitmap),
+        &[Phase::Bitmap, Phase::Pull],
         "the disk lock is the law: when the target cannot write the lock (ENOSPC) the \
          source resumes the VM without it today",
     ),
     (
-        Fault::DatastoreFull,
-        Some(Phase::Pull),
-        "the disk lock is the law: when the target cannot write the lock (ENOSPC) the \
-         source resumes the VM without it today",
+        Fault::InterruptCli,
+        &[Phase::PreCopy, Phase::Quiesce, Phase::Bitmap, Phase::Pull],
+        "Ctrl-C on `vfabric migrate` cancels the migration within 1 s (today it kills \
+         the CLI and the migration carries on)",
     ),
     (
         Fault::SwitchRestart,
-        None,
+        &Phase::ALL,
         "switch restart: `up.sh --restart-switch`, and host daemons that re-bind \
          their uplinks when the switch's ports come back",
     ),
@@ -201,7 +208,7 @@ const PENDING: &[(Fault, Option<Phase>, &str)] = &[
 fn pending(f: Fault, p: Phase) -> Option<&'static str> {
     PENDING
         .iter()
-        .find(|(pf, pp, _)| *pf == f && pp.is_none_or(|pp| pp == p))
+        .find(|(pf, pp, _)| *pf == f && pp.contains(&p))
         .map(|(_, _, why)| *why)
 }
 
@@ -610,6 +617,10 @@ impl Fabric {
                 let _ = cli.wait();
                 Ok(Undo::Nothing)
             }
+            Fault::InterruptCli => {
+                signal(cli.id(), "-INT")?;
+                Ok(Undo::Nothing)
+            }
             Fault::SwitchRestart => {
                 let p = pid("switch")?;
                 signal(p, "-KILL")?;
@@ -691,6 +702,7 @@ impl Fabric {
         let struck = self.strike(f, &src, &dst, &mut cli);
         let _ = std::fs::remove_file(&paused);
         let held = held.elapsed();
+        let released = Instant::now();
         let undo = struck?;
         // The peer waiting across the pause must not have timed out because of it, or
         // the outcome would be the timeout's, not the fault's.
@@ -710,6 +722,7 @@ impl Fabric {
             let done = wait_until(Duration::from_secs(60), || {
                 matches!(cli.try_wait(), Ok(Some(_)))
             });
+            let answered = released.elapsed();
             if !done {
                 let _ = cli.kill();
             }
@@ -717,6 +730,12 @@ impl Fabric {
             if !done {
                 return Err(format!(
                     "vfabric migrate still running after 60 s: {}",
+                    text(&o)
+                ));
+            }
+            if f == Fault::InterruptCli && answered > Duration::from_secs(1) {
+                return Err(format!(
+                    "Ctrl-C: vfabric migrate answered {answered:?} after it, not within 1 s: {}",
                     text(&o)
                 ));
             }
