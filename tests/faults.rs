@@ -364,21 +364,31 @@ impl Fabric {
         self.t.run_dir.path().join(format!("{host}.sock"))
     }
 
+    // The three control requests the matrix makes itself (the rest goes through the
+    // CLI, as a user's would).
+
     fn info(&self, host: &str) -> Option<HostInfo> {
         vfabric::control::call_simple(&self.socket(host), &HostRequest::Info).ok()
     }
 
-    /// The VMs of every host that answers.
+    fn list(&self, host: &str) -> Option<Vec<VmInfo>> {
+        vfabric::control::call_simple(&self.socket(host), &HostRequest::VmList).ok()
+    }
+
+    fn destroy(&self, host: &str) {
+        let _ = vfabric::control::call_simple::<_, Value>(
+            &self.socket(host),
+            &HostRequest::VmDestroy {
+                name: VM.to_string(),
+            },
+        );
+    }
+
+    /// The VM on every host that answers.
     fn vms(&self) -> Vec<VmInfo> {
         HOSTS
             .iter()
-            .filter_map(|h| {
-                vfabric::control::call_simple::<_, Vec<VmInfo>>(
-                    &self.socket(h),
-                    &HostRequest::VmList,
-                )
-                .ok()
-            })
+            .filter_map(|h| self.list(h))
             .flatten()
             .filter(|v| v.name == VM)
             .collect()
@@ -470,9 +480,7 @@ impl Fabric {
                     last = format!("{h} does not answer");
                     return false;
                 };
-                let list: Vec<VmInfo> =
-                    vfabric::control::call_simple(&self.socket(h), &HostRequest::VmList)
-                        .unwrap_or_default();
+                let list = self.list(h).unwrap_or_default();
                 let held: u64 = list.iter().map(|v| v.reserved_mb).sum();
                 if info.reserved_mb != held {
                     last = format!(
@@ -526,12 +534,7 @@ impl Fabric {
             return Err(format!("{VM} on {} does not answer ping", self.home));
         }
         for v in &vms {
-            let _ = vfabric::control::call_simple::<_, Value>(
-                &self.socket(&v.host),
-                &HostRequest::VmDestroy {
-                    name: VM.to_string(),
-                },
-            );
+            self.destroy(&v.host);
         }
         let home = self.home.clone();
         self.create_vm(&home)
