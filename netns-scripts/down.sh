@@ -35,6 +35,7 @@ remove_leftovers() {
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
     rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid
     rm -rf "$VF_DATASTORE"
+    rm -rf "$VFABRIC_RUN_DIR/pki"       # the fabric's CA and host keys go with it
     rmdir "$VFABRIC_RUN_DIR" 2>/dev/null || true    # only if empty: logs are kept
 }
 

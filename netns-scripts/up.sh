@@ -95,6 +95,10 @@ start_host() {
 
 start_hosts() {
     local host
+    # The fabric CA and one certificate per host, for authenticated, encrypted vMotion
+    # ($VFABRIC_RUN_DIR/pki, 0700; files 0600). An existing CA is kept.
+    "$VFABRIC_BIN" pki init >/dev/null
+    "$VFABRIC_BIN" pki issue silo104 silo105 >/dev/null
     for host in silo104 silo105; do
         : >"$VFABRIC_RUN_DIR/$host.log"
         start_host "$host"

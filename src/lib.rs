@@ -20,6 +20,7 @@ pub mod measure;
 pub mod memory;
 pub mod migration;
 pub mod names;
+pub mod pki;
 pub mod port;
 pub mod switch;
 pub mod switchd;

@@ -179,13 +179,6 @@ const PENDING: &[(Fault, &[Phase], &str)] = &[
          (today the switch keeps sending its frames to the dead target's port)",
     ),
     (
-        Fault::KillSource,
-        &Phase::ALL,
-        "clear words on a lost VM: the error names the host that died and where the \
-         VM is, or that it is lost with that host (today: \"daemon closed the \
-         connection without a reply\"); where the VM ends up is already right",
-    ),
-    (
         Fault::DatastoreFull,
         &[Phase::Bitmap, Phase::Pull],
         "the disk lock is the law: when the target cannot write the lock (ENOSPC) the \
@@ -747,6 +740,9 @@ impl Fabric {
                 String::from_utf8_lossy(&o.stderr).trim().to_string(),
             )
         };
+        if f == Fault::KillSource {
+            eprintln!("    the CLI said: {cli_msg}");
+        }
         let undone = self.undo(undo);
         let want = expect(f, p);
         let ping = if want == Expect::Lost {

@@ -43,6 +43,13 @@ impl Hosts {
             dir,
             children: vec![],
         };
+        // The fabric CA and one certificate per host, as up.sh makes them.
+        let mut pki = vec!["pki", "issue"];
+        pki.extend(names.iter().map(|(n, _)| *n));
+        for args in [&["pki", "init"][..], &pki] {
+            let o = h.cli(args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
         for (name, capacity) in names {
             let log = std::fs::File::create(h.dir.path().join(format!("{name}.log"))).unwrap();
             let child = Command::new(BIN)

@@ -113,6 +113,7 @@ impl SourceHooks for Src {
 struct TgtLog {
     admitted: u32,
     resumed: u32,
+    rolled_back: u32,
     /// `GuestMemory::digest` of the target's memory just before the vCPUs start.
     digest_at_resume: Option<String>,
 }
@@ -164,6 +165,14 @@ impl TargetHooks for Tgt {
     fn resumed(&mut self, vm: &Arc<Vm>) {
         assert!(vm.is_running());
         self.log.lock().unwrap().resumed += 1;
+    }
+    fn rolled_back(&mut self, vm: &Arc<Vm>) {
+        vm.quiesce();
+        self.log.lock().unwrap().rolled_back += 1;
+        let mut o = self.disk.0.lock().unwrap();
+        if o.as_deref() == Some(&self.host) {
+            *o = None;
+        }
     }
 }
 
@@ -719,4 +728,132 @@ async fn silent_target_times_out_in_precheck() {
     assert!(e.to_string().contains("no progress"), "{e}");
     assert!(vm.is_running());
     keep.abort();
+}
+
+/// What a lying target reports as its memory digest after the resume.
+#[derive(Clone, Copy, Debug)]
+enum Claim {
+    Wrong,
+    Missing,
+}
+
+/// A target that receives everything, takes the disk, resumes, and reports a digest
+/// that is not the source's; then it expects the rollback and gives the disk back.
+async fn lying_target(claim: Claim, disk: Disk) -> (SocketAddr, tokio::task::JoinHandle<bool>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        let (r, w) = s.into_split();
+        let t = Duration::from_secs(20);
+        let mut rd = Reader::new(r, t);
+        let mut wr = Writer::new(w, t);
+        let Message::Hello { config_json } = rd.recv().await.unwrap() else {
+            panic!("no hello")
+        };
+        let cfg: VmConfig = serde_json::from_slice(config_json).unwrap();
+        rd.set_limits(Limits {
+            pages: cfg.page_count(),
+        });
+        wr.send_flush(&Message::Accept).await.unwrap();
+        let words = loop {
+            match rd.recv().await.unwrap() {
+                Message::Pages(_) => {}
+                Message::RoundEnd { round } => {
+                    wr.send_flush(&Message::RoundAck { round }).await.unwrap()
+                }
+                Message::Bitmap { words, .. } => break words.into_owned(),
+                m => panic!("unexpected {m:?}"),
+            }
+        };
+        for r in &proto::pull_requests(&words) {
+            wr.send_flush(&Message::PullRequest {
+                ranges: r.as_slice().into(),
+            })
+            .await
+            .unwrap();
+        }
+        wr.send_flush(&Message::PullEnd).await.unwrap();
+        let (bits, mut got) = (count_set(&words), 0u64);
+        while got < bits {
+            match rd.recv().await.unwrap() {
+                Message::Pages(v) => got += v.count() as u64,
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert!(matches!(
+            rd.recv().await.unwrap(),
+            Message::DeviceState { .. }
+        ));
+        disk.set(Some("b"));
+        let sha256 = match claim {
+            Claim::Wrong => Some([0xab; 32]),
+            Claim::Missing => None,
+        };
+        wr.send_flush(&Message::Resumed { t_us: 1, sha256 })
+            .await
+            .unwrap();
+        match rd.recv().await.unwrap() {
+            Message::Rollback { .. } => {
+                disk.set(None);
+                wr.send_flush(&Message::RolledBack).await.unwrap();
+                true
+            }
+            _ => false,
+        }
+    });
+    (addr, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_target_digest_fails_and_the_vm_stays() {
+    for claim in [Claim::Wrong, Claim::Missing] {
+        let vm = Vm::create(config("verified", 8, 1, Pattern::Sweep, 20_000)).unwrap();
+        vm.start();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let disk = Disk::owned_by("a");
+        let (addr, fh) = lying_target(claim, disk.clone()).await;
+        let mut src = Src::new("a", &disk);
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let e = migrate_out(Arc::clone(&vm), stream, &mcfg(), &mut src, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            fh.await.unwrap(),
+            "{claim:?}: the target was not told to roll back"
+        );
+        assert_eq!(e.step, Step::Verify, "{claim:?}: {e}");
+        assert!(matches!(e.kind, ErrorKind::Verify(_)), "{e}");
+        assert!(e.vm_running && vm.is_running(), "{claim:?}: {e}");
+        assert_eq!(disk.owner().as_deref(), Some("a"));
+        vm.quiesce();
+        check_sweep(vm.memory()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_does_not_verify_gives_the_vm_back() {
+    let vm = Vm::create(config("strict", 8, 1, Pattern::Uniform, 5_000)).unwrap();
+    fill(&vm);
+    vm.start();
+    let disk = Disk::owned_by("a");
+    let tgt = Tgt::new("b", &disk);
+    let log = Arc::clone(&tgt.log);
+    // The target digests nothing, so it can report no digest.
+    let tcfg = MigrationConfig {
+        verify_memory: false,
+        ..mcfg()
+    };
+    let (addr, h) = spawn_target(tcfg, tgt).await;
+    let mut src = Src::new("a", &disk);
+    let o = migrate_via(&vm, &mcfg(), &mut src, addr, h).await;
+    let e = o.source.unwrap_err();
+    assert_eq!(e.step, Step::Verify, "{e}");
+    assert!(e.to_string().contains("no memory digest"), "{e}");
+    assert!(e.vm_running && vm.is_running());
+    let te = o.target.unwrap_err();
+    assert_eq!(te.step, Step::Verify);
+    let log = log.lock().unwrap();
+    assert_eq!((log.resumed, log.rolled_back), (1, 1));
+    assert_eq!(disk.owner().as_deref(), Some("a"));
 }

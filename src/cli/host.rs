@@ -3,15 +3,18 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
 use vfabric::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
-use vfabric::host::daemon::{self, HostConfig};
+use vfabric::host::daemon::{self, HostConfig, VmotionSecurity};
 use vfabric::migration::announce::{Announce, Schedule};
+use vfabric::migration::tls::{Encryption, Tls};
 use vfabric::migration::{MigrationConfig, MigrationSummary, NoConvergence, Progress};
+use vfabric::pki;
 use vfabric::wire::MacAddr;
 
 use super::CliError;
@@ -60,9 +63,27 @@ pub struct HostArgs {
     #[arg(long)]
     huge_pages: bool,
     /// Skip the memory digests (SHA-256 hash list at quiesce and at resume): they halve
-    /// pre-copy throughput, though they do not lengthen the downtime.
+    /// pre-copy throughput, though they do not lengthen the downtime. With them on, a
+    /// migration succeeds only if the target's digest equals the source's.
     #[arg(long)]
     no_verify_memory: bool,
+    /// vMotion encryption: required (TLS 1.3, both hosts authenticated by the fabric CA),
+    /// opportunistic (TLS when both ends can, plaintext with a host that has it
+    /// disabled; never after a failed certificate check) or disabled (plaintext).
+    #[arg(long, default_value = "required")]
+    vmotion_encryption: Encryption,
+    /// Directory of the fabric CA and host certificates (`vfabric pki init|issue`);
+    /// default <run dir>/pki. This host uses ca.pem, <name>.pem and <name>.key.
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// An incoming vMotion connection must complete its TLS handshake (or, in plaintext,
+    /// send its first byte) within this many ms.
+    #[arg(long, default_value_t = 5000)]
+    vmotion_handshake_ms: u64,
+    /// Most incoming vMotion connections at once (handshaking or migrating); more are
+    /// closed at once and counted in a periodic warning.
+    #[arg(long, default_value_t = 16)]
+    vmotion_max_incoming: usize,
     /// For the fault tests: migrations stop at the phase boundaries a test arms with
     /// files in DIR, until it removes them (see the README's Tests section).
     #[arg(long, hide = true, value_name = "DIR")]
@@ -88,7 +109,27 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         verify_memory: !a.no_verify_memory,
         ..MigrationConfig::default()
     };
+    let pki_dir = a.pki_dir.clone().unwrap_or_else(pki::default_dir);
+    let tls = match pki::load(&pki_dir, &a.name) {
+        Ok(creds) => Some(Arc::new(Tls::new(&creds)?)),
+        Err(e) if a.vmotion_encryption == Encryption::Required => {
+            return Err(format!("--vmotion-encryption required: {e}").into())
+        }
+        Err(e) => {
+            if a.vmotion_encryption == Encryption::Opportunistic {
+                eprintln!("vfabric: warning: {e}: vMotion runs in plaintext only");
+            }
+            None
+        }
+    };
+    let vmotion = VmotionSecurity {
+        encryption: a.vmotion_encryption,
+        tls,
+        handshake_timeout: Duration::from_millis(a.vmotion_handshake_ms.max(1)),
+        max_incoming: a.vmotion_max_incoming.max(1),
+    };
     let cfg = HostConfig {
+        vmotion,
         socket: control::socket_path(&a.name),
         name: a.name,
         vmotion_addr: a.vmotion_addr,
@@ -389,6 +430,10 @@ pub struct MigrateArgs {
     /// (default: the target host's setting).
     #[arg(long)]
     announce: Option<Announce>,
+    /// vMotion encryption of this migration: required, opportunistic or disabled
+    /// (default: the source host's --vmotion-encryption).
+    #[arg(long)]
+    encryption: Option<Encryption>,
     /// Print no progress.
     #[arg(long, short)]
     quiet: bool,
@@ -455,14 +500,29 @@ pub fn migrate_call(
             r.name, source.name, target.name, addr
         );
     }
+    let mut last: Option<Progress> = None;
     let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
-        if !progress {
+        let Ok(p) = serde_json::from_value::<Progress>(p) else {
             return;
-        }
-        if let Ok(p) = serde_json::from_value::<Progress>(p) {
+        };
+        if progress {
             eprintln!("  {}", describe(&p));
         }
+        last = Some(p);
     });
+    // The source daemon died mid-migration: say which host, in which phase, and where
+    // the VM is now, as far as the target can tell.
+    let result = match result {
+        Err(control::ControlError::Closed | control::ControlError::Io(_)) => {
+            Err(control::ControlError::Remote(lost_source(
+                &r.name,
+                &source.name,
+                &target.name,
+                last.as_ref(),
+            )))
+        }
+        other => other,
+    };
     if result.is_err() && r.announce.is_some() {
         // The choice was for this migration only.
         let _ = control::call_simple::<_, serde_json::Value>(
@@ -488,6 +548,7 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
             max_rounds: a.max_rounds,
             on_no_convergence: a.on_no_convergence,
             bandwidth_mbps: a.bandwidth_mbps,
+            encryption: a.encryption,
         },
     };
     let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
@@ -497,6 +558,55 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
         print_summary(&s, &from, &to);
     }
     Ok(())
+}
+
+/// The phase a migration was in, from the last progress line the CLI received.
+fn phase_after(last: Option<&Progress>) -> String {
+    match last {
+        None => "pre-check".into(),
+        Some(Progress::Round { round, .. }) => format!("pre-copy (after round {round})"),
+        Some(Progress::Quiesced { .. }) => "switch-over (quiesced, sending the bitmap)".into(),
+        Some(Progress::Bitmap { .. }) => "switch-over (the target was pulling pages)".into(),
+        Some(Progress::Pulled { .. }) => "switch-over (device state, resume)".into(),
+        Some(Progress::Resumed { .. }) => "completion (the target had resumed the VM)".into(),
+        #[allow(unreachable_patterns)]
+        Some(_) => "an unknown phase".into(),
+    }
+}
+
+/// The words for a source host that died mid-migration: which host, the phase, and
+/// where the VM is. The target is asked (for a few seconds, while it notices the
+/// broken stream) whether it runs the VM.
+fn lost_source(vm: &str, source: &str, target: &str, last: Option<&Progress>) -> String {
+    let phase = phase_after(last);
+    let died = format!("host {source} (the source) stopped answering during {phase}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let shown: Result<VmInfo, _> = control::call_simple(
+            &control::socket_path(target),
+            &HostRequest::VmShow {
+                name: vm.to_string(),
+            },
+        );
+        match shown {
+            Ok(v) => {
+                return format!(
+                    "{died}; {vm} runs on {target} ({}): the migration completed there",
+                    v.state
+                )
+            }
+            Err(control::ControlError::Remote(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(control::ControlError::Remote(_)) => {
+                return format!(
+                    "{died}; {vm} is not on {target} either: it was lost with {source} \
+                     (pre-copy keeps the only running copy on the source)"
+                )
+            }
+            Err(e) => return format!("{died}; {target} cannot be asked where {vm} is ({e})"),
+        }
+    }
 }
 
 fn describe(p: &Progress) -> String {
@@ -557,6 +667,48 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
     );
     println!("  total time          {} ms", s.total_ms);
     println!("  throughput          {:.0} Mbit/s", s.throughput_mbps);
+    println!("  vMotion stream      {}", s.transport);
     println!("  memory sha256       source {}", s.memory_sha256_source);
     println!("                      target {}", s.memory_sha256_target);
+}
+
+/// Create the fabric's certificate authority and the hosts' certificates.
+#[derive(Debug, Args)]
+#[command(after_help = "Example (what netns-scripts/up.sh does):\n  \
+    vfabric pki init && vfabric pki issue silo104 silo105")]
+pub struct PkiArgs {
+    /// Directory of the PKI (default <run dir>/pki, created 0700; every file 0600).
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: PkiCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCmd {
+    /// Create the fabric CA (ca.pem, ca.key) unless one exists; an existing one is kept.
+    Init,
+    /// Issue (or renew) the certificate of each named host (<name>.pem, <name>.key),
+    /// signed by the fabric CA; the certificate names the host.
+    Issue {
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+pub fn run_pki(a: PkiArgs) -> Result<(), CliError> {
+    let dir = a.dir.unwrap_or_else(pki::default_dir);
+    match a.cmd {
+        PkiCmd::Init => match pki::init(&dir)? {
+            pki::Init::Created => println!("fabric CA created in {}", dir.display()),
+            pki::Init::Kept => println!("fabric CA kept in {}", dir.display()),
+        },
+        PkiCmd::Issue { hosts } => {
+            for h in &hosts {
+                pki::issue(&dir, h)?;
+                println!("certificate of host {h} issued in {}", dir.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -45,6 +45,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
+    Pki(host::PkiArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -54,6 +56,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

@@ -43,6 +43,9 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("bad control message: {0}")]
     Protocol(String),
+    /// The connection ended before the final reply: the daemon stopped or died.
+    #[error("daemon closed the connection without a reply")]
+    Closed,
     /// The daemon answered with an error; the text is the daemon's one-line message.
     #[error("{0}")]
     Remote(String),
@@ -200,9 +203,7 @@ pub fn call<Req: Serialize>(
         let mut line = String::new();
         let n = (&mut rd).take(MAX_LINE as u64).read_line(&mut line)?;
         if n == 0 {
-            return Err(ControlError::Protocol(
-                "daemon closed the connection without a reply".into(),
-            ));
+            return Err(ControlError::Closed);
         }
         match serde_json::from_str::<Reply>(line.trim())
             .map_err(|e| ControlError::Protocol(e.to_string()))?

@@ -48,6 +48,9 @@ pub struct MigrateOptions {
     pub max_rounds: Option<u32>,
     pub on_no_convergence: Option<String>,
     pub bandwidth_mbps: Option<u64>,
+    /// vMotion encryption of this migration (default: the source host's setting).
+    #[serde(default)]
+    pub encryption: Option<crate::migration::tls::Encryption>,
 }
 
 /// Reply to [`HostRequest::Info`].

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::unix_micros;
 use crate::control::{self, Progress};
@@ -24,6 +25,7 @@ use crate::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmIn
 use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
+use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
 use crate::migration::{
     self, MigrationConfig, NoConvergence, PhaseWait, SourceHooks, Step, TargetHooks,
 };
@@ -67,7 +69,37 @@ pub struct HostConfig {
     /// Test pause points (`--test-pause-dir`, see [`crate::host::pause`]); None in
     /// normal use.
     pub test_pause_dir: Option<PathBuf>,
+    pub vmotion: VmotionSecurity,
 }
+
+/// How the vMotion listener and outgoing migrations protect themselves.
+#[derive(Debug, Clone)]
+pub struct VmotionSecurity {
+    /// The host's default; a migrate request may override it for one migration.
+    pub encryption: Encryption,
+    /// The host's credentials; None runs plaintext only (not with `Required`).
+    pub tls: Option<Arc<Tls>>,
+    /// An incoming connection must be authenticated (or, in plaintext, have sent its
+    /// first byte) within this time.
+    pub handshake_timeout: Duration,
+    /// Most incoming vMotion connections at once, handshaking or migrating; more are
+    /// closed at once.
+    pub max_incoming: usize,
+}
+
+impl Default for VmotionSecurity {
+    fn default() -> Self {
+        VmotionSecurity {
+            encryption: Encryption::Required,
+            tls: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_incoming: 16,
+        }
+    }
+}
+
+/// Refused vMotion connections are summed up in one warning per this period.
+const REFUSALS_EVERY: Duration = Duration::from_secs(10);
 
 /// Lifecycle of a VM on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +175,8 @@ struct Host {
     uplink: Option<Arc<PacketSocket>>,
     stop: AtomicBool,
     pause: PausePoints,
+    /// vMotion connections refused before authentication, since the last summary.
+    rejections: Rejections,
 }
 
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
@@ -176,6 +210,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         by_mac: RwLock::new(HashMap::new()),
         uplink,
         stop: AtomicBool::new(false),
+        rejections: Rejections::default(),
     });
     tracing::info!(
         host = %host.cfg.name,
@@ -183,6 +218,8 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         uplink = host.cfg.uplink.as_deref().unwrap_or("-"),
         capacity_mb = host.cfg.capacity_mb,
         socket = %host.cfg.socket.display(),
+        vmotion_encryption = %host.cfg.vmotion.encryption,
+        certificate = host.cfg.vmotion.tls.as_ref().map(|t| t.name()).unwrap_or("-"),
         "host ready"
     );
     let nic_thread = match host.uplink.clone() {
@@ -199,12 +236,18 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     };
     let accept = {
         let h = host.clone();
+        let slots = Arc::new(Semaphore::new(h.cfg.vmotion.max_incoming.max(1)));
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            h.refused(peer, Rejection::OverCap, "too many connections");
+                            drop(stream);
+                            continue;
+                        };
                         let h = h.clone();
-                        tokio::spawn(async move { h.incoming(stream, peer).await });
+                        tokio::spawn(async move { h.incoming(stream, peer, slot).await });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "vMotion accept failed");
@@ -221,8 +264,25 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
             async move { h.handle(req, progress).await }
         }
     };
+    let summaries = {
+        let h = host.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFUSALS_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let (n, why) = h.rejections.take();
+                if n > 0 {
+                    tracing::warn!(host = %h.cfg.name, refused = n, reasons = %why,
+                        "{n} vMotion connections refused in the last {} s",
+                        REFUSALS_EVERY.as_secs());
+                }
+            }
+        })
+    };
     control::serve(control, handler, shutdown).await;
     accept.abort();
+    summaries.abort();
     host.stop.store(true, Ordering::SeqCst);
     if let Some(t) = nic_thread {
         let _ = t.join();
@@ -646,23 +706,23 @@ impl Host {
             vm = %name, from = %self.cfg.name, to = %target, target_addr = %target_addr,
             t_us = unix_micros(), "migration requested"
         );
-        let connect = tokio::time::timeout(cfg.io_timeout, TcpStream::connect(target_addr)).await;
-        let stream = match connect {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.set_state(&name, VmState::Running);
-                return Err(format!(
-                    "pre-check failed: cannot connect to {target} at {target_addr}: {e}"
-                ));
-            }
-            Err(_) => {
-                self.set_state(&name, VmState::Running);
-                return Err(format!(
-                    "pre-check failed: connecting to {target} at {target_addr} timed out"
-                ));
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let mode = options.encryption.unwrap_or(self.cfg.vmotion.encryption);
+        let tls = self.cfg.vmotion.tls.as_deref();
+        // Nothing of the VM crosses before the target has proven who it is.
+        let (stream, protection) =
+            match tls::connect(target_addr, &target, mode, tls, cfg.io_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.set_state(&name, VmState::Running);
+                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
+                        "migration refused before pre-check");
+                    return Err(format!(
+                        "pre-check failed: {e}; {name} keeps running on {}",
+                        self.cfg.name
+                    ));
+                }
+            };
+        tracing::info!(vm = %name, to = %target, vmotion = %protection, "vMotion stream open");
         let mut hooks = SourceSide {
             shared: shared.clone(),
             datastore: self.datastore.clone(),
@@ -675,7 +735,8 @@ impl Host {
         drop(hooks);
         let mut inv = self.lock_inv();
         match result {
-            Ok(summary) => {
+            Ok(mut summary) => {
+                summary.transport = protection.to_string();
                 // Step 6: the VM runs on the target; free it here.
                 let entry = self.uninstall(&mut inv, &name);
                 drop(inv);
@@ -714,8 +775,32 @@ impl Host {
         }
     }
 
-    async fn incoming(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
+    /// Counts a connection refused before authentication; the log hears of it at DEBUG
+    /// only, and in the periodic summary.
+    fn refused(&self, peer: SocketAddr, why: Rejection, detail: &str) {
+        self.rejections.record(why);
+        tracing::debug!(peer = %peer, reason = why.as_str(), detail, "vMotion connection refused");
+    }
+
+    /// One incoming vMotion connection: authenticate it within the handshake deadline,
+    /// then run the migration. `_slot` holds one of the incoming-connection slots.
+    async fn incoming(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let sec = &self.cfg.vmotion;
+        let accepted = tokio::time::timeout(
+            sec.handshake_timeout,
+            tls::accept(stream, sec.encryption, sec.tls.as_deref()),
+        )
+        .await;
+        let (stream, protection) = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err((why, detail))) => return self.refused(peer, why, &detail),
+            Err(_) => return self.refused(peer, Rejection::Deadline, "handshake deadline"),
+        };
         let mut hooks = TargetSide {
             host: self.clone(),
             name: None,
@@ -727,13 +812,22 @@ impl Host {
             Ok((vm, summary)) => {
                 tracing::info!(
                     vm = %vm.config().name, host = %self.cfg.name, peer = %peer,
-                    downtime_us = summary.downtime_us, t_us = unix_micros(),
-                    "incoming migration complete"
+                    vmotion = %protection, downtime_us = summary.downtime_us,
+                    t_us = unix_micros(), "incoming migration complete"
                 );
             }
+            // A plaintext peer that never got through the pre-check is as anonymous as
+            // one refused at the handshake.
+            Err(e)
+                if protection == Protection::Plaintext
+                    && e.step == migration::Step::PreCheck
+                    && hooks.name.is_none() =>
+            {
+                self.refused(peer, Rejection::Garbage, &e.to_string())
+            }
             Err(e) => {
-                tracing::warn!(host = %self.cfg.name, peer = %peer, error = %e,
-                    t_us = unix_micros(), "incoming migration failed");
+                tracing::warn!(host = %self.cfg.name, peer = %peer, vmotion = %protection,
+                    error = %e, t_us = unix_micros(), "incoming migration failed");
             }
         }
     }
@@ -865,6 +959,21 @@ impl TargetHooks for TargetSide {
         self.resumed = true;
         tracing::info!(vm = %cfg.name, host = %host.cfg.name, t_us = resumed_t_us, "vm resumed");
         start_announce(host, handles, announce);
+    }
+
+    fn rolled_back(&mut self, vm: &Arc<Vm>) {
+        let name = vm.config().name.clone();
+        let mut inv = self.host.lock_inv();
+        let entry = self.host.uninstall(&mut inv, &name);
+        drop(inv);
+        vm.quiesce();
+        // Stopping releases the disk lock, for the source to retake.
+        if let Some(e) = entry {
+            e.shared.stop();
+        }
+        self.disk.take();
+        tracing::warn!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
+            "the source did not verify the memory here: copy stopped, disk lock released");
     }
 }
 

@@ -36,7 +36,7 @@ pub fn phase_name(step: Step) -> Option<&'static str> {
         Step::Bitmap => Some("bitmap"),
         Step::Pull => Some("pull"),
         Step::Resume => Some("resume"),
-        Step::PreCheck | Step::DeviceState => None,
+        _ => None,
     }
 }
 

@@ -1,10 +1,11 @@
 //! Framing adapter (I/O layer): the migration codec over an async byte stream.
 //!
-//! [`Reader`] keeps one receive buffer, sized by the largest message the header check
-//! allows, and hands out messages borrowed from it; [`Writer`] coalesces small messages
-//! and writes page batches straight from the caller's buffer. Every read and every
-//! write is bounded by the I/O timeout, so a silent peer ends the migration instead of
-//! hanging it.
+//! [`Reader`] keeps one receive buffer, grown only as far as the messages the header
+//! check let through need, and hands out messages borrowed from it; [`Writer`]
+//! coalesces small messages and writes page batches straight from the caller's buffer.
+//! Every message must arrive whole within the I/O timeout (a peer dripping a byte at a
+//! time gains nothing) and every write finish within it, so a silent or slow peer ends
+//! the migration instead of hanging it.
 
 use std::time::Duration;
 
@@ -30,6 +31,10 @@ pub fn split_stream(stream: impl MigrationStream) -> (BoxRead, BoxWrite) {
 
 /// Small messages are sent once this many bytes are queued (or on `flush`).
 const FLUSH_AT: usize = 256 << 10;
+/// First size of a receive buffer: enough for the small messages of the protocol.
+const SMALL_BUF: usize = 4 << 10;
+/// Read-ahead beyond a large message's need.
+const READ_AHEAD: usize = 64 << 10;
 
 /// Errors of the stream.
 #[derive(Debug, thiserror::Error)]
@@ -52,20 +57,30 @@ pub struct Reader<R> {
     end: usize,
     timeout: Duration,
     limits: Limits,
+    /// Largest message accepted now, header included.
+    max_message: usize,
     received: u64,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
+    /// A reader with no buffer yet: it grows with the first messages.
     pub fn new(io: R, timeout: Duration) -> Reader<R> {
         Reader {
             io,
-            buf: vec![0; MAX_MESSAGE + (64 << 10)],
+            buf: Vec::new(),
             start: 0,
             end: 0,
             timeout,
             limits: Limits::default(),
+            max_message: usize::MAX,
             received: 0,
         }
+    }
+
+    /// Caps the next messages at `max` bytes (header included), whatever their kind
+    /// allows: e.g. a target accepts nothing larger than a `Hello` before admission.
+    pub fn set_max_message(&mut self, max: usize) {
+        self.max_message = max;
     }
 
     /// Tightens the decoder's limits once the guest's size is known.
@@ -83,17 +98,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.received
     }
 
-    /// The next message. The header is checked before its payload is awaited, so the
-    /// buffer grows at most to the largest legal message.
+    /// The next message, whole within the timeout. The header is checked before its
+    /// payload is awaited, so the buffer grows at most to the largest legal message.
     pub async fn recv(&mut self) -> Result<Message<'_>, ConnError> {
-        let total = loop {
-            let need = match proto::peek(&self.buf[self.start..self.end], &self.limits)? {
-                Some((_, total)) if self.end - self.start >= total => break total,
-                Some((_, total)) => total,
-                None => HEADER_LEN,
-            };
-            self.fill(need).await?;
-        };
+        let timeout = self.timeout;
+        let total = tokio::time::timeout(timeout, self.next_total())
+            .await
+            .map_err(|_| ConnError::Timeout(timeout))??;
         let at = self.start;
         self.start += total;
         match proto::decode(&self.buf[at..at + total], &self.limits)? {
@@ -103,7 +114,27 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
-    /// Reads until `need` bytes are buffered from `start`.
+    /// Reads until a whole message is buffered; returns its length.
+    async fn next_total(&mut self) -> Result<usize, ConnError> {
+        loop {
+            let need = match proto::peek(&self.buf[self.start..self.end], &self.limits)? {
+                Some((kind, total)) if total > self.max_message => {
+                    return Err(ConnError::Proto(ProtoError::TooLong {
+                        kind,
+                        len: total - HEADER_LEN,
+                        max: self.max_message.saturating_sub(HEADER_LEN),
+                    }))
+                }
+                Some((_, total)) if self.end - self.start >= total => return Ok(total),
+                Some((_, total)) => total,
+                None => HEADER_LEN,
+            };
+            self.fill(need).await?;
+        }
+    }
+
+    /// Reads until `need` bytes are buffered from `start`. The buffer grows to what
+    /// `need` asks (a message the header check let through) plus some read-ahead.
     async fn fill(&mut self, need: usize) -> Result<(), ConnError> {
         if self.start == self.end {
             self.start = 0;
@@ -114,13 +145,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.end -= self.start;
             self.start = 0;
             if need > self.buf.len() {
-                self.buf.resize(need, 0);
+                let want = if need <= SMALL_BUF {
+                    SMALL_BUF
+                } else {
+                    (need + READ_AHEAD).min(MAX_MESSAGE + READ_AHEAD).max(need)
+                };
+                self.buf.resize(want, 0);
             }
         }
         while self.end - self.start < need {
-            let n = tokio::time::timeout(self.timeout, self.io.read(&mut self.buf[self.end..]))
-                .await
-                .map_err(|_| ConnError::Timeout(self.timeout))??;
+            let n = self.io.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
                 return Err(ConnError::Closed);
             }
@@ -188,9 +222,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        tokio::time::timeout(self.timeout, self.io.write_all(bytes))
-            .await
-            .map_err(|_| ConnError::Timeout(self.timeout))??;
+        // An encrypting stream may keep records back until flushed; TCP flushes nothing.
+        let io = &mut self.io;
+        tokio::time::timeout(self.timeout, async move {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        .map_err(|_| ConnError::Timeout(self.timeout))??;
         self.sent += bytes.len() as u64;
         Ok(())
     }

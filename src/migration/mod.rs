@@ -18,6 +18,7 @@ pub mod policy;
 pub mod proto;
 mod source;
 mod target;
+pub mod tls;
 
 use std::fmt;
 use std::str::FromStr;
@@ -155,6 +156,12 @@ pub trait TargetHooks: Send {
     fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
     /// The VM runs here: add it to the inventory, announce its MAC.
     fn resumed(&mut self, vm: &Arc<Vm>);
+    /// The source rejected this copy after the resume (its memory digest did not
+    /// match): stop the VM and release its disk lock before returning, so the source
+    /// can take the VM back.
+    fn rolled_back(&mut self, vm: &Arc<Vm>) {
+        vm.quiesce();
+    }
 }
 
 /// Events of a running migration, for the caller (source side).
@@ -213,6 +220,9 @@ pub struct MigrationSummary {
     pub bytes_pulled: u64,
     /// Every byte of the stream in the main direction (source → target).
     pub bytes_total: u64,
+    /// How the stream was protected (filled in by the host daemon).
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// The phase in which a migration failed.
@@ -225,6 +235,8 @@ pub enum Step {
     Pull,
     DeviceState,
     Resume,
+    /// After the resume: the target's memory digest against the source's.
+    Verify,
 }
 
 impl fmt::Display for Step {
@@ -237,6 +249,7 @@ impl fmt::Display for Step {
             Step::Pull => "pull",
             Step::DeviceState => "device state",
             Step::Resume => "resume",
+            Step::Verify => "verification",
         })
     }
 }
@@ -264,6 +277,8 @@ pub enum ErrorKind {
     Pull(String),
     #[error("cannot allocate guest memory: {0}")]
     Memory(crate::memory::MemoryError),
+    #[error("memory not verified: {0}")]
+    Verify(String),
 }
 
 /// A failed migration: the step, the cause, and where the VM is now.

@@ -22,8 +22,9 @@ use crate::memory::{MAX_MEMORY_BYTES, PAGE_SIZE};
 
 /// Protocol magic: the first four bytes of every message.
 pub const MAGIC: [u8; 4] = *b"VFMG";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks (2: the verification step, `Rollback` and
+/// `RolledBack`).
+pub const VERSION: u16 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 12;
 
@@ -89,6 +90,12 @@ pub enum Kind {
     /// for it before deciding, so the stream holds no backlog when the VM stops and
     /// the round's time measures the real bandwidth.
     RoundAck,
+    /// source → target, instead of `Complete`: the target's memory digest is missing or
+    /// differs from the source's. The target stops its copy and gives the disk lock
+    /// back, then answers `RolledBack`; the VM resumes on the source.
+    Rollback,
+    /// target → source: the copy is stopped and the disk lock released.
+    RolledBack,
 }
 
 impl Kind {
@@ -107,6 +114,8 @@ impl Kind {
             Kind::Abort => 11,
             Kind::RoundEnd => 12,
             Kind::RoundAck => 13,
+            Kind::Rollback => 14,
+            Kind::RolledBack => 15,
         }
     }
 
@@ -125,6 +134,8 @@ impl Kind {
             11 => Kind::Abort,
             12 => Kind::RoundEnd,
             13 => Kind::RoundAck,
+            14 => Kind::Rollback,
+            15 => Kind::RolledBack,
             _ => return None,
         })
     }
@@ -133,8 +144,8 @@ impl Kind {
     pub fn max_payload(self, pages: u64) -> usize {
         match self {
             Kind::Hello => MAX_CONFIG_LEN,
-            Kind::Accept | Kind::PullEnd => 0,
-            Kind::Refuse | Kind::Abort => MAX_REASON_LEN,
+            Kind::Accept | Kind::PullEnd | Kind::RolledBack => 0,
+            Kind::Refuse | Kind::Abort | Kind::Rollback => MAX_REASON_LEN,
             Kind::Pages => MAX_PAGES_PAYLOAD,
             Kind::Bitmap => BITMAP_PREFIX + bitmap_words(pages.min(MAX_PAGES)) * 8,
             Kind::PullRequest => 8 + MAX_PULL_RANGES * 16,
@@ -241,6 +252,10 @@ pub enum Message<'a> {
     RoundAck {
         round: u32,
     },
+    Rollback {
+        reason: Cow<'a, str>,
+    },
+    RolledBack,
 }
 
 impl Message<'_> {
@@ -259,6 +274,8 @@ impl Message<'_> {
             Message::Abort { .. } => Kind::Abort,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::RoundAck { .. } => Kind::RoundAck,
+            Message::Rollback { .. } => Kind::Rollback,
+            Message::RolledBack => Kind::RolledBack,
         }
     }
 }
@@ -448,8 +465,8 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
     out.resize(start + HEADER_LEN, 0);
     match msg {
         Message::Hello { config_json } => out.extend_from_slice(config_json),
-        Message::Accept | Message::PullEnd => {}
-        Message::Refuse { reason } | Message::Abort { reason } => {
+        Message::Accept | Message::PullEnd | Message::RolledBack => {}
+        Message::Refuse { reason } | Message::Abort { reason } | Message::Rollback { reason } => {
             out.extend_from_slice(cut(reason).as_bytes())
         }
         Message::Pages(v) => {
@@ -580,6 +597,8 @@ pub fn decode<'a>(
         Kind::Hello => Message::Hello { config_json: p },
         Kind::Accept => Message::Accept,
         Kind::PullEnd => Message::PullEnd,
+        Kind::RolledBack => Message::RolledBack,
+        Kind::Rollback => Message::Rollback { reason: text(p)? },
         Kind::Refuse => Message::Refuse { reason: text(p)? },
         Kind::Abort => Message::Abort { reason: text(p)? },
         Kind::Pages => {
@@ -805,6 +824,10 @@ mod tests {
             },
             Message::RoundEnd { round: 3 },
             Message::RoundAck { round: 0x0102_0304 },
+            Message::Rollback {
+                reason: "memory digest differs".into(),
+            },
+            Message::RolledBack,
         ];
         for m in msgs {
             let b = enc(&m);

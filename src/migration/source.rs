@@ -153,6 +153,15 @@ pub async fn migrate_out(
         Some(h) => h.await.ok(),
         None => None,
     };
+    // Success means verified: the VM is freed here only once the target's memory is
+    // known to be ours; otherwise the target stops its copy and the VM resumes here.
+    if cfg.verify_memory {
+        if let Err(reason) = check_digests(source_sha, done.target_sha) {
+            s.roll_back(&reason).await;
+            let running = s.take_back(hooks);
+            return Err(s.failed(Step::Verify, ErrorKind::Verify(reason), running));
+        }
+    }
     // The target runs the VM; telling it our hash is a courtesy it can live without.
     s.wr.send_now(&Message::Complete { sha256: source_sha }, s.cfg.io_timeout)
         .await;
@@ -176,6 +185,7 @@ pub async fn migrate_out(
         resume_t_us: done.resume_t_us,
         bytes_pulled: done.bytes_pulled,
         bytes_total: s.wr.sent(),
+        transport: String::new(),
     };
     tracing::info!(
         t_us = unix_micros(),
@@ -190,18 +200,21 @@ pub async fn migrate_out(
         converged,
         "migration phase"
     );
-    if !summary.memory_sha256_source.is_empty()
-        && !summary.memory_sha256_target.is_empty()
-        && summary.memory_sha256_source != summary.memory_sha256_target
-    {
-        tracing::error!(
-            vm = %summary.vm,
-            source = %summary.memory_sha256_source,
-            target = %summary.memory_sha256_target,
-            "memory hash differs between source and target"
-        );
-    }
     Ok(summary)
+}
+
+/// The verdict on the two memory digests: equal, or why not.
+fn check_digests(source: Option<[u8; 32]>, target: Option<[u8; 32]>) -> Result<(), String> {
+    match (source, target) {
+        (Some(s), Some(t)) if s == t => Ok(()),
+        (None, _) => Err("the source could not digest its memory".into()),
+        (_, None) => Err("the target reported no memory digest".into()),
+        (Some(s), Some(t)) => Err(format!(
+            "the target's memory digest {} differs from the source's {}",
+            hex(&t),
+            hex(&s)
+        )),
+    }
 }
 
 impl Drop for Source<'_> {
@@ -239,6 +252,23 @@ impl Source<'_> {
                 LAST_WORDS,
             )
             .await;
+    }
+
+    /// Asks the target to stop its unverified copy and give the disk back, and waits
+    /// for its answer; the disk lock decides afterwards either way.
+    async fn roll_back(&mut self, reason: &str) {
+        let msg = Message::Rollback {
+            reason: reason.into(),
+        };
+        self.wr.send_now(&msg, self.cfg.io_timeout).await;
+        self.rd.set_timeout(self.cfg.io_timeout);
+        match self.rd.recv().await {
+            Ok(Message::RolledBack) => {
+                tracing::info!(t_us = unix_micros(), vm = %self.name, "target rolled back")
+            }
+            Ok(m) => tracing::warn!(vm = %self.name, kind = %m.kind(), "no rollback answer"),
+            Err(e) => tracing::warn!(vm = %self.name, error = %e, "no rollback answer"),
+        }
     }
 
     /// After a failure past quiesce: retake the disk and resume, if allowed.

@@ -88,9 +88,12 @@ pub async fn migrate_in(
     hooks: &mut dyn TargetHooks,
 ) -> Result<(Arc<Vm>, MigrationSummary), MigrationError> {
     let (rd, wr) = split_stream(stream);
+    let mut rd = Reader::new(rd, cfg.io_timeout);
+    // Nothing larger than a Hello before admission.
+    rd.set_max_message(proto::HEADER_LEN + proto::MAX_CONFIG_LEN);
     let mut t = Target {
         name: String::new(),
-        rd: Reader::new(rd, cfg.io_timeout),
+        rd,
         wr: Writer::new(wr, cfg.io_timeout),
         started: Instant::now(),
         pages_per_round: Vec::new(),
@@ -233,6 +236,16 @@ impl Target {
             .set_timeout(cfg.io_timeout + super::hash_allowance(memory_bytes));
         let source_sha = match self.rd.recv().await {
             Ok(Message::Complete { sha256 }) => sha256,
+            Ok(Message::Rollback { reason }) => {
+                // The source did not find its memory here: stop, give the disk back,
+                // then let the source resume its copy.
+                let reason = reason.into_owned();
+                hooks.rolled_back(&vm);
+                drop(vm);
+                let _ = self.wr.send_flush(&Message::RolledBack).await;
+                self.wr.shutdown().await;
+                return Err((Step::Verify, ErrorKind::PeerAborted(reason)));
+            }
             Ok(m) => {
                 tracing::warn!(vm = %self.name, kind = %m.kind(), "unexpected message after resume");
                 None
@@ -262,6 +275,7 @@ impl Target {
             resume_t_us,
             bytes_pulled,
             bytes_total: self.rd.received(),
+            transport: String::new(),
         };
         tracing::info!(
             t_us = unix_micros(),
@@ -309,6 +323,7 @@ impl Target {
                 self.rd.set_limits(Limits {
                     pages: mem.page_count(),
                 });
+                self.rd.set_max_message(usize::MAX);
                 self.wr
                     .send_flush(&Message::Accept)
                     .await
