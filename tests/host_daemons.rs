@@ -1,6 +1,9 @@
 //! Two real `vfabric host` processes on loopback (no namespaces, no root), driven by the
 //! real CLI: create, migrate back and forth, admission refusal, memory freed, disk lock
-//! handed over, clear errors.
+//! handed over, clear errors, fabric-wide claims, cancel. The datastore-fault tests
+//! (a full tmpfs, a lock that cannot be taken) need root and skip loudly without it.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -13,6 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_vfabric");
 struct Hosts {
     dir: tempfile::TempDir,
     children: Vec<Child>,
+    names: Vec<String>,
+    datastore: PathBuf,
 }
 
 impl Drop for Hosts {
@@ -30,7 +35,7 @@ impl Hosts {
     }
 
     fn datastore(&self) -> PathBuf {
-        self.dir.path().join("datastore")
+        self.datastore.clone()
     }
 
     fn start(names: &[(&str, u64)]) -> Hosts {
@@ -39,9 +44,22 @@ impl Hosts {
 
     fn start_with(names: &[(&str, u64)], extra: &[&str]) -> Hosts {
         let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("datastore");
+        Self::start_on(dir, ds, names, extra)
+    }
+
+    /// Hosts sharing the datastore `ds`.
+    fn start_on(
+        dir: tempfile::TempDir,
+        ds: PathBuf,
+        names: &[(&str, u64)],
+        extra: &[&str],
+    ) -> Hosts {
         let mut h = Hosts {
             dir,
             children: vec![],
+            names: vec![],
+            datastore: ds.clone(),
         };
         // The fabric CA and one certificate per host, as up.sh makes them.
         let mut pki = vec!["pki", "issue"];
@@ -51,32 +69,54 @@ impl Hosts {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
         for (name, capacity) in names {
-            let log = std::fs::File::create(h.dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new(BIN)
-                .args(["host", "--name", name, "--vmotion-addr", "127.0.0.1:0"])
-                .args(["--capacity-mb", &capacity.to_string()])
-                .args(extra)
-                .arg("--datastore")
-                .arg(h.datastore())
-                .env("VFABRIC_RUN_DIR", h.run_dir())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            h.children.push(child);
-        }
-        for (name, _) in names {
-            let sock = h.run_dir().join(format!("{name}.sock"));
-            let t = Instant::now();
-            while !sock.exists() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "host {name} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            h.add_host(name, *capacity, &ds, extra);
         }
         h
+    }
+
+    /// Starts one more host, on datastore `ds`, and waits for its socket.
+    fn add_host(&mut self, name: &str, capacity: u64, ds: &Path, extra: &[&str]) {
+        // A host added after set-up gets its certificate from the fabric CA too.
+        if !self
+            .run_dir()
+            .join("pki")
+            .join(format!("{name}.pem"))
+            .exists()
+        {
+            let o = self.cli(&["pki", "issue", name]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["host", "--name", name, "--vmotion-addr", "127.0.0.1:0"])
+            .args(["--capacity-mb", &capacity.to_string()])
+            .args(extra)
+            .arg("--datastore")
+            .arg(ds)
+            .env("VFABRIC_RUN_DIR", self.run_dir())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.names.push(name.to_string());
+        let sock = self.run_dir().join(format!("{name}.sock"));
+        let t = Instant::now();
+        while !sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "host {name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to host `name`: what a crash leaves behind.
+    fn crash(&mut self, name: &str) {
+        let i = self.names.iter().position(|n| n == name).unwrap();
+        self.children[i].kill().unwrap();
+        self.children[i].wait().unwrap();
+        let _ = std::fs::remove_file(self.run_dir().join(format!("{name}.sock")));
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -409,4 +449,386 @@ fn vm_digest_reads_the_figure_a_verified_migration_compares() {
     let b = h.json(&["vm", "digest", "vm2", "--json"]);
     assert_ne!(a["memory_sha256"], b["memory_sha256"]);
     h.fail(&["vm", "digest", "vm9"]);
+}
+
+fn create(h: &Hosts, vm: &str, host: &str, ip: &str, extra: &[&str]) -> String {
+    let mut a = vec![
+        "vm",
+        "create",
+        vm,
+        "--host",
+        host,
+        "--memory-mb",
+        "16",
+        "--ip",
+        ip,
+    ];
+    a.extend_from_slice(extra);
+    h.ok(&a)
+}
+
+fn create_fails(h: &Hosts, vm: &str, host: &str, ip: &str, extra: &[&str]) -> String {
+    let mut a = vec![
+        "vm",
+        "create",
+        vm,
+        "--host",
+        host,
+        "--memory-mb",
+        "16",
+        "--ip",
+        ip,
+    ];
+    a.extend_from_slice(extra);
+    h.fail(&a)
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn name_mac_and_ip_are_unique_across_hosts_and_travel_with_their_vm() {
+    let mut h = Hosts::start(&[("a", 2048), ("b", 2048)]);
+    create(&h, "vm1", "a", "10.0.0.100", &[]);
+    let mac1 = h.json(&["vm", "show", "vm1", "--json"])["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = files(&h.datastore());
+
+    // Another VM on another host, with vm1's IP, MAC or name: refused, naming the holder.
+    let err = create_fails(&h, "vm2", "b", "10.0.0.100", &[]);
+    assert!(
+        err.contains("IP 10.0.0.100 is in use by VM vm1 on host a"),
+        "{err}"
+    );
+    let err = create_fails(&h, "vm2", "b", "10.0.0.102", &["--mac", &mac1]);
+    assert!(
+        err.contains(&format!("MAC {mac1} is in use by VM vm1 on host a")),
+        "{err}"
+    );
+    let err = create_fails(&h, "vm1", "b", "10.0.0.101", &[]);
+    assert!(err.contains("vm1 is in use by VM vm1 on host a"), "{err}");
+    // A refused create leaves nothing behind.
+    assert_eq!(files(&h.datastore()), before);
+    assert_eq!(h.host_info("b")["reserved_mb"], 0);
+
+    // vm1's own claims travel with it, there and back.
+    h.json(&["migrate", "vm1", "--to", "b", "--json"]);
+    let err = create_fails(&h, "vm2", "a", "10.0.0.100", &[]);
+    assert!(
+        err.contains("IP 10.0.0.100 is in use by VM vm1 on host b"),
+        "{err}"
+    );
+    h.json(&["migrate", "vm1", "--to", "a", "--json"]);
+
+    // An incoming migration of a different VM with an IP in use is refused too. Host c
+    // keeps its disks elsewhere, so its VM could be created with vm1's IP.
+    let other = h.dir.path().join("other-datastore");
+    h.add_host("c", 2048, &other, &[]);
+    create(&h, "vm3", "c", "10.0.0.100", &[]);
+    let err = h.fail(&["migrate", "vm3", "--to", "b"]);
+    assert!(
+        err.contains("IP 10.0.0.100 is in use by VM vm1 on host a")
+            && err.contains("keeps running on c"),
+        "{err}"
+    );
+    assert_eq!(h.host_info("b")["reserved_mb"], 0);
+
+    // Destroy gives the claims back.
+    h.ok(&["vm", "destroy", "vm1"]);
+    create(&h, "vm2", "b", "10.0.0.100", &["--mac", &mac1]);
+
+    // A crashed host's claims block nobody: the kernel drops its flocks.
+    h.crash("b");
+    create(&h, "vm4", "a", "10.0.0.100", &["--mac", &mac1]);
+}
+
+/// A VM large and busy enough that pre-copy at 100 Mbit/s lasts tens of seconds.
+fn busy_vm(h: &Hosts) {
+    h.ok(&[
+        "vm",
+        "create",
+        "big",
+        "--host",
+        "a",
+        "--memory-mb",
+        "512",
+        "--ip",
+        "10.0.0.50",
+        "--workload",
+        "sweep",
+        "--dirty-rate",
+        "max",
+    ]);
+    // The sweep writes every page: none of them may travel as a cheap zero flag.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Starts `vfabric migrate big --to b` and waits until pre-copy runs: the target has
+/// admitted the VM (it reserves its memory) and the source reports it migrating.
+fn migrate_in_background(h: &Hosts) -> Child {
+    let child = Command::new(BIN)
+        .args(["migrate", "big", "--to", "b", "--bandwidth-mbps", "100"])
+        .env("VFABRIC_RUN_DIR", h.run_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while h.host_info("b")["reserved_mb"].as_u64().unwrap() == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pre-copy never began"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        h.json(&["vm", "show", "big", "--json"])["state"],
+        "migrating"
+    );
+    child
+}
+
+fn assert_back_on_a(h: &Hosts) {
+    let v = h.json(&["vm", "show", "big", "--json"]);
+    assert_eq!(v["host"], "a");
+    assert_eq!(v["state"], "running");
+    assert!(h.host_info("b")["vms"].as_array().unwrap().is_empty());
+    assert_eq!(lock_owner(&h.datastore(), "big").as_deref(), Some("a"));
+    // The target discards its copy when it sees the stream close.
+    let t = Instant::now();
+    while h.host_info("b")["reserved_mb"] != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "target kept its reservation"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ctrl_c_and_migrate_cancel_stop_a_migration_within_a_second() {
+    let h = Hosts::start(&[("a", 4096), ("b", 4096)]);
+    busy_vm(&h);
+    let err = h.fail(&["migrate", "cancel", "big"]);
+    assert!(err.contains("nothing to cancel"), "{err}");
+
+    // Ctrl-C on the CLI.
+    let child = migrate_in_background(&h);
+    let t = Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let took = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("Ctrl-C to the CLI's exit: {took:?}");
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cancelled in pre-copy; big keeps running on a"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    assert_back_on_a(&h);
+
+    // `vfabric migrate cancel` from another shell.
+    let child = migrate_in_background(&h);
+    let t = Instant::now();
+    let out = h.ok(&["migrate", "cancel", "big"]);
+    let took = t.elapsed();
+    eprintln!("migrate cancel: {took:?}");
+    assert!(out.contains("keeps running on a"), "{out}");
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert_back_on_a(&h);
+
+    // The VM's memory is intact: a full move now verifies every page.
+    let s = h.json(&["migrate", "big", "--to", "b", "--json"]);
+    assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
+    assert_ne!(s["memory_sha256_source"], "");
+    assert_eq!(s["pages_pulled"], s["bitmap_bits"]);
+    // After the move there is nothing left to cancel.
+    let err = h.fail(&["migrate", "cancel", "big"]);
+    assert!(err.contains("nothing to cancel"), "{err}");
+}
+
+/// A small tmpfs mounted on a test-owned directory; unmounted (lazily, after the hosts
+/// have gone) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("vfabric-ds-")
+            .tempdir()
+            .unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Writes a filler file until the file system has no space left.
+    fn fill(&self) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", self.dir.path().join("filler").display()))
+            .stderr(Stdio::null())
+            .status();
+        assert!(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("probe"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .is_err());
+        let _ = std::fs::remove_file(self.dir.path().join("probe"));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .args(["-l"])
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_datastore_keeps_one_host_per_vm_and_a_failed_create_leaves_nothing() {
+    if !common::require_root() {
+        return;
+    }
+    let ds = Tmpfs::mount("1m");
+    let h = Hosts::start_on(
+        tempfile::tempdir().unwrap(),
+        ds.path(),
+        &[("a", 2048), ("b", 2048)],
+        &[],
+    );
+    create(&h, "vm1", "a", "10.0.0.100", &[]);
+    ds.fill();
+    let before = files(&ds.path());
+
+    // Create on a full datastore: the OS error, and nothing left behind.
+    let err = create_fails(&h, "vm2", "b", "10.0.0.102", &[]);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(files(&ds.path()), before);
+    assert_eq!(h.host_info("b")["reserved_mb"], 0);
+
+    // The lock passes on in place: the move succeeds with the datastore full, and the
+    // VM runs on exactly one host, which holds its lock.
+    let s = h.json(&["migrate", "vm1", "--to", "b", "--json"]);
+    assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
+    let list = h.json(&["vm", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["host"], "b");
+    assert_eq!(list[0]["state"], "running");
+    assert_eq!(lock_owner(&h.datastore(), "vm1").as_deref(), Some("b"));
+
+    // With space freed, vm1 still cannot be created a second time.
+    std::fs::remove_file(ds.path().join("filler")).unwrap();
+    let err = create_fails(&h, "vm1", "a", "10.0.0.100", &[]);
+    assert!(err.contains("in use by VM vm1 on host b"), "{err}");
+    assert_eq!(
+        h.json(&["vm", "list", "--json"]).as_array().unwrap().len(),
+        1
+    );
+    drop(h);
+}
+
+#[test]
+fn a_vm_whose_lock_cannot_be_retaken_stays_stopped_until_vm_start() {
+    if !common::require_root() {
+        return;
+    }
+    let ds = Tmpfs::mount("4m");
+    let h = Hosts::start_on(
+        tempfile::tempdir().unwrap(),
+        ds.path(),
+        &[("a", 2048), ("b", 2048)],
+        &[],
+    );
+    create(&h, "vm1", "a", "10.0.0.100", &["--workload", "idle"]);
+    // An immutable lock file: neither the target nor the source can take the lock.
+    let lock = ds.path().join("vm1.lock");
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr").arg(flag).arg(&lock).status();
+        assert!(st.is_ok_and(|s| s.success()), "chattr {flag} (e2fsprogs)");
+    };
+    chattr("+i");
+    let err = h.fail(&["migrate", "vm1", "--to", "b"]);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(err.contains("vfabric vm start vm1"), "{err}");
+
+    // Stopped on a, memory kept, reported as such; b has nothing; nobody holds the lock.
+    let v = h.json(&["vm", "show", "vm1", "--json"]);
+    assert_eq!(v["host"], "a");
+    assert_eq!(v["state"], "no-disk-lock");
+    assert!(v["problem"].as_str().unwrap().contains("disk lock"), "{v}");
+    assert!(h.host_info("b")["vms"].as_array().unwrap().is_empty());
+    assert_eq!(lock_owner(&h.datastore(), "vm1"), None);
+    let table = h.cli(&["vm", "list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("no-disk-lock"));
+    assert!(String::from_utf8_lossy(&table.stderr).contains("WARNING: vm1 on a"));
+    // Its name still belongs to it: no second vm1 elsewhere.
+    let err = create_fails(&h, "vm1", "b", "10.0.0.101", &[]);
+    assert!(err.contains("in use by VM vm1 on host a"), "{err}");
+    // Nor may it be moved while stopped like this.
+    h.fail(&["migrate", "vm1", "--to", "b"]);
+
+    // While the lock cannot be taken, vm start says why and the VM stays stopped.
+    let err = h.fail(&["vm", "start", "vm1"]);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(
+        h.json(&["vm", "show", "vm1", "--json"])["state"],
+        "no-disk-lock"
+    );
+    chattr("-i");
+
+    // The way out: vm start takes the lock and resumes it where it is.
+    let out = h.ok(&["vm", "start", "vm1"]);
+    assert!(out.contains("started vm1 on a"), "{out}");
+    let v = h.json(&["vm", "show", "vm1", "--json"]);
+    assert_eq!(v["state"], "running");
+    assert!(v["problem"].is_null());
+    assert_eq!(lock_owner(&h.datastore(), "vm1").as_deref(), Some("a"));
+    h.fail(&["vm", "start", "vm1"]);
+    let s = h.json(&["migrate", "vm1", "--to", "b", "--json"]);
+    assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
+    drop(h);
 }

@@ -88,6 +88,11 @@ pub struct HostArgs {
     /// files in DIR, until it removes them (see the README's Tests section).
     #[arg(long, hide = true, value_name = "DIR")]
     test_pause_dir: Option<PathBuf>,
+    /// Testing only: exit this daemon right after an incoming VM's first announce, before
+    /// the resume is reported to the source. Lands a failed switch-over (the target gone
+    /// after announcing) deterministically; never use it on a real fabric.
+    #[arg(long)]
+    test_exit_after_announce: bool,
 }
 
 fn parse_policy(s: &str) -> Result<NoConvergence, String> {
@@ -140,6 +145,7 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         schedule: a.announce_schedule,
         migration,
         test_pause_dir: a.test_pause_dir,
+        test_exit_after_announce: a.test_exit_after_announce,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -196,6 +202,9 @@ enum VmCmd {
     },
     /// Stop a VM, free its memory and delete its disk.
     Destroy { name: String },
+    /// Start a VM left stopped because its disk lock could not be retaken (state
+    /// no-disk-lock): take the lock, resume it where it is and announce it.
+    Start { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -287,14 +296,14 @@ fn locate(name: &str) -> Result<HostInfo, CliError> {
 
 fn print_vm_header() {
     println!(
-        "{:<10} {:<9} {:<10} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
+        "{:<10} {:<9} {:<12} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
         "NAME", "HOST", "STATE", "VCPUS", "MEM_MB", "MAC", "IP", "WORKLOAD", "UDP_CTR"
     );
 }
 
 fn print_vm(v: &VmInfo) {
     println!(
-        "{:<10} {:<9} {:<10} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
+        "{:<10} {:<9} {:<12} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
         v.name,
         v.host,
         v.state,
@@ -350,6 +359,14 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 for v in &vms {
                     print_vm(v);
                 }
+                for v in vms.iter().filter(|v| v.problem.is_some()) {
+                    eprintln!(
+                        "WARNING: {} on {} is {}",
+                        v.name,
+                        v.host,
+                        v.problem.as_deref().unwrap_or_default()
+                    );
+                }
             }
         }
         VmCmd::Show { name, json } => {
@@ -374,6 +391,9 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                     v.nic_rx,
                     v.nic_tx
                 );
+                if let Some(p) = &v.problem {
+                    println!("WARNING: {} is {p}", v.name);
+                }
             }
         }
         VmCmd::Digest { name, json } => {
@@ -391,6 +411,17 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 );
             }
         }
+        VmCmd::Start { name } => {
+            let h = locate(&name)?;
+            let v: VmInfo = control::call_simple(
+                &control::socket_path(&h.name),
+                &HostRequest::VmStart { name },
+            )?;
+            println!(
+                "started {} on {}: disk lock taken, announced",
+                v.name, v.host
+            );
+        }
         VmCmd::Destroy { name } => {
             let h = locate(&name)?;
             let _: serde_json::Value = control::call_simple(
@@ -403,14 +434,18 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Live-migrate a running VM to another host.
+/// Live-migrate a running VM to another host (Ctrl-C cancels; see `vfabric migrate --help`).
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct MigrateArgs {
+    #[command(subcommand)]
+    cmd: Option<MigrateCmd>,
     /// The VM to move.
-    name: String,
+    #[arg(required = true)]
+    name: Option<String>,
     /// Target host name.
-    #[arg(long)]
-    to: String,
+    #[arg(long, required = true)]
+    to: Option<String>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -437,6 +472,15 @@ pub struct MigrateArgs {
     /// Print no progress.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateCmd {
+    /// Cancel the migration of a VM under way: it keeps running on its source host.
+    Cancel {
+        /// The VM being migrated.
+        name: String,
+    },
 }
 
 fn mib(pages: u64) -> f64 {
@@ -538,10 +582,84 @@ pub fn migrate_call(
     Ok((s, source.name, target.name))
 }
 
+/// Asks the daemon running `name` to cancel its outgoing migration.
+fn cancel_call(name: &str) -> Result<VmInfo, CliError> {
+    let h = locate(name)?;
+    Ok(control::call_simple(
+        &control::socket_path(&h.name),
+        &HostRequest::MigrateCancel {
+            name: name.to_string(),
+        },
+    )?)
+}
+
+/// From now on, Ctrl-C cancels the migration of `name` instead of killing the CLI; the
+/// migration's own reply then says how it ended. A second Ctrl-C stops waiting.
+fn cancel_on_ctrl_c(name: &str) -> Result<(), CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered here, before the migration starts: no Ctrl-C can slip past it.
+    let mut sigint = {
+        let _guard = rt.enter();
+        signal(SignalKind::interrupt())?
+    };
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name("ctrl-c".into())
+        .spawn(move || {
+            rt.block_on(async {
+                sigint.recv().await;
+                eprintln!("cancelling the migration of {name} (Ctrl-C again to stop waiting)");
+                let n = name.clone();
+                // A Ctrl-C that comes before the daemon has begun the migration finds
+                // nothing to cancel yet: try again for a moment. Once the migration
+                // ends, its reply ends this process anyway.
+                let cancel = tokio::task::spawn_blocking(move || {
+                    let mut tries = 0;
+                    loop {
+                        match cancel_call(&n) {
+                            Ok(v) => return Ok(v),
+                            Err(e) if tries >= 20 => return Err(e),
+                            Err(_) => {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                });
+                tokio::select! {
+                    r = cancel => {
+                        if let Ok(Err(e)) = r {
+                            eprintln!("cancel: {e}");
+                        }
+                    }
+                    _ = sigint.recv() => std::process::exit(130),
+                }
+                sigint.recv().await;
+                std::process::exit(130);
+            })
+        })?;
+    Ok(())
+}
+
 pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
+    if let Some(MigrateCmd::Cancel { name }) = a.cmd {
+        let v = cancel_call(&name)?;
+        println!(
+            "cancelled the migration of {}: it keeps running on {}",
+            v.name, v.host
+        );
+        return Ok(());
+    }
+    let (Some(name), Some(to)) = (a.name, a.to) else {
+        return Err("migrate needs a VM name and --to HOST".into());
+    };
+    cancel_on_ctrl_c(&name)?;
     let req = MigrateRequest {
-        name: a.name,
-        to: a.to,
+        name,
+        to,
         announce: a.announce,
         options: MigrateOptions {
             downtime_ms: a.downtime_ms,

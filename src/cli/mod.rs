@@ -40,6 +40,12 @@ pub enum Command {
     /// Create, list, show and destroy VMs.
     Vm(host::VmArgs),
     /// Live-migrate a running VM to another host.
+    ///
+    /// Ctrl-C cancels the migration, as `vfabric migrate cancel NAME` does from another
+    /// shell: the VM keeps running on the source, memory intact. After the point of no
+    /// return (the device state sent to the target) there is nothing left to cancel and
+    /// the move completes. A CLI that dies otherwise (SIGKILL, lost connection) cancels
+    /// nothing: the migration carries on.
     Migrate(host::MigrateArgs),
     /// Ping a VM from the client namespace while it migrates; report the loss window.
     Measure(measure::MeasureArgs),

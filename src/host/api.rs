@@ -25,6 +25,9 @@ pub enum HostRequest {
     VmDigest { name: String },
     /// Stop a VM, release its disk and free its memory.
     VmDestroy { name: String },
+    /// Start a VM that is stopped here because its disk lock could not be retaken: take
+    /// the lock, then resume (and announce) it. Replies [`VmInfo`].
+    VmStart { name: String },
     /// Live-migrate a VM from this host to the host listening at `target_addr`.
     Migrate {
         name: String,
@@ -33,6 +36,10 @@ pub enum HostRequest {
         #[serde(default)]
         options: MigrateOptions,
     },
+    /// Cancel the outgoing migration of `name`. Replies [`VmInfo`] once the VM runs on
+    /// this host again; an error if it is not migrating, or if the switch-over had passed
+    /// the point of no return (the VM then runs on the target).
+    MigrateCancel { name: String },
     /// Announce mode for the next incoming migration of `name` (this host is the
     /// target); None forgets an earlier choice.
     PrepareIncoming {
@@ -92,6 +99,9 @@ pub struct VmInfo {
     pub resumed_t_us: Option<u64>,
     pub first_announce_t_us: Option<u64>,
     pub announce: String,
+    /// Why the VM is not running, and what the operator can do about it.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// Reply to [`HostRequest::VmDigest`].

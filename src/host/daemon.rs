@@ -22,12 +22,13 @@ use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
 use crate::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
-use crate::host::datastore::{Datastore, DatastoreError, DiskLock};
+use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
 use crate::migration::{
-    self, MigrationConfig, NoConvergence, PhaseWait, SourceHooks, Step, TargetHooks,
+    self, Cancel, ErrorKind, MigrationConfig, NoConvergence, PhaseWait, SourceHooks, Step,
+    TargetHooks,
 };
 use crate::port::packet::PacketSocket;
 use crate::wire::ethernet::Frame;
@@ -70,6 +71,10 @@ pub struct HostConfig {
     /// normal use.
     pub test_pause_dir: Option<PathBuf>,
     pub vmotion: VmotionSecurity,
+    /// Testing only: exit the daemon right after an incoming VM's first announce, before
+    /// the resume is reported to the source, so that a failed switch-over (the target
+    /// gone after announcing) lands deterministically.
+    pub test_exit_after_announce: bool,
 }
 
 /// How the vMotion listener and outgoing migrations protect themselves.
@@ -106,6 +111,9 @@ const REFUSALS_EVERY: Duration = Duration::from_secs(10);
 enum VmState {
     Running,
     MigratingOut,
+    /// Stopped, memory kept: its disk lock could not be retaken after a failed
+    /// migration, and a VM never runs without its lock. `vm start` retries.
+    NoDiskLock,
 }
 
 impl VmState {
@@ -113,8 +121,22 @@ impl VmState {
         match self {
             VmState::Running => "running",
             VmState::MigratingOut => "migrating",
+            VmState::NoDiskLock => "no-disk-lock",
         }
     }
+}
+
+/// An error with its causes, on one line (the OS error of a failed file operation
+/// included: "write claim …: No space left on device (os error 28)").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 /// What the NIC thread, the announcer and the disk writer share about one VM.
@@ -122,6 +144,8 @@ struct VmShared {
     vm: Arc<Vm>,
     nic: Mutex<Nic>,
     disk: Mutex<Option<DiskLock>>,
+    /// The VM's name, MAC and IP claims on the datastore, held while it is on this host.
+    claims: Mutex<Option<Claims>>,
     alive: AtomicBool,
     nic_rx: AtomicU64,
     nic_tx: AtomicU64,
@@ -148,6 +172,10 @@ struct VmEntry {
     resumed_t_us: Option<u64>,
     first_announce_t_us: Arc<AtomicU64>,
     announce: Announce,
+    /// Why the VM is not running (state `NoDiskLock`).
+    problem: Option<String>,
+    /// The cancel of the outgoing migration under way.
+    cancel: Option<Cancel>,
 }
 
 #[derive(Default)]
@@ -413,6 +441,10 @@ impl Host {
             HostRequest::VmDestroy { name } => {
                 self.destroy(&name).map(|()| serde_json::Value::Null)
             }
+            HostRequest::VmStart { name } => self.start(&name).map(|i| to_json(&i)),
+            HostRequest::MigrateCancel { name } => {
+                self.cancel_migration(&name).await.map(|i| to_json(&i))
+            }
             HostRequest::PrepareIncoming { name, announce } => {
                 let mut inv = self.lock_inv();
                 match announce {
@@ -486,6 +518,7 @@ impl Host {
                 t => Some(t),
             },
             announce: e.announce.to_string(),
+            problem: e.problem.clone(),
         }
     }
 
@@ -564,7 +597,7 @@ impl Host {
         self: &Arc<Self>,
         inv: &mut Inventory,
         vm: Arc<Vm>,
-        disk: DiskLock,
+        (disk, claims): (DiskLock, Option<Claims>),
         reserved_mb: u64,
         overhead_mb: u64,
         announce: Announce,
@@ -574,6 +607,7 @@ impl Host {
             nic: Mutex::new(Nic::new(cfg.mac, cfg.ip)),
             vm,
             disk: Mutex::new(Some(disk)),
+            claims: Mutex::new(claims),
             alive: AtomicBool::new(true),
             nic_rx: AtomicU64::new(0),
             nic_tx: AtomicU64::new(0),
@@ -589,6 +623,8 @@ impl Host {
                 resumed_t_us: None,
                 first_announce_t_us: first_announce.clone(),
                 announce,
+                problem: None,
+                cancel: None,
             },
         );
         self.by_mac
@@ -613,33 +649,146 @@ impl Host {
         Some(e)
     }
 
+    /// Creates and starts a VM. Whatever step fails, nothing is left behind: no claim,
+    /// no lock or disk file this call created, no reservation.
     fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, String> {
+        let name = config.name.clone();
+        let refused = |e: &dyn std::error::Error| format!("cannot create {name}: {}", chain(e));
         let mut inv = self.lock_inv();
         let (need, overhead) = self.admit(&mut inv, &config)?;
-        self.datastore
-            .create_disk(&config.name)
-            .map_err(|e| e.to_string())?;
-        let disk = self
+        let claims = self
             .datastore
-            .lock(&config.name, &self.cfg.name)
-            .map_err(|e| e.to_string())?;
-        let vm = Vm::create(config.clone()).map_err(|e| e.to_string())?;
+            .claim(
+                &name,
+                &self.cfg.name,
+                &ClaimKey::of_vm(&name, config.mac, config.ip),
+                ClaimMode::Create,
+            )
+            .map_err(|e| refused(&e))?;
+        let (disk, fresh) = match self.datastore.create_locked(&name, &self.cfg.name) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.datastore.release_claims(claims);
+                return Err(refused(&e));
+            }
+        };
+        let vm = match Vm::create(config.clone()) {
+            Ok(vm) => vm,
+            Err(e) => {
+                drop(disk);
+                if fresh {
+                    let _ = self.datastore.remove_disk(&name);
+                }
+                let _ = self.datastore.release_claims(claims);
+                return Err(refused(&e));
+            }
+        };
         vm.start();
-        self.install(&mut inv, vm, disk, need, overhead, self.cfg.announce);
+        let announce = self.cfg.announce;
+        let handles = self.install(&mut inv, vm, (disk, Some(claims)), need, overhead, announce);
         tracing::info!(
             vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
             vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
             reserved_mb = need, t_us = unix_micros(), "vm created"
         );
-        let e = inv.vms.get(&config.name).ok_or("VM vanished")?;
-        Ok(self.vm_info(e))
+        let info = self.vm_info(inv.vms.get(&config.name).ok_or("VM vanished")?);
+        drop(inv);
+        // The switch may know the MAC on another port (a VM of that MAC ran elsewhere):
+        // announce, as after a migration, so the VM is reachable at once.
+        start_announce(self, handles, announce);
+        Ok(info)
+    }
+
+    /// `vm start`: a VM stopped without its disk lock takes the lock and runs again.
+    fn start(self: &Arc<Self>, name: &str) -> Result<VmInfo, String> {
+        let mut inv = self.lock_inv();
+        let e = inv
+            .vms
+            .get_mut(name)
+            .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+        match e.state {
+            VmState::NoDiskLock => {}
+            VmState::Running => {
+                return Err(format!("VM {name} is already running on {}", self.cfg.name))
+            }
+            VmState::MigratingOut => return Err(format!("VM {name} is migrating")),
+        }
+        let lock = self.datastore.lock(name, &self.cfg.name).map_err(|err| {
+            format!(
+                "{name} stays stopped on {}: its disk lock cannot be taken: {}",
+                self.cfg.name,
+                chain(&err)
+            )
+        })?;
+        *e.shared.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
+        e.shared.vm.start();
+        e.state = VmState::Running;
+        e.problem = None;
+        let handles = Arc::new(VmEntryHandles {
+            shared: e.shared.clone(),
+            first_announce: e.first_announce_t_us.clone(),
+        });
+        let announce = e.announce;
+        let info = self.vm_info(e);
+        drop(inv);
+        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
+            "disk lock taken; vm started");
+        start_announce(self, handles, announce);
+        Ok(info)
+    }
+
+    /// `migrate cancel`: signals the outgoing migration of `name` and waits until it has
+    /// ended, then says where the VM runs.
+    async fn cancel_migration(self: &Arc<Self>, name: &str) -> Result<VmInfo, String> {
+        let cancel = {
+            let inv = self.lock_inv();
+            let e = inv
+                .vms
+                .get(name)
+                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+            match (&e.cancel, e.state) {
+                (Some(c), VmState::MigratingOut) => c.clone(),
+                _ => {
+                    return Err(format!(
+                        "{name} is not migrating from {} ({}): nothing to cancel",
+                        self.cfg.name,
+                        e.state.as_str()
+                    ))
+                }
+            }
+        };
+        cancel.cancel();
+        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
+            "migration cancel requested");
+        // The source checks the signal between page batches: this is short. The bound
+        // only matters for a switch-over stuck on a silent target (its I/O timeout).
+        let deadline = Instant::now() + self.cfg.migration.io_timeout * 3 + Duration::from_secs(5);
+        loop {
+            {
+                let inv = self.lock_inv();
+                match inv.vms.get(name) {
+                    None => {
+                        return Err(format!(
+                            "too late to cancel: {name} had passed the point of no return and \
+                             runs on the target now"
+                        ))
+                    }
+                    Some(e) if e.state == VmState::MigratingOut => {}
+                    Some(e) => return Ok(self.vm_info(e)),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} is still migrating; the cancel is pending"));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     fn destroy(&self, name: &str) -> Result<(), String> {
         let mut inv = self.lock_inv();
         match inv.vms.get(name) {
             None => return Err(format!("no VM named {name} on host {}", self.cfg.name)),
-            Some(e) if e.state != VmState::Running => {
+            Some(e) if e.state == VmState::MigratingOut => {
                 return Err(format!("VM {name} is migrating; try again when it ends"))
             }
             Some(_) => {}
@@ -648,7 +797,18 @@ impl Host {
         drop(inv);
         e.shared.stop();
         if let Err(err) = self.datastore.remove_disk(name) {
-            tracing::warn!(vm = name, error = %err, "could not remove disk");
+            tracing::warn!(vm = name, error = %chain(&err), "could not remove disk");
+        }
+        let claims = e
+            .shared
+            .claims
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = claims {
+            if let Err(err) = self.datastore.release_claims(c) {
+                tracing::warn!(vm = name, error = %chain(&err), "could not remove claims");
+            }
         }
         tracing::info!(vm = name, host = %self.cfg.name, t_us = unix_micros(), "vm destroyed");
         Ok(())
@@ -690,16 +850,24 @@ impl Host {
         progress: Progress,
     ) -> Result<migration::MigrationSummary, String> {
         let cfg = self.migration_config(&options)?;
+        let cancel = Cancel::new();
         let shared = {
             let mut inv = self.lock_inv();
             let e = inv
                 .vms
                 .get_mut(&name)
                 .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
-            if e.state != VmState::Running {
-                return Err(format!("VM {name} is already migrating"));
+            match e.state {
+                VmState::Running => {}
+                VmState::MigratingOut => return Err(format!("VM {name} is already migrating")),
+                VmState::NoDiskLock => {
+                    return Err(format!(
+                    "VM {name} is stopped without its disk lock; `vfabric vm start {name}` first"
+                ))
+                }
             }
             e.state = VmState::MigratingOut;
+            e.cancel = Some(cancel.clone());
             e.shared.clone()
         };
         tracing::info!(
@@ -728,12 +896,19 @@ impl Host {
             datastore: self.datastore.clone(),
             host: self.cfg.name.clone(),
             pause: self.pause.clone(),
+            lock_error: None,
         };
         let vm = shared.vm.clone();
         let mut report = |p: migration::Progress| progress.send(&p);
-        let result = migration::migrate_out(vm, stream, &cfg, &mut hooks, &mut report).await;
+        let result =
+            migration::migrate_out_cancellable(vm, stream, &cfg, &mut hooks, &mut report, &cancel)
+                .await;
+        let lock_error = hooks.lock_error.take();
         drop(hooks);
         let mut inv = self.lock_inv();
+        if let Some(e) = inv.vms.get_mut(&name) {
+            e.cancel = None;
+        }
         match result {
             Ok(mut summary) => {
                 summary.transport = protection.to_string();
@@ -750,12 +925,54 @@ impl Host {
             }
             Err(e) => {
                 if shared.vm.is_running() {
+                    let mut reannounce = None;
                     if let Some(entry) = inv.vms.get_mut(&name) {
                         entry.state = VmState::Running;
+                        // Past the quiesce the target may have announced the VM before
+                        // it failed: the switch then sends the VM's frames there. Pull
+                        // them back at once instead of waiting for a client's ARP.
+                        if !matches!(e.step, Step::PreCheck | Step::PreCopy) {
+                            reannounce = Some((
+                                Arc::new(VmEntryHandles {
+                                    shared: entry.shared.clone(),
+                                    first_announce: entry.first_announce_t_us.clone(),
+                                }),
+                                entry.announce,
+                            ));
+                        }
+                    }
+                    drop(inv);
+                    if let Some((handles, kind)) = reannounce {
+                        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
+                            "re-announcing the VM from the source");
+                        start_announce(&self, handles, kind);
+                    }
+                    if matches!(e.kind, ErrorKind::Cancelled) {
+                        tracing::info!(vm = %name, step = %e.step, t_us = unix_micros(),
+                            "migration cancelled; VM runs on the source");
+                        return Err(format!(
+                            "migration of {name} cancelled in {}; {name} keeps running on {}",
+                            e.step, self.cfg.name
+                        ));
                     }
                     tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
                         "migration failed; VM runs on the source");
                     Err(format!("{e}; {name} keeps running on {}", self.cfg.name))
+                } else if let Some(lock_err) = lock_error {
+                    // Nobody holds the disk, yet it cannot be locked here: the VM stays
+                    // stopped (memory kept) rather than run without its lock.
+                    let problem = format!(
+                        "stopped after a failed migration: its disk lock cannot be retaken \
+                         ({lock_err}); fix the datastore, then run `vfabric vm start {name}`"
+                    );
+                    if let Some(entry) = inv.vms.get_mut(&name) {
+                        entry.state = VmState::NoDiskLock;
+                        entry.problem = Some(problem.clone());
+                    }
+                    tracing::error!(vm = %name, host = %self.cfg.name, error = %e,
+                        lock_error = %lock_err, t_us = unix_micros(),
+                        "VM STOPPED: migration failed and the disk lock cannot be retaken");
+                    Err(format!("{e}; {name} is {problem} (on {})", self.cfg.name))
                 } else {
                     // The target took the disk lock: the VM lives there now.
                     let entry = self.uninstall(&mut inv, &name);
@@ -805,6 +1022,7 @@ impl Host {
             host: self.clone(),
             name: None,
             disk: None,
+            claims: None,
             resumed: false,
         };
         let cfg = self.cfg.migration.clone();
@@ -845,6 +1063,8 @@ struct SourceSide {
     datastore: Arc<Datastore>,
     host: String,
     pause: PausePoints,
+    /// Set when the disk lock could be neither retaken nor found held by another host.
+    lock_error: Option<String>,
 }
 
 impl SourceHooks for SourceSide {
@@ -878,11 +1098,13 @@ impl SourceHooks for SourceSide {
                 false
             }
             Err(e) => {
-                // Nobody holds the disk, so the target never took over: the VM must
-                // run here again, even if its disk cannot be locked right now.
-                tracing::warn!(vm = %name, host = %self.host, error = %e,
-                    "disk lock not retaken, but no other host holds it: resuming here");
-                true
+                // Nobody holds the disk, so the target never took over; but a VM never
+                // runs without its lock: it stays stopped here, memory kept.
+                let e = chain(&e);
+                tracing::error!(vm = %name, host = %self.host, error = %e,
+                    "disk lock cannot be retaken: the VM stays stopped");
+                self.lock_error = Some(e);
+                false
             }
         }
     }
@@ -893,6 +1115,8 @@ struct TargetSide {
     host: Arc<Host>,
     name: Option<String>,
     disk: Option<DiskLock>,
+    /// The incoming VM's claims, shared with the source until the move ends.
+    claims: Option<Claims>,
     resumed: bool,
 }
 
@@ -919,6 +1143,19 @@ impl TargetHooks for TargetSide {
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
         let mut inv = self.host.lock_inv();
         let (need, _) = self.host.admit(&mut inv, cfg)?;
+        // Fabric-wide: no other VM may hold this VM's name, MAC or IP. Its own claims,
+        // held by the source, are shared until the move ends.
+        let claims = self
+            .host
+            .datastore
+            .claim(
+                &cfg.name,
+                &self.host.cfg.name,
+                &ClaimKey::of_vm(&cfg.name, cfg.mac, cfg.ip),
+                ClaimMode::Migrate,
+            )
+            .map_err(|e| chain(&e))?;
+        self.claims = Some(claims);
         inv.pending.insert(cfg.name.clone(), need);
         self.name = Some(cfg.name.clone());
         Ok(())
@@ -930,7 +1167,7 @@ impl TargetHooks for TargetSide {
             .host
             .datastore
             .lock(name, &self.host.cfg.name)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         tracing::info!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
             "disk lock taken");
         self.disk = Some(lock);
@@ -951,7 +1188,21 @@ impl TargetHooks for TargetSide {
         let Some(disk) = self.disk.take() else {
             return;
         };
-        let handles = host.install(&mut inv, vm.clone(), disk, reserved, overhead, announce);
+        let mut claims = self.claims.take();
+        if let Some(c) = claims.as_mut() {
+            if let Err(e) = host.datastore.move_claims(c, &host.cfg.name) {
+                tracing::warn!(vm = %cfg.name, error = %chain(&e),
+                    "claims keep naming the previous host");
+            }
+        }
+        let handles = host.install(
+            &mut inv,
+            vm.clone(),
+            (disk, claims),
+            reserved,
+            overhead,
+            announce,
+        );
         if let Some(e) = inv.vms.get_mut(&cfg.name) {
             e.resumed_t_us = Some(resumed_t_us);
         }
@@ -959,6 +1210,11 @@ impl TargetHooks for TargetSide {
         self.resumed = true;
         tracing::info!(vm = %cfg.name, host = %host.cfg.name, t_us = resumed_t_us, "vm resumed");
         start_announce(host, handles, announce);
+        if host.cfg.test_exit_after_announce {
+            tracing::error!(vm = %cfg.name, host = %host.cfg.name, t_us = unix_micros(),
+                "--test-exit-after-announce: exiting before reporting the resume");
+            std::process::exit(75);
+        }
     }
 
     fn rolled_back(&mut self, vm: &Arc<Vm>) {

@@ -7,10 +7,29 @@
 //! file for humans and error messages. The kernel drops the lock when the holder closes
 //! it or dies, so a crashed host never keeps a VM's disk. At switch-over the source drops
 //! its lock and the target takes it: one owner at a time.
+//!
+//! The owner's name is written in place into a fixed-width record at the start of the
+//! lock file, and blanked in place on release: once a lock file exists, passing the lock
+//! on needs no new space, so a full datastore cannot stop a hand-over half-way.
+//!
+//! Claims (`claims/<key>.claim`) make a VM's name, MAC and IP unique across every host
+//! that shares the datastore. A claim is held with a *shared* `flock` by every host that
+//! holds the VM: the host that runs it, and during a migration the target as well, so a
+//! VM's claims travel with it without a moment when nobody holds them. The file names
+//! the VM and its host. Another VM finds the claim held and is refused, naming the
+//! holder; a crashed host's flocks vanish with it, so its claims never block for long,
+//! exactly as its disk locks do. Every claim operation runs under one exclusive flock on
+//! `claims/guard`, so a check and the take that follows it cannot interleave with
+//! another host's.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::wire::MacAddr;
 
 /// Longest VM or owner name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -22,6 +41,14 @@ pub enum DatastoreError {
     BadName(String),
     #[error("disk of {vm} is locked by {owner}")]
     Held { vm: String, owner: String },
+    #[error("{key} is in use by VM {vm} on host {host}")]
+    Claimed {
+        key: ClaimKey,
+        vm: String,
+        host: String,
+    },
+    #[error("the datastore's claims are busy (another host holds {0} for too long)")]
+    ClaimsBusy(PathBuf),
     #[error("disk record must be one line of text")]
     BadRecord,
     #[error("{op} {path}")]
@@ -102,11 +129,38 @@ impl Datastore {
         Ok(path)
     }
 
+    /// Creates `vm`'s disk and takes its lock for `owner`, as `vm create` does. If that
+    /// fails, the files this call created are removed again, so a failed create leaves
+    /// nothing behind. Also returns whether the disk is new.
+    pub fn create_locked(&self, vm: &str, owner: &str) -> Result<(DiskLock, bool), DatastoreError> {
+        let disk = self.disk_path(vm)?;
+        let lock_path = self.lock_path(vm)?;
+        let disk_new = !disk.exists();
+        let lock_new = !lock_path.exists();
+        let r = self.create_disk(vm).and_then(|_| self.lock(vm, owner));
+        match r {
+            Ok(l) => Ok((l, disk_new)),
+            Err(e) => {
+                // A held lock belongs to someone else: touch nothing.
+                if !matches!(e, DatastoreError::Held { .. }) {
+                    if disk_new {
+                        let _ = std::fs::remove_file(&disk);
+                    }
+                    if lock_new {
+                        let _ = std::fs::remove_file(&lock_path);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Removes `vm`'s disk and lock files. Refused with [`DatastoreError::Held`] while a
     /// host holds the disk.
     pub fn remove_disk(&self, vm: &str) -> Result<(), DatastoreError> {
-        // Hold the lock while deleting so no host is using the disk meanwhile.
-        let lock = self.lock(vm, "remove")?;
+        // Hold the lock while deleting so no host is using the disk meanwhile. Nothing is
+        // written, so this works on a full datastore too.
+        let (lock_path, lock) = self.flock(vm)?;
         let disk = self.disk_path(vm)?;
         match std::fs::remove_file(&disk) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -114,17 +168,13 @@ impl Datastore {
             }
             _ => {}
         }
-        let path = lock.lock_path.clone();
-        std::fs::remove_file(&path).map_err(io_err("remove lock", &path))?;
+        std::fs::remove_file(&lock_path).map_err(io_err("remove lock", &lock_path))?;
         drop(lock);
         Ok(())
     }
 
-    /// Takes the exclusive lock on `vm`'s disk for `owner`, without blocking. Fails with
-    /// [`DatastoreError::Held`] naming the current owner if another holder has it (in
-    /// this process or any other).
-    pub fn lock(&self, vm: &str, owner: &str) -> Result<DiskLock, DatastoreError> {
-        validate_name(owner)?;
+    /// Opens `vm`'s lock file and takes its exclusive flock, without blocking.
+    fn flock(&self, vm: &str) -> Result<(PathBuf, File), DatastoreError> {
         let lock_path = self.lock_path(vm)?;
         let mut file = OpenOptions::new()
             .read(true)
@@ -134,16 +184,22 @@ impl Datastore {
             .open(&lock_path)
             .map_err(io_err("open lock", &lock_path))?;
         match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(DatastoreError::Held {
-                    vm: vm.to_string(),
-                    owner: read_owner(&mut file).unwrap_or_else(|| "unknown".to_string()),
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+            Ok(()) => Ok((lock_path, file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(DatastoreError::Held {
+                vm: vm.to_string(),
+                owner: read_owner(&mut file).unwrap_or_else(|| "unknown".to_string()),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", &lock_path)(e)),
         }
-        write_owner(&mut file, owner).map_err(io_err("write owner to", &lock_path))?;
+    }
+
+    /// Takes the exclusive lock on `vm`'s disk for `owner`, without blocking. Fails with
+    /// [`DatastoreError::Held`] naming the current owner if another holder has it (in
+    /// this process or any other).
+    pub fn lock(&self, vm: &str, owner: &str) -> Result<DiskLock, DatastoreError> {
+        validate_name(owner)?;
+        let (lock_path, mut file) = self.flock(vm)?;
+        write_owner(&mut file, owner).map_err(io_err("write the owner's name into", &lock_path))?;
         let disk_path = self.disk_path(vm)?;
         let disk = OpenOptions::new()
             .create(true)
@@ -177,6 +233,263 @@ impl Datastore {
     }
 }
 
+/// What a claim makes unique across the fabric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimKey {
+    Name(String),
+    Mac(MacAddr),
+    Ip(Ipv4Addr),
+}
+
+impl ClaimKey {
+    /// The three claims of a VM.
+    pub fn of_vm(name: &str, mac: MacAddr, ip: Ipv4Addr) -> Vec<ClaimKey> {
+        vec![
+            ClaimKey::Name(name.to_string()),
+            ClaimKey::Mac(mac),
+            ClaimKey::Ip(ip),
+        ]
+    }
+
+    fn file_name(&self) -> Result<String, DatastoreError> {
+        Ok(match self {
+            ClaimKey::Name(n) => {
+                validate_name(n)?;
+                format!("name-{n}.claim")
+            }
+            ClaimKey::Mac(m) => format!("mac-{}.claim", m.to_string().replace(':', "-")),
+            ClaimKey::Ip(ip) => format!("ip-{ip}.claim"),
+        })
+    }
+}
+
+impl fmt::Display for ClaimKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimKey::Name(n) => write!(f, "the name {n}"),
+            ClaimKey::Mac(m) => write!(f, "MAC {m}"),
+            ClaimKey::Ip(ip) => write!(f, "IP {ip}"),
+        }
+    }
+}
+
+/// Why claims are taken: a new VM may use nothing another host holds; a VM migrating in
+/// may use what is held in its own name (its source holds it until the move ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimMode {
+    Create,
+    Migrate,
+}
+
+/// How long a claim operation waits for another host's.
+const GUARD_WAIT: Duration = Duration::from_secs(2);
+
+impl Datastore {
+    fn claims_dir(&self) -> Result<PathBuf, DatastoreError> {
+        let dir = self.dir.join("claims");
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(io_err("create claims directory", &dir))?;
+        }
+        Ok(dir)
+    }
+
+    /// Runs `f` under the exclusive guard of every claim operation.
+    fn with_guard<T>(
+        &self,
+        f: impl FnOnce(&Path) -> Result<T, DatastoreError>,
+    ) -> Result<T, DatastoreError> {
+        let dir = self.claims_dir()?;
+        let path = dir.join("guard");
+        let guard = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("open claims guard", &path))?;
+        let start = Instant::now();
+        loop {
+            match guard.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < GUARD_WAIT => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(DatastoreError::ClaimsBusy(path))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_err("lock claims guard", &path)(e))
+                }
+            }
+        }
+        let r = f(&dir);
+        let _ = guard.unlock();
+        r
+    }
+
+    /// Claims `keys` for VM `vm` on `host`. Refused with [`DatastoreError::Claimed`],
+    /// naming the holder, if another VM holds any of them ([`ClaimMode::Create`]: any
+    /// holder at all). All or nothing: on failure nothing is held and the files this call
+    /// created are gone.
+    pub fn claim(
+        &self,
+        vm: &str,
+        host: &str,
+        keys: &[ClaimKey],
+        mode: ClaimMode,
+    ) -> Result<Claims, DatastoreError> {
+        validate_name(vm)?;
+        validate_name(host)?;
+        self.with_guard(|dir| {
+            let mut held: Vec<ClaimFile> = Vec::new();
+            let mut fresh: Vec<PathBuf> = Vec::new();
+            let r = (|| {
+                for key in keys {
+                    let path = dir.join(key.file_name()?);
+                    let existed = path.exists();
+                    let mut file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&path)
+                        .map_err(io_err("open claim", &path))?;
+                    if !existed {
+                        fresh.push(path.clone());
+                    }
+                    match file.try_lock() {
+                        // Nobody holds it (a dead host's name in the file does not count).
+                        Ok(()) => {
+                            write_holder(&mut file, vm, host)
+                                .map_err(io_err("write claim", &path))?;
+                        }
+                        Err(std::fs::TryLockError::WouldBlock) => {
+                            let (hvm, hhost) = read_holder(&mut file);
+                            if mode == ClaimMode::Create || hvm != vm {
+                                return Err(DatastoreError::Claimed {
+                                    key: key.clone(),
+                                    vm: hvm,
+                                    host: hhost,
+                                });
+                            }
+                        }
+                        Err(std::fs::TryLockError::Error(e)) => {
+                            return Err(io_err("lock claim", &path)(e))
+                        }
+                    }
+                    // Shared from here on: the other holder of a travelling VM keeps its
+                    // own. Nobody else holds it exclusively (we hold the guard).
+                    file.lock_shared().map_err(io_err("lock claim", &path))?;
+                    held.push(ClaimFile { path, file });
+                }
+                Ok(())
+            })();
+            match r {
+                Ok(()) => Ok(Claims {
+                    vm: vm.to_string(),
+                    files: held,
+                }),
+                Err(e) => {
+                    drop(held);
+                    for p in fresh {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    /// Who holds `key`: (VM, host), or None if nobody does.
+    pub fn claim_holder(&self, key: &ClaimKey) -> Option<(String, String)> {
+        let path = self.dir.join("claims").join(key.file_name().ok()?);
+        let mut file = OpenOptions::new().read(true).write(true).open(path).ok()?;
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                None
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Some(read_holder(&mut file)),
+            Err(_) => None,
+        }
+    }
+
+    /// Gives up `claims` for good (the VM is destroyed): a file nobody else holds is
+    /// removed.
+    pub fn release_claims(&self, claims: Claims) -> Result<(), DatastoreError> {
+        self.with_guard(|_| {
+            for ClaimFile { path, file } in claims.files {
+                let _ = file.unlock();
+                if file.try_lock().is_ok() {
+                    std::fs::remove_file(&path).map_err(io_err("remove claim", &path))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Records `host` as the holder of `claims` (the VM now runs there). In place, so it
+    /// needs no space; a failure leaves only the name in the file stale.
+    pub fn move_claims(&self, claims: &mut Claims, host: &str) -> Result<(), DatastoreError> {
+        validate_name(host)?;
+        let vm = claims.vm.clone();
+        self.with_guard(|_| {
+            for c in &mut claims.files {
+                write_holder(&mut c.file, &vm, host).map_err(io_err("write claim", &c.path))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// One held claim file.
+#[derive(Debug)]
+struct ClaimFile {
+    path: PathBuf,
+    file: File,
+}
+
+/// A VM's claims on this host. Dropping them releases the flocks and leaves the files
+/// (the VM's other host may hold them); [`Datastore::release_claims`] removes them.
+#[derive(Debug)]
+pub struct Claims {
+    vm: String,
+    files: Vec<ClaimFile>,
+}
+
+impl Claims {
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+}
+
+/// Width of a claim's holder record ("VM HOST", a newline, blanks).
+const HOLDER_RECORD: usize = 2 * MAX_NAME_LEN + 2;
+
+fn write_holder(file: &mut File, vm: &str, host: &str) -> std::io::Result<()> {
+    let mut rec = format!("{vm} {host}\n");
+    while rec.len() < HOLDER_RECORD {
+        rec.push(' ');
+    }
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(rec.as_bytes())?;
+    if file.metadata()?.len() != HOLDER_RECORD as u64 {
+        file.set_len(HOLDER_RECORD as u64)?;
+    }
+    file.flush()
+}
+
+fn read_holder(file: &mut File) -> (String, String) {
+    let mut buf = Vec::new();
+    let _ = file.seek(SeekFrom::Start(0));
+    let _ = file.take(HOLDER_RECORD as u64).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let mut w = text.split_whitespace();
+    let vm = w.next().unwrap_or("unknown").to_string();
+    let host = w.next().unwrap_or("unknown").to_string();
+    (vm, host)
+}
+
 /// True when `/proc/locks` text shows an exclusive flock on the file (`dev`, `ino`).
 /// Lines read `1: FLOCK  ADVISORY  WRITE 1234 fd:01:123456 0 EOF` (device major and
 /// minor in hex, inode in decimal); blocked waiters (`->`) do not hold the lock.
@@ -208,10 +521,26 @@ fn read_owner(file: &mut File) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Width of the owner record: the longest name, a newline, blanks to fill.
+const OWNER_RECORD: usize = MAX_NAME_LEN + 1;
+
+/// Writes `owner` (or blanks, for `""`) over the fixed-width record at offset 0. Once the
+/// file holds a record, rewriting it allocates nothing, even on a full file system.
 fn write_owner(file: &mut File, owner: &str) -> std::io::Result<()> {
-    file.set_len(0)?;
+    let mut rec = if owner.is_empty() {
+        String::new()
+    } else {
+        format!("{owner}\n")
+    };
+    while rec.len() < OWNER_RECORD {
+        rec.push(' ');
+    }
     file.seek(SeekFrom::Start(0))?;
-    file.write_all(format!("{owner}\n").as_bytes())?;
+    file.write_all(rec.as_bytes())?;
+    // A record from an older, shorter or longer format must not leave a tail.
+    if file.metadata()?.len() != OWNER_RECORD as u64 {
+        file.set_len(OWNER_RECORD as u64)?;
+    }
     file.flush()
 }
 
@@ -239,6 +568,10 @@ impl DiskLock {
         &self.disk_path
     }
 
+    pub fn lock_path(&self) -> &Path {
+        &self.lock_path
+    }
+
     /// Appends `record` as one line to the VM's disk file (one write call, so records of
     /// successive owners never interleave within a line).
     pub fn append(&self, record: &str) -> Result<(), DatastoreError> {
@@ -254,8 +587,10 @@ impl DiskLock {
 
 impl Drop for DiskLock {
     fn drop(&mut self) {
-        // Clear the name first so a reader never sees a released lock with an owner.
-        let _ = self.lock.set_len(0);
+        // Blank the name first so a reader never sees a released lock with an owner. In
+        // place: releasing a lock frees no space that a full datastore could then take
+        // away from the next owner.
+        let _ = write_owner(&mut self.lock, "");
         let _ = self.lock.unlock();
     }
 }
@@ -327,6 +662,86 @@ mod tests {
         ds.remove_disk("vm1").unwrap();
         assert!(!ds.disk_path("vm1").unwrap().exists());
         assert_eq!(ds.owner("vm1"), None);
+    }
+
+    #[test]
+    fn claims_are_unique_travel_with_their_vm_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+        let ip = Ipv4Addr::new(10, 10, 0, 100);
+        let keys = ClaimKey::of_vm("vm1", mac, ip);
+        let a = ds
+            .claim("vm1", "silo104", &keys, ClaimMode::Create)
+            .unwrap();
+        assert_eq!(
+            ds.claim_holder(&ClaimKey::Mac(mac)),
+            Some(("vm1".into(), "silo104".into()))
+        );
+        // Another VM with the same IP, anywhere: refused, naming the holder.
+        let other = ClaimKey::of_vm("vm2", MacAddr([2, 0, 0, 0, 0, 2]), ip);
+        let e = ds
+            .claim("vm2", "silo105", &other, ClaimMode::Create)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "IP 10.10.0.100 is in use by VM vm1 on host silo104"
+        );
+        // All or nothing: vm2's name and MAC, claimed before the IP failed, are free.
+        assert_eq!(ds.claim_holder(&ClaimKey::Name("vm2".into())), None);
+        assert!(!dir.path().join("claims/name-vm2.claim").exists());
+        // The same name created again is refused too; migrating in, it is its own.
+        assert!(matches!(
+            ds.claim("vm1", "silo105", &keys, ClaimMode::Create),
+            Err(DatastoreError::Claimed { .. })
+        ));
+        let mut b = ds
+            .claim("vm1", "silo105", &keys, ClaimMode::Migrate)
+            .unwrap();
+        ds.move_claims(&mut b, "silo105").unwrap();
+        drop(a);
+        assert_eq!(
+            ds.claim_holder(&ClaimKey::Ip(ip)),
+            Some(("vm1".into(), "silo105".into()))
+        );
+        ds.release_claims(b).unwrap();
+        assert_eq!(ds.claim_holder(&ClaimKey::Ip(ip)), None);
+        assert!(!dir.path().join("claims/ip-10.10.0.100.claim").exists());
+        ds.claim("vm2", "silo105", &other, ClaimMode::Create)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_dead_holders_claim_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        let keys = ClaimKey::of_vm("vm1", MacAddr([2, 0, 0, 0, 0, 1]), Ipv4Addr::LOCALHOST);
+        // What a crashed host leaves: its names in the files, no flock.
+        drop(
+            ds.claim("vm1", "silo104", &keys, ClaimMode::Create)
+                .unwrap(),
+        );
+        assert!(dir.path().join("claims/name-vm1.claim").exists());
+        assert_eq!(ds.claim_holder(&keys[0]), None);
+        let _c = ds
+            .claim("vm9", "silo105", &keys[1..], ClaimMode::Create)
+            .unwrap();
+    }
+
+    #[test]
+    fn passing_the_lock_on_needs_no_new_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        let path = dir.path().join("vm1.lock");
+        let a = ds.lock("vm1", "silo104").unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        drop(a);
+        // Released in place: same size, no name.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(ds.owner("vm1"), None);
+        let _b = ds.lock("vm1", "silo105").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(ds.owner("vm1").as_deref(), Some("silo105"));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::guest::{Vm, VmConfig};
 
 pub use conn::ConnError;
-pub use source::migrate_out;
+pub use source::{migrate_out, migrate_out_cancellable};
 pub use target::migrate_in;
 
 /// Default TCP port of the migration stream (vMotion's).
@@ -125,6 +125,42 @@ pub fn no_wait() -> PhaseWait {
     Box::pin(std::future::ready(()))
 }
 
+/// The operator's request to stop a running migration (`vfabric migrate cancel`, Ctrl-C).
+/// The source honours it between page batches and rounds of pre-copy and in the
+/// switch-over until the device state is sent: the point of no return, after which the
+/// target may resume the VM at any moment. A cancelled migration ends like a failed one:
+/// the VM runs on the source, its memory untouched. Cheap to clone; all clones share
+/// the signal.
+#[derive(Clone, Debug)]
+pub struct Cancel(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Cancel(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+}
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Signals the cancel (idempotent).
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once [`Cancel::cancel`] has been called.
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
 /// What the source host does at the switch-over points.
 pub trait SourceHooks: Send {
     /// The migration is at `step`, and waits for the returned future before going on.
@@ -137,8 +173,9 @@ pub trait SourceHooks: Send {
     }
     /// The VM is quiesced: stop its NIC and give up its disk lock.
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
-    /// The migration failed after quiesce: retake the disk lock. `false` means the
-    /// target owns it (the VM lives there): the source must not resume the VM.
+    /// The migration failed after quiesce: retake the disk lock. `false` means the VM
+    /// must not run here: the target owns the disk (the VM lives there), or the lock
+    /// cannot be taken at all (the VM stays stopped, memory kept).
     fn reclaim(&mut self, vm: &Arc<Vm>) -> bool;
 }
 
@@ -279,6 +316,8 @@ pub enum ErrorKind {
     Memory(crate::memory::MemoryError),
     #[error("memory not verified: {0}")]
     Verify(String),
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 /// A failed migration: the step, the cause, and where the VM is now.

@@ -13,8 +13,8 @@ use super::conn::{split_stream, BoxRead, BoxWrite, ConnError, MigrationStream, R
 use super::policy::{self, Decision, Figures};
 use super::proto::{Limits, Message, PageRange, PagesEncoder, MAX_MESSAGE};
 use super::{
-    mbps, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, NoConvergence, Progress,
-    SourceHooks, Step,
+    mbps, Cancel, ErrorKind, MigrationConfig, MigrationError, MigrationSummary, NoConvergence,
+    Progress, SourceHooks, Step,
 };
 use crate::clock::unix_micros;
 use crate::guest::{DeviceState, Vm};
@@ -46,6 +46,10 @@ struct Source<'c> {
     digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
     /// Tells the digest's thread that the downtime is over: it may leave idle priority.
     digest_hurry: Arc<AtomicBool>,
+    /// The operator's cancel, honoured until the device state is sent.
+    cancel: Cancel,
+    /// Pre-copy has begun (a cancel is reported in pre-copy rather than pre-check).
+    in_precopy: bool,
 }
 
 /// Result of the switch-over phases (bitmap to resume).
@@ -70,6 +74,19 @@ pub async fn migrate_out(
     hooks: &mut dyn SourceHooks,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<MigrationSummary, MigrationError> {
+    migrate_out_cancellable(vm, stream, cfg, hooks, progress, &Cancel::new()).await
+}
+
+/// [`migrate_out`] that stops with [`ErrorKind::Cancelled`] when `cancel` fires before
+/// the point of no return (the device state sent); the VM then runs on the source.
+pub async fn migrate_out_cancellable(
+    vm: Arc<Vm>,
+    stream: impl MigrationStream,
+    cfg: &MigrationConfig,
+    hooks: &mut dyn SourceHooks,
+    progress: &mut (dyn FnMut(Progress) + Send),
+    cancel: &Cancel,
+) -> Result<MigrationSummary, MigrationError> {
     let (rd, wr) = split_stream(stream);
     let now = Instant::now();
     let mut s = Source {
@@ -87,27 +104,50 @@ pub async fn migrate_out(
         zero_pages: 0,
         digest: None,
         digest_hurry: Arc::new(AtomicBool::new(false)),
+        cancel: cancel.clone(),
+        in_precopy: false,
     };
     s.rd.set_limits(Limits {
         pages: s.vm.memory().page_count(),
     });
 
-    // Pre-check and pre-copy: the VM runs throughout.
-    let converged = match s.precheck().await {
-        Ok(()) => {
-            hooks.at_phase(Step::PreCopy).await;
-            s.precopy(progress).await
+    // Pre-check and pre-copy: the VM runs throughout. A cancel drops them wherever they
+    // are (mid-batch too): the VM never stopped, and reading memory changed nothing.
+    let run = async {
+        match s.precheck().await {
+            Ok(()) => {
+                hooks.at_phase(Step::PreCopy).await;
+                s.precopy(progress).await
+            }
+            Err(f) => Err(f),
         }
-        Err(f) => Err(f),
+    };
+    let converged = tokio::select! {
+        r = run => r,
+        () = cancel.cancelled() => Err((Step::PreCheck, ErrorKind::Cancelled)),
     };
     let converged = match converged {
         Ok(c) => c,
+        Err((_, ErrorKind::Cancelled)) => {
+            // The stream may end mid-message: the target sees it close and discards.
+            let step = if s.in_precopy {
+                Step::PreCopy
+            } else {
+                Step::PreCheck
+            };
+            return Err(s.failed(step, ErrorKind::Cancelled, s.vm.is_running()));
+        }
         Err((step, kind)) => {
             s.abort(&kind).await;
             return Err(s.failed(step, kind, s.vm.is_running()));
         }
     };
 
+    // A cancel that came with the last round's answer: the VM has not stopped yet.
+    if s.cancel.is_cancelled() {
+        s.abort(&ErrorKind::Cancelled).await;
+        return Err(s.failed(Step::PreCopy, ErrorKind::Cancelled, s.vm.is_running()));
+    }
     // Quiesce: from here until the target's report the VM runs nowhere.
     let state = s.vm.quiesce();
     let quiesce_t_us = unix_micros();
@@ -277,7 +317,7 @@ impl Source<'_> {
             tracing::error!(
                 t_us = unix_micros(),
                 vm = %self.name,
-                "the target holds the VM's disk: not resuming on the source"
+                "disk lock not retaken: not resuming on the source"
             );
             return false;
         }
@@ -317,6 +357,7 @@ impl Source<'_> {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<bool, Failure> {
         let step = Step::PreCopy;
+        self.in_precopy = true;
         let mem = Arc::clone(self.vm.memory());
         let limits = self.cfg.policy_limits();
         // Dirty logging starts with everything dirty: round 1 sends every page.
@@ -554,6 +595,10 @@ impl Source<'_> {
         );
 
         let step = Step::DeviceState;
+        // The last moment to cancel: once the device state is out, the target may resume.
+        if self.cancel.is_cancelled() {
+            return Err((step, ErrorKind::Cancelled));
+        }
         let json =
             serde_json::to_vec(state).map_err(|e| (step, ErrorKind::State(e.to_string())))?;
         self.wr
