@@ -9,6 +9,10 @@
 //! - `--connect ADDR --raw-gbps X`: be the source against such a target; the raw
 //!   throughput of the path is measured by the caller (bench/migration.sh uses iperf3).
 //!
+//! After those runs it compares encrypted vMotion (TLS 1.3, both ends authenticated by a
+//! fabric CA made for the run) with plaintext: alternate migrations at rate 0 over the
+//! same path, and the ratio of their throughputs.
+//!
 //! Run: `cargo run --release --example migrate_bench -- --help`.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use vfabric::guest::{Pattern, Vm, VmConfig, WorkloadConfig};
 use vfabric::memory::PAGE_SIZE;
+use vfabric::migration::tls::{self, Encryption, Tls};
 use vfabric::migration::{
     migrate_in, migrate_out, MigrationConfig, MigrationSummary, SourceHooks, TargetHooks,
 };
@@ -69,6 +74,35 @@ struct Args {
     /// Raw TCP throughput of the path to the target, Gbit/s (with --connect).
     #[arg(long)]
     raw_gbps: Option<f64>,
+    /// Pairs of plaintext/encrypted migrations (rate 0) for the encryption ratio; 0 skips.
+    #[arg(long, default_value_t = 3)]
+    encryption_pairs: u32,
+    /// Fabric PKI of the encrypted runs (default: a temporary one, loopback only).
+    #[arg(long)]
+    pki_dir: Option<std::path::PathBuf>,
+    /// Create a PKI (CA, bench-src, bench-dst) in this directory and exit.
+    #[arg(long)]
+    make_pki: Option<std::path::PathBuf>,
+    /// Be an encrypting target on this address, forever (needs --pki-dir).
+    #[arg(long, conflicts_with = "connect")]
+    tls_listen: Option<SocketAddr>,
+    /// The encrypting target for the comparison (with --connect; needs --pki-dir).
+    #[arg(long)]
+    tls_connect: Option<SocketAddr>,
+}
+
+const SRC: &str = "bench-src";
+const DST: &str = "bench-dst";
+
+fn make_pki(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    vfabric::pki::init(dir)?;
+    vfabric::pki::issue(dir, SRC)?;
+    vfabric::pki::issue(dir, DST)?;
+    Ok(())
+}
+
+fn load_tls(dir: &std::path::Path, name: &str) -> Result<Arc<Tls>, Box<dyn std::error::Error>> {
+    Ok(Arc::new(Tls::new(&vfabric::pki::load(dir, name)?)?))
 }
 
 struct Hooks;
@@ -142,16 +176,88 @@ async fn run_source(
     to: SocketAddr,
     verify: bool,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
+    run_source_over(args, rate, to, verify, None).await
+}
+
+/// One migration to `to`, encrypted with `tls` if given.
+async fn run_source_over(
+    args: &Args,
+    rate: u64,
+    to: SocketAddr,
+    verify: bool,
+    tls: Option<&Tls>,
+) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     let vm = filled_vm(args, rate)?;
     vm.start();
     // Let the workload reach its pace before the migration starts.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let stream = TcpStream::connect(to).await?;
+    let mode = if tls.is_some() {
+        Encryption::Required
+    } else {
+        Encryption::Disabled
+    };
+    let (stream, _) = tls::connect(to, DST, mode, tls, Duration::from_secs(10)).await?;
     let cfg = migration_config(args, verify);
     let s = migrate_out(Arc::clone(&vm), stream, &cfg, &mut Hooks, &mut |_| {}).await?;
     drop(vm);
     Ok(s)
+}
+
+async fn serve_target_tls(l: TcpListener, cfg: MigrationConfig, tls: Arc<Tls>) {
+    loop {
+        let Ok((s, peer)) = l.accept().await else {
+            continue;
+        };
+        let s = match tls::accept(s, Encryption::Required, Some(&tls)).await {
+            Ok((s, _)) => s,
+            Err((why, detail)) => {
+                eprintln!("target: {peer} refused ({}: {detail})", why.as_str());
+                continue;
+            }
+        };
+        match migrate_in(s, &cfg, &mut Hooks).await {
+            Ok((vm, _)) => drop(vm),
+            Err(e) => eprintln!("target: {e}"),
+        }
+    }
+}
+
+/// Alternates plaintext and encrypted migrations at rate 0 and prints the ratio of the
+/// best throughputs (bytes on the wire ÷ total time).
+async fn compare_encryption(
+    args: &Args,
+    plain: SocketAddr,
+    encrypted: SocketAddr,
+    tls: &Tls,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let gbps = |s: &MigrationSummary| s.bytes_total as f64 * 8.0 / (s.total_ms.max(1) as f64 * 1e6);
+    let (mut p, mut e) = (Vec::new(), Vec::new());
+    for _ in 0..args.encryption_pairs {
+        p.push(gbps(
+            &run_source_over(args, 0, plain, args.verify, None).await?,
+        ));
+        e.push(gbps(
+            &run_source_over(args, 0, encrypted, args.verify, Some(tls)).await?,
+        ));
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|g| format!("{g:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!();
+    println!("encrypted vMotion (TLS 1.3, ring provider) vs plaintext, rate 0, same path:");
+    println!("  plaintext Gbit/s: {}   (best {:.2})", show(&p), best(&p));
+    println!("  encrypted Gbit/s: {}   (best {:.2})", show(&e), best(&e));
+    let ratio = best(&e) / best(&p).max(1e-9);
+    println!(
+        "  encrypted / plaintext = {ratio:.2} (target >= 0.8): {}",
+        if ratio >= 0.8 { "met" } else { "MISSED" }
+    );
+    Ok(())
 }
 
 async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
@@ -279,6 +385,19 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     vfabric::memory::set_huge_pages(args.huge_pages);
+    if let Some(dir) = &args.make_pki {
+        return make_pki(dir);
+    }
+    if let Some(addr) = args.tls_listen {
+        let dir = args
+            .pki_dir
+            .as_ref()
+            .ok_or("--tls-listen needs --pki-dir")?;
+        let l = TcpListener::bind(addr).await?;
+        eprintln!("target: listening on {addr}, encrypted");
+        serve_target_tls(l, migration_config(&args, args.verify), load_tls(dir, DST)?).await;
+        return Ok(());
+    }
     if let Some(addr) = args.listen {
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}");
@@ -286,6 +405,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let bytes = args.memory_mb << 20;
+    let mut pki_tmp = None;
+    let pki_dir = match &args.pki_dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = std::env::temp_dir().join(format!("vfabric-bench-pki-{}", std::process::id()));
+            make_pki(&d)?;
+            pki_tmp = Some(d.clone());
+            d
+        }
+    };
+    let mut tls_to = args.tls_connect;
     let (to, verified_to, raw, how) = match args.connect {
         Some(to) => {
             let raw = args
@@ -300,6 +430,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let lv = TcpListener::bind("127.0.0.1:0").await?;
             let verified_to = lv.local_addr()?;
             tokio::spawn(serve_target(lv, migration_config(&args, true)));
+            let lt = TcpListener::bind("127.0.0.1:0").await?;
+            tls_to = Some(lt.local_addr()?);
+            let dst = load_tls(&pki_dir, DST)?;
+            tokio::spawn(serve_target_tls(
+                lt,
+                migration_config(&args, args.verify),
+                dst,
+            ));
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
             for _ in 0..3 {
@@ -352,6 +490,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.bitmap_bits,
             &s.memory_sha256_source[..16.min(s.memory_sha256_source.len())]
         );
+    }
+    if let (Some(tls_to), true) = (tls_to, args.encryption_pairs > 0) {
+        let src = load_tls(&pki_dir, SRC)?;
+        compare_encryption(&args, to, tls_to, &src).await?;
+    }
+    if let Some(d) = pki_tmp {
+        let _ = std::fs::remove_dir_all(d);
     }
     Ok(())
 }

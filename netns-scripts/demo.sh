@@ -7,7 +7,7 @@
 # Usage: demo.sh [--keep] [--json] [--interval S] [--memory-mb N] [--dirty-rate N]
 #                [--announce rarp|garp|none]
 #   --keep         leave the topology up afterwards to try things by hand
-#   --json         end the output with one JSON object of the figures
+#   --json         print one JSON object of the figures on stdout (the story goes to stderr)
 #   --interval S   seconds between pings (default 0.01; the book's `ping -t` is 1)
 #   --memory-mb N  vm1's memory (default 256)
 #   --dirty-rate N pages per second vm1's vCPU rewrites (default 1000; "max" = unthrottled)
@@ -31,9 +31,15 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+# With --json, stdout carries the JSON object alone: everything else goes to stderr.
+if [ "$JSON" = 1 ]; then
+    exec 3>&1 1>&2
+fi
+
 . "$here/lib.sh"
 export VF_MIRROR=${VF_MIRROR:-$VF_PREFIX-mirror}
 VM_IP=10.10.0.100
+VM_MAC=02:00:0a:0a:00:64
 PCAP="$VFABRIC_RUN_DIR/demo.pcap"
 REPORT="$VFABRIC_RUN_DIR/demo.json"
 
@@ -83,7 +89,7 @@ step "bringing the fabric up: switch, $NS_CLIENT, $NS_SILO104, $NS_SILO105, host
 "$here/up.sh"
 
 step "creating vm1 on silo104 ($MEMORY MB, sweep workload dirtying $RATE pages/s, $VM_IP)"
-vf vm create vm1 --host silo104 --memory-mb "$MEMORY" --ip "$VM_IP" \
+vf vm create vm1 --host silo104 --memory-mb "$MEMORY" --ip "$VM_IP" --mac "$VM_MAC" \
     --workload sweep --dirty-rate "$RATE"
 
 step "capturing every frame of the fabric on the switch's mirror port $VF_MIRROR"
@@ -107,7 +113,6 @@ step "the switch's table now"
 vf fdb show
 
 step "the announce frames in the capture"
-VM_MAC=$(vf vm show vm1 --json | sed -n 's/.*"mac": "\(.*\)".*/\1/p')
 tcpdump -r "$PCAP" -nn -e "ether proto 0x8035 or (arp and ether dst ff:ff:ff:ff:ff:ff and ether src $VM_MAC)" \
     2>/dev/null | head -5 || true
 cat <<EOF
@@ -115,12 +120,13 @@ cat <<EOF
 The capture is kept: $PCAP
   read it with:  tcpdump -r $PCAP -nn -e
   the RARP only: tcpdump -r $PCAP -nn -e -xx 'ether proto 0x8035'
-ping's own output: $VFABRIC_RUN_DIR/demo-ping.txt; daemon logs: $VFABRIC_RUN_DIR/*.log
+ping's own output: $VFABRIC_RUN_DIR/demo-ping.txt; the figures and the timeline of events as
+JSON: $REPORT; daemon logs (for people): $VFABRIC_RUN_DIR/*.log
+Follow the daemons live in another shell: VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR vfabric events
 EOF
 if [ "$KEEP" = 0 ]; then
     echo "To keep the fabric up and try things by hand (migrate back, ping, capture): $0 --keep"
 fi
 if [ "$JSON" = 1 ]; then
-    echo
-    cat "$REPORT"
+    cat "$REPORT" >&3
 fi

@@ -8,17 +8,19 @@
 //!   convergence policy, state machines);
 //! - adapters: [`port`] (TAP with virtio-net header, packet socket, in-memory port),
 //!   [`switchd`] (the switch daemon), [`host`] (the hypervisor daemon), [`control`]
-//!   (the Unix control socket);
+//!   (the Unix control socket, typed requests), [`events`] (the typed event stream);
 //! - [`guest`]: the emulated VM (vCPU workload, NIC responder).
 
 pub mod clock;
 pub mod control;
+pub mod events;
 pub mod guest;
 pub mod host;
 pub mod logging;
 pub mod measure;
 pub mod memory;
 pub mod migration;
+pub mod monitor;
 pub mod names;
 pub mod pki;
 pub mod port;

@@ -1,14 +1,19 @@
 //! Loss-window arithmetic (a core: text in, figures out, no I/O).
 //!
 //! Two sources are read: the output of the system's `ping -D -O` run from the client
-//! namespace, and the daemons' own log lines (each user-facing event carries `t_us`,
-//! microseconds since the epoch on the machine's one clock). From them come the figures
-//! a user wants after a migration: probes lost, the longest gap between replies, and
-//! the chain quiesce → resume → first announce → switch moves the MAC.
+//! namespace, and the daemons' events ([`crate::events`]; each carries `t_us`,
+//! microseconds since the epoch on the machine's one clock, taken where it happened).
+//! From them comes a [`Timeline`] and the figures a user wants after a migration:
+//! probes lost, the longest gap between replies, and the chain quiesce → resume →
+//! first announce → switch moves the MAC.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::events::{Event, Record};
+use crate::migration::announce::Announce;
+use crate::wire::MacAddr;
 
 /// One line of `ping -D -O` output that matters.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,52 +131,7 @@ pub fn ping_stats(lines: &[PingLine]) -> PingStats {
     s
 }
 
-/// One event from a daemon's log: message text and `key=value` fields.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogEvent {
-    pub t_us: u64,
-    pub message: String,
-    pub fields: BTreeMap<String, String>,
-}
-
-impl LogEvent {
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.get(key).map(|s| s.as_str())
-    }
-}
-
-/// Parses a line written by the daemons' `tracing` formatter:
-/// `2026-11-26T03:40:00.123456Z  INFO mac moved mac=02:… from=silo104 to=silo105 t_us=…`.
-/// Lines without `t_us` are not events users correlate, and give None.
-pub fn parse_log_line(line: &str) -> Option<LogEvent> {
-    let mut words = line.split_whitespace();
-    let _timestamp = words.next()?;
-    let level = words.next()?;
-    if !matches!(level, "TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR") {
-        return None;
-    }
-    let mut message = Vec::new();
-    let mut fields = BTreeMap::new();
-    for w in words {
-        match w.split_once('=') {
-            Some((k, v))
-                if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
-            {
-                fields.insert(k.to_string(), v.trim_matches('"').to_string());
-            }
-            _ if fields.is_empty() => message.push(w),
-            _ => {}
-        }
-    }
-    let t_us = fields.get("t_us")?.parse().ok()?;
-    Some(LogEvent {
-        t_us,
-        message: message.join(" "),
-        fields,
-    })
-}
-
-/// The chain of events around one migration, from the daemons' logs.
+/// The chain of events around one migration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Window {
     pub quiesce_t_us: Option<u64>,
@@ -199,90 +159,185 @@ impl Window {
     }
 }
 
-/// Finds the window of the migration of `vm` (MAC `mac`) that started at or after
-/// `since_us`, among `events` from every daemon's log.
-pub fn find_window(events: &[LogEvent], vm: &str, mac: &str, since_us: u64) -> Window {
-    let mut w = Window::default();
-    let mut sorted: Vec<&LogEvent> = events.iter().filter(|e| e.t_us >= since_us).collect();
-    sorted.sort_by_key(|e| e.t_us);
-    for e in sorted {
-        let is_vm = e.get("vm") == Some(vm);
-        match e.message.as_str() {
-            "migration phase" if is_vm && e.get("phase") == Some("quiesce") => {
-                w.quiesce_t_us.get_or_insert(e.t_us);
-            }
-            "vm resumed" if is_vm => {
-                w.resume_t_us.get_or_insert(e.t_us);
-            }
-            "announce sent" if is_vm && w.resume_t_us.is_some() => {
-                w.first_announce_t_us.get_or_insert(e.t_us);
-            }
-            "mac moved"
-                if e.get("mac") == Some(mac)
-                    && w.quiesce_t_us.is_some()
-                    && w.fdb_move_t_us.is_none() =>
-            {
-                w.fdb_move_t_us = Some(e.t_us);
-                w.fdb_port_before = e.get("from").map(str::to_string);
-                w.fdb_port_after = e.get("to").map(str::to_string);
-                w.fdb_moved_by = e.get("ethertype").map(str::to_string);
-            }
-            _ => {}
-        }
-    }
-    w
+/// One pre-copy round on the time axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundMark {
+    /// When the round ended.
+    pub t_us: u64,
+    pub round: u32,
+    pub pages_sent: u64,
+    pub dirty_pages: u64,
 }
 
-/// One line of the story of a migration, as the daemons logged it.
+/// One announce frame on the time axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceMark {
+    pub t_us: u64,
+    pub seq: usize,
+    pub kind: Announce,
+    pub host: String,
+}
+
+/// The switch moving the VM's MAC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FdbMove {
+    pub t_us: u64,
+    pub from: String,
+    pub to: String,
+    pub ethertype: String,
+}
+
+/// One ping probe on the time axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub seq: u64,
+    /// Reply: when it arrived; lost: when ping gave up on it (the next probe's send).
+    pub t_us: u64,
+    /// None: no reply.
+    pub rtt_ms: Option<f64>,
+}
+
+/// One event of the migration in the story, with its offset from the first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     pub t_us: u64,
     /// Milliseconds after the first entry.
     pub offset_ms: f64,
-    /// Which daemon's log it comes from.
-    pub daemon: String,
-    pub what: String,
+    /// The daemon that published it.
+    pub source: String,
+    #[serde(flatten)]
+    pub event: Event,
 }
 
-/// The events of the migration of `vm` (MAC `mac`) between `since_us` and `until_us`:
-/// migration phases, resume, announces and the switch's learning of the VM's MAC.
-pub fn timeline(
-    events: &[LogEvent],
-    vm: &str,
-    mac: &str,
-    since_us: u64,
-    until_us: u64,
-) -> Vec<TimelineEntry> {
-    let mut picked: Vec<&LogEvent> = events
-        .iter()
-        .filter(|e| e.t_us >= since_us && e.t_us <= until_us)
-        .filter(|e| e.get("vm") == Some(vm) || e.get("mac") == Some(mac))
-        .collect();
-    picked.sort_by_key(|e| e.t_us);
-    let t0 = picked.first().map(|e| e.t_us).unwrap_or(0);
-    picked
-        .into_iter()
-        .map(|e| {
-            let skip = ["t_us", "daemon", "vm", "mac"];
-            let detail: Vec<String> = e
-                .fields
-                .iter()
-                .filter(|(k, _)| !skip.contains(&k.as_str()))
-                .map(|(k, v)| match v.parse::<f64>() {
-                    Ok(f) if v.contains('.') => format!("{k}={f:.1}"),
-                    _ => format!("{k}={v}"),
-                })
-                .collect();
-            TimelineEntry {
-                t_us: e.t_us,
-                offset_ms: (e.t_us - t0) as f64 / 1000.0,
-                daemon: e.get("daemon").unwrap_or("").to_string(),
-                what: format!("{} {}", e.message, detail.join(" "))
-                    .trim()
-                    .to_string(),
+/// Everything that happened to one VM around one migration, on one time axis (µs since
+/// the epoch): the probes, the pre-copy rounds, the quiesce and resume, the announces,
+/// the switch's move of the MAC, and every event of the VM and its MAC in time order.
+/// Built from the daemons' events and ping's output, never from log text.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    pub vm: String,
+    pub probes: Vec<Probe>,
+    pub rounds: Vec<RoundMark>,
+    pub quiesce_t_us: Option<u64>,
+    pub resume_t_us: Option<u64>,
+    /// Announces sent by the host the VM resumed on, after the resume.
+    pub announces: Vec<AnnounceMark>,
+    /// The first move of the VM's MAC after the quiesce.
+    pub fdb_move: Option<FdbMove>,
+    pub entries: Vec<TimelineEntry>,
+}
+
+impl Timeline {
+    /// Builds the timeline of the migration of `vm` (MAC `mac`) from `records` (any
+    /// order, any daemons) and ping's lines, keeping what lies in `since_us..=until_us`.
+    pub fn build(
+        records: &[Record],
+        pings: &[PingLine],
+        vm: &str,
+        mac: MacAddr,
+        since_us: u64,
+        until_us: u64,
+    ) -> Timeline {
+        let mut picked: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.t_us >= since_us && r.t_us <= until_us)
+            .filter(|r| r.event.vm() == Some(vm) || r.event.mac() == Some(mac))
+            .collect();
+        picked.sort_by_key(|r| r.t_us);
+        let mut t = Timeline {
+            vm: vm.to_string(),
+            ..Timeline::default()
+        };
+        let mut resumed_on: Option<&str> = None;
+        for r in &picked {
+            match &r.event {
+                Event::MigrationRound {
+                    round,
+                    pages_sent,
+                    dirty_pages,
+                    ..
+                } if t.quiesce_t_us.is_none() => t.rounds.push(RoundMark {
+                    t_us: r.t_us,
+                    round: *round,
+                    pages_sent: *pages_sent,
+                    dirty_pages: *dirty_pages,
+                }),
+                Event::VmQuiesced { .. } => {
+                    t.quiesce_t_us.get_or_insert(r.t_us);
+                }
+                Event::VmResumed {
+                    host,
+                    after_failure: false,
+                    ..
+                } if t.quiesce_t_us.is_some() && t.resume_t_us.is_none() => {
+                    t.resume_t_us = Some(r.t_us);
+                    resumed_on = Some(host);
+                }
+                Event::AnnounceSent {
+                    host, seq, kind, ..
+                } if resumed_on == Some(host.as_str()) => t.announces.push(AnnounceMark {
+                    t_us: r.t_us,
+                    seq: *seq,
+                    kind: *kind,
+                    host: host.clone(),
+                }),
+                Event::MacMoved {
+                    mac: m,
+                    from,
+                    to,
+                    ethertype,
+                } if *m == mac && t.quiesce_t_us.is_some() && t.fdb_move.is_none() => {
+                    t.fdb_move = Some(FdbMove {
+                        t_us: r.t_us,
+                        from: from.clone(),
+                        to: to.clone(),
+                        ethertype: ethertype.clone(),
+                    })
+                }
+                _ => {}
             }
-        })
-        .collect()
+        }
+        let t0 = picked.first().map_or(0, |r| r.t_us);
+        t.entries = picked
+            .into_iter()
+            .map(|r| TimelineEntry {
+                t_us: r.t_us,
+                offset_ms: (r.t_us - t0) as f64 / 1000.0,
+                source: r.source.clone(),
+                event: r.event.clone(),
+            })
+            .collect();
+        t.probes = pings
+            .iter()
+            .filter_map(|p| match *p {
+                PingLine::Reply { seq, t_us, rtt_ms } => Some(Probe {
+                    seq,
+                    t_us,
+                    rtt_ms: Some(rtt_ms),
+                }),
+                PingLine::NoAnswer { seq, t_us } => Some(Probe {
+                    seq,
+                    t_us,
+                    rtt_ms: None,
+                }),
+                PingLine::Totals { .. } => None,
+            })
+            .collect();
+        t
+    }
+
+    /// The loss-window chain: quiesce → resume → first announce → FDB move.
+    pub fn window(&self) -> Window {
+        Window {
+            quiesce_t_us: self.quiesce_t_us,
+            resume_t_us: self.resume_t_us,
+            first_announce_t_us: self.announces.first().map(|a| a.t_us),
+            fdb_move_t_us: self.fdb_move.as_ref().map(|m| m.t_us),
+            fdb_port_before: self.fdb_move.as_ref().map(|m| m.from.clone()),
+            fdb_port_after: self.fdb_move.as_ref().map(|m| m.to.clone()),
+            fdb_moved_by: self.fdb_move.as_ref().map(|m| m.ethertype.clone()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -328,36 +383,115 @@ mod tests {
         assert_eq!((s.pings_sent, s.pings_lost), (5, 2));
     }
 
-    #[test]
-    fn log_lines_give_events_with_fields() {
-        let e = parse_log_line(
-            "2026-11-26T03:40:00.123456Z  INFO mac moved mac=02:00:00:00:01:01 from=silo104 to=silo105 ethertype=rarp t_us=1764128400123456",
-        )
-        .unwrap();
-        assert_eq!(e.message, "mac moved");
-        assert_eq!(e.get("to"), Some("silo105"));
-        assert_eq!(e.t_us, 1_764_128_400_123_456);
-        assert!(parse_log_line("2026-11-26T03:40:00Z  INFO host ready").is_none());
-        assert!(parse_log_line("garbage").is_none());
-        assert!(parse_log_line("").is_none());
+    fn rec(t_us: u64, source: &str, event: Event) -> Record {
+        Record {
+            t_us,
+            source: source.into(),
+            event,
+        }
     }
 
     #[test]
-    fn window_follows_the_chain() {
-        let log = "\
-2026-11-26T03:40:00.000000Z  INFO mac learned mac=02:00:00:00:01:01 port=silo104 t_us=900
-2026-11-26T03:40:00.000000Z  INFO migration phase vm=vm1 phase=quiesce t_us=1000
-2026-11-26T03:40:00.000000Z  INFO vm resumed vm=vm1 host=silo105 t_us=4000
-2026-11-26T03:40:00.000000Z  INFO announce sent vm=vm1 host=silo105 seq=0 t_us=4100
-2026-11-26T03:40:00.000000Z  INFO mac moved mac=02:00:00:00:01:01 from=silo104 to=silo105 ethertype=rarp t_us=4150
-2026-11-26T03:40:00.000000Z  INFO announce sent vm=vm1 host=silo105 seq=1 t_us=54100";
-        let events: Vec<LogEvent> = log.lines().filter_map(parse_log_line).collect();
-        let w = find_window(&events, "vm1", "02:00:00:00:01:01", 0);
+    fn the_timeline_follows_the_chain() {
+        let mac: MacAddr = "02:00:00:00:01:01".parse().unwrap();
+        let vm = || "vm1".to_string();
+        let announce = |t, seq| {
+            rec(
+                t,
+                "silo105",
+                Event::AnnounceSent {
+                    vm: vm(),
+                    host: "silo105".into(),
+                    mac,
+                    kind: Announce::Rarp,
+                    seq,
+                },
+            )
+        };
+        // Out of order, as several daemons deliver them.
+        let records = vec![
+            announce(54_100, 1),
+            rec(
+                4_150,
+                "switch",
+                Event::MacMoved {
+                    mac,
+                    from: "silo104".into(),
+                    to: "silo105".into(),
+                    ethertype: "rarp".into(),
+                },
+            ),
+            rec(
+                900,
+                "switch",
+                Event::MacLearned {
+                    mac,
+                    port: "silo104".into(),
+                },
+            ),
+            rec(
+                800,
+                "silo104",
+                Event::MigrationRound {
+                    vm: vm(),
+                    round: 1,
+                    pages_sent: 100,
+                    dirty_pages: 3,
+                    throughput_mbps: 1.0,
+                },
+            ),
+            rec(
+                1_000,
+                "silo104",
+                Event::VmQuiesced {
+                    vm: vm(),
+                    host: "silo104".into(),
+                    dirty_pages: 3,
+                },
+            ),
+            rec(
+                4_000,
+                "silo105",
+                Event::VmResumed {
+                    vm: vm(),
+                    host: "silo105".into(),
+                    after_failure: false,
+                },
+            ),
+            announce(4_100, 0),
+            // Another VM's events stay out.
+            rec(
+                4_200,
+                "silo104",
+                Event::VmQuiesced {
+                    vm: "vm2".into(),
+                    host: "silo104".into(),
+                    dirty_pages: 0,
+                },
+            ),
+        ];
+        let pings: Vec<PingLine> = PING.lines().filter_map(parse_ping_line).collect();
+        let t = Timeline::build(&records, &pings, "vm1", mac, 0, u64::MAX);
+        let w = t.window();
         assert_eq!(w.downtime_us(), Some(3000));
         assert_eq!(w.announce_after_resume_us(), Some(100));
         assert_eq!(w.fdb_move_after_announce_us(), Some(50));
         assert_eq!(w.fdb_port_before.as_deref(), Some("silo104"));
         assert_eq!(w.fdb_port_after.as_deref(), Some("silo105"));
         assert_eq!(w.fdb_moved_by.as_deref(), Some("rarp"));
+        assert_eq!(t.rounds.len(), 1);
+        assert_eq!(
+            t.announces.iter().map(|a| a.t_us).collect::<Vec<_>>(),
+            vec![4_100, 54_100]
+        );
+        assert_eq!(t.entries.len(), 7);
+        assert!(t.entries.windows(2).all(|w| w[0].t_us <= w[1].t_us));
+        assert_eq!(t.entries[0].offset_ms, 0.0);
+        assert_eq!(t.probes.len(), 5);
+        assert_eq!(t.probes.iter().filter(|p| p.rtt_ms.is_none()).count(), 2);
+        // Only what lies in the span counts.
+        let late = Timeline::build(&records, &[], "vm1", mac, 2_000, u64::MAX);
+        assert_eq!(late.window().quiesce_t_us, None);
+        assert_eq!(late.fdb_move, None);
     }
 }

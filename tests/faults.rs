@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use common::{bin, require_root, Topology};
 use serde_json::Value;
-use vfabric::host::api::{HostInfo, HostRequest, VmInfo};
+use vfabric::host::api::{self, HostInfo, VmInfo};
 
 const VM: &str = "vm1";
 const VM_IP: &str = "10.10.0.100";
@@ -352,17 +352,17 @@ impl Fabric {
     // CLI, as a user's would).
 
     fn info(&self, host: &str) -> Option<HostInfo> {
-        vfabric::control::call_simple(&self.socket(host), &HostRequest::Info).ok()
+        vfabric::control::request(&self.socket(host), api::Info {}).ok()
     }
 
     fn list(&self, host: &str) -> Option<Vec<VmInfo>> {
-        vfabric::control::call_simple(&self.socket(host), &HostRequest::VmList).ok()
+        vfabric::control::request(&self.socket(host), api::VmList {}).ok()
     }
 
     fn destroy(&self, host: &str) {
-        let _ = vfabric::control::call_simple::<_, Value>(
+        let _ = vfabric::control::request(
             &self.socket(host),
-            &HostRequest::VmDestroy {
+            api::VmDestroy {
                 name: VM.to_string(),
             },
         );

@@ -157,9 +157,33 @@ impl Hosts {
 
     fn host_info(&self, name: &str) -> Value {
         let sock = self.run_dir().join(format!("{name}.sock"));
-        let v: Value =
-            vfabric::control::call_simple(&sock, &vfabric::host::api::HostRequest::Info).unwrap();
-        v
+        let info = vfabric::control::request(&sock, vfabric::host::api::Info {}).unwrap();
+        serde_json::to_value(info).unwrap()
+    }
+
+    /// Starts `vfabric events --json` and waits until it has subscribed.
+    fn watch(&self) -> (Child, PathBuf) {
+        let out = self.dir.path().join("events.jsonl");
+        let err = self.dir.path().join("events.err");
+        let child = Command::new(BIN)
+            .args(["events", "--json"])
+            .env("VFABRIC_RUN_DIR", self.run_dir())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("following")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "events did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (child, out)
     }
 }
 
@@ -403,8 +427,10 @@ fn an_announce_chosen_for_a_failed_migration_is_forgotten() {
 }
 
 #[test]
-fn vm_digest_reads_the_figure_a_verified_migration_compares() {
-    let h = Hosts::start(&[("silo104", 4096), ("silo105", 4096)]);
+fn events_tell_the_migration_in_time_order() {
+    use vfabric::events::{Event, Record};
+    let h = Hosts::start(&[("silo104", 2048), ("silo105", 2048)]);
+    let (mut watch, out) = h.watch();
     h.ok(&[
         "vm",
         "create",
@@ -412,43 +438,149 @@ fn vm_digest_reads_the_figure_a_verified_migration_compares() {
         "--host",
         "silo104",
         "--memory-mb",
-        "16",
+        "32",
         "--ip",
-        "10.10.0.100",
-        "--workload",
-        "idle",
+        "10.0.0.5",
     ]);
-    let digest = |h: &Hosts| {
-        let d = h.json(&["vm", "digest", "vm1", "--json"]);
-        d["memory_sha256"].as_str().unwrap().to_string()
-    };
-    let before = digest(&h);
-    assert_eq!(before.len(), 64, "{before}");
     let s = h.json(&["migrate", "vm1", "--to", "silo105", "--json"]);
-    assert_eq!(s["memory_sha256_source"], before.as_str());
-    assert_eq!(s["memory_sha256_target"], before.as_str());
-    let d = h.json(&["vm", "digest", "vm1", "--json"]);
-    assert_eq!(d["host"], "silo105");
-    assert_eq!(d["memory_sha256"], before.as_str());
-    // A sweep rewrites memory: its digest moves.
+    // The merge holds each event 0.1 s for earlier ones from other daemons.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let records: Vec<Record> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        records.windows(2).all(|w| w[0].t_us <= w[1].t_us),
+        "merged in time order: {records:?}"
+    );
+    let kinds: Vec<(String, String)> = records
+        .iter()
+        .map(|r| (r.source.clone(), r.event.kind()))
+        .collect();
+    let mut at = 0;
+    for (source, kind) in [
+        ("silo104", "vm_created"),
+        ("silo104", "vm_started"),
+        ("silo104", "migration_started"),
+        ("silo104", "migration_round"),
+        ("silo104", "vm_quiesced"),
+        ("silo105", "disk_lock_taken"),
+        ("silo105", "vm_resumed"),
+        ("silo104", "migration_done"),
+        ("silo104", "vm_memory_freed"),
+    ] {
+        match kinds[at..]
+            .iter()
+            .position(|(s, k)| s == source && k == kind)
+        {
+            Some(i) => at += i + 1,
+            None => panic!("no {kind} from {source} after {at}: {kinds:?}"),
+        }
+    }
+    // The events carry the figures the summary has, stamped where they happened.
+    let quiesced = records
+        .iter()
+        .find(|r| matches!(r.event, Event::VmQuiesced { .. }))
+        .unwrap();
+    assert_eq!(quiesced.t_us, s["quiesce_t_us"].as_u64().unwrap());
+    let resumed = records
+        .iter()
+        .find(|r| matches!(r.event, Event::VmResumed { .. }))
+        .unwrap();
+    let target_resume = s["resume_t_us"].as_u64().unwrap();
+    assert!(resumed.t_us >= target_resume && resumed.t_us - target_resume < 100_000);
+    assert!(records.iter().any(|r| matches!(
+        &r.event,
+        Event::MigrationDone { downtime_us, .. } if *downtime_us == s["downtime_us"].as_u64().unwrap()
+    )));
+    assert!(records
+        .iter()
+        .any(|r| matches!(r.event, Event::VmMemoryFreed { rss_kib, .. } if rss_kib > 0)));
+}
+
+#[test]
+fn an_unknown_host_is_named_with_the_known_ones() {
+    let h = Hosts::start(&[("silo104", 1024), ("silo105", 1024)]);
+    for args in [
+        &["vm", "create", "x", "--host", "silo999", "--ip", "10.0.0.1"][..],
+        &["vm", "list", "--host", "silo999"][..],
+        &["events", "--host", "silo999"][..],
+    ] {
+        let err = h.fail(args);
+        assert!(
+            err.contains("unknown host silo999") && err.contains("silo104, silo105"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains(".sock"), "{err}");
+    }
     h.ok(&[
         "vm",
         "create",
-        "vm2",
+        "x",
         "--host",
         "silo104",
         "--memory-mb",
         "16",
         "--ip",
-        "10.10.0.101",
-        "--workload",
-        "sweep",
+        "10.0.0.1",
     ]);
-    let a = h.json(&["vm", "digest", "vm2", "--json"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let b = h.json(&["vm", "digest", "vm2", "--json"]);
-    assert_ne!(a["memory_sha256"], b["memory_sha256"]);
-    h.fail(&["vm", "digest", "vm9"]);
+    let err = h.fail(&["migrate", "x", "--to", "silo999"]);
+    assert!(err.contains("unknown host silo999"), "{err}");
+}
+
+#[test]
+fn vm_list_without_any_host_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for run in [dir.path().to_path_buf(), dir.path().join("absent")] {
+        let out = Command::new(BIN)
+            .args(["vm", "list"])
+            .env("VFABRIC_RUN_DIR", &run)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{run:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("vfabric: error:"), "{err}");
+        assert!(
+            out.stdout.is_empty(),
+            "no table: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn migrate_checks_every_option_before_anything_starts() {
+    let h = Hosts::start(&[("a", 1024), ("b", 1024)]);
+    h.ok(&[
+        "vm",
+        "create",
+        "v",
+        "--host",
+        "a",
+        "--memory-mb",
+        "16",
+        "--ip",
+        "10.0.0.3",
+    ]);
+    for (opt, value) in [
+        ("--on-no-convergence", "maybe"),
+        ("--bandwidth-mbps", "0"),
+        ("--max-rounds", "0"),
+        ("--downtime-ms", "0"),
+        ("--announce", "shout"),
+    ] {
+        let o = h.cli(&["migrate", "v", "--to", "b", opt, value]);
+        assert!(!o.status.success(), "{opt} {value} accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(opt), "{opt} {value}: {err}");
+        assert!(!err.contains("migrating"), "started before checking: {err}");
+    }
+    // Nothing moved.
+    let v = h.json(&["vm", "show", "v", "--json"]);
+    assert_eq!(v["host"], "a");
 }
 
 fn create(h: &Hosts, vm: &str, host: &str, ip: &str, extra: &[&str]) -> String {
@@ -831,4 +963,35 @@ fn a_vm_whose_lock_cannot_be_retaken_stays_stopped_until_vm_start() {
     let s = h.json(&["migrate", "vm1", "--to", "b", "--json"]);
     assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
     drop(h);
+}
+
+#[test]
+fn vm_digest_reads_the_figure_a_verified_migration_compares() {
+    let h = Hosts::start(&[("silo104", 4096), ("silo105", 4096)]);
+    create(&h, "vm1", "silo104", "10.10.0.100", &["--workload", "idle"]);
+    let digest = |h: &Hosts| {
+        let d = h.json(&["vm", "digest", "vm1", "--json"]);
+        d["memory_sha256"].as_str().unwrap().to_string()
+    };
+    let before = digest(&h);
+    assert_eq!(before.len(), 64, "{before}");
+    let s = h.json(&["migrate", "vm1", "--to", "silo105", "--json"]);
+    assert_eq!(s["memory_sha256_source"], before.as_str());
+    assert_eq!(s["memory_sha256_target"], before.as_str());
+    let d = h.json(&["vm", "digest", "vm1", "--json"]);
+    assert_eq!(d["host"], "silo105");
+    assert_eq!(d["memory_sha256"], before.as_str());
+    // A sweep rewrites memory: its digest moves.
+    create(
+        &h,
+        "vm2",
+        "silo104",
+        "10.10.0.101",
+        &["--workload", "sweep"],
+    );
+    let a = h.json(&["vm", "digest", "vm2", "--json"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = h.json(&["vm", "digest", "vm2", "--json"]);
+    assert_ne!(a["memory_sha256"], b["memory_sha256"]);
+    h.fail(&["vm", "digest", "vm9"]);
 }

@@ -11,9 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{bin, require_root, Topology};
+use common::{bin, require_root, EventWatch, Topology};
 use serde_json::Value;
-use vfabric::measure::{parse_log_line, parse_ping_line, ping_stats, PingLine};
+use vfabric::events::{Event, Record};
+use vfabric::measure::{parse_ping_line, ping_stats, PingLine};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -100,10 +101,7 @@ fn measure(t: &Topology, to: &str, interval: &str, extra: &[&str]) -> Value {
         &ns,
         "--interval",
         interval,
-        "--log-dir",
     ];
-    let dir = t.run_dir.path().to_str().unwrap().to_string();
-    args.push(&dir);
     args.extend_from_slice(extra);
     t.vfabric_json(&args)
 }
@@ -212,6 +210,24 @@ fn mac_bytes(mac: &str) -> vfabric::wire::MacAddr {
     mac.parse().unwrap()
 }
 
+/// The switch's moves of `mac`: (t_us, from, to, ethertype).
+fn moves(records: &[Record], mac: &str) -> Vec<(u64, String, String, String)> {
+    records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::MacMoved {
+                mac: m,
+                from,
+                to,
+                ethertype,
+            } if *m == mac_bytes(mac) => {
+                Some((r.t_us, from.clone(), to.clone(), ethertype.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn ping_every_10ms_loses_at_most_five_per_move_there_and_back() {
     let Some(fx) = setup(64) else {
@@ -302,9 +318,11 @@ fn client_capture_shows_the_exact_rarp_after_resume_and_the_switch_follows_withi
     let (t, mac) = (&fx.t, &fx.mac);
     let on_client = Capture::start(t, "client", "eth0", "ether proto 0x8035", "client.pcap");
     let on_target = Capture::start(t, "silo105", "vmnic0", "ether proto 0x8035", "target.pcap");
+    let watch = EventWatch::start(t, &["--switch"]);
     let s = migrate(t, "silo105");
     // QEMU's schedule ends 800 ms after resume.
     std::thread::sleep(Duration::from_millis(1200));
+    let switch_events = watch.stop();
     let client = on_client.stop();
     let target = on_target.stop();
     let resume_us = s["resume_t_us"].as_u64().unwrap();
@@ -333,16 +351,17 @@ fn client_capture_shows_the_exact_rarp_after_resume_and_the_switch_follows_withi
     // The target's port sent them, and the switch moved the MAC on the first one.
     assert_eq!(target.len(), 5, "RARP frames leaving silo105's vmnic0");
     let arrival = target[0].0;
-    let moved = t
-        .switch_log()
-        .lines()
-        .filter_map(parse_log_line)
-        .find(|e| e.message == "mac moved" && e.get("mac") == Some(mac.as_str()))
-        .expect("mac moved event in the switch log");
-    assert_eq!(moved.get("from"), Some("silo104"));
-    assert_eq!(moved.get("to"), Some("silo105"));
-    assert_eq!(moved.get("ethertype"), Some("rarp"));
-    let lag = moved.t_us as i64 - arrival as i64;
+    let moved = moves(&switch_events, mac);
+    let (moved_t_us, from, to, ethertype) = moved
+        .first()
+        .expect("a mac_moved event from the switch")
+        .clone();
+    assert_eq!(
+        (from.as_str(), to.as_str(), ethertype.as_str()),
+        ("silo104", "silo105", "rarp")
+    );
+    assert!(switch_events.iter().all(|r| r.source == "switch"));
+    let lag = moved_t_us as i64 - arrival as i64;
     eprintln!("FDB moved {lag} us after the first RARP entered the switch's port");
     assert!((0..1000).contains(&lag), "FDB move {lag} us after the RARP");
     let fdb = t.vfabric_json(&["fdb", "show"]);
@@ -461,31 +480,46 @@ fn demo_script_tells_the_story_and_cleans_up() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo.sh failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo.sh failed:\n{stdout}\n{stderr}");
+    // The story goes to stderr; what it says of itself, not the daemons' log wording.
     for story in [
         "pre-copy round 1",
-        "quiesce",
-        "bitmap",
-        "pull",
-        "vm resumed",
-        "announce sent",
-        "mac moved",
         "longest gap",
         "UDP counter",
         "Reverse Request who-is",
         "tcpdump -r",
     ] {
         assert!(
-            stdout.contains(story) || String::from_utf8_lossy(&out.stderr).contains(story),
-            "the demo's story lacks {story:?}:\n{stdout}"
+            stderr.contains(story),
+            "the demo's story lacks {story:?}:\n{stderr}"
         );
     }
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
-    let j: Value = serde_json::from_str(last).expect("demo --json ends with one JSON object");
+    // With --json, stdout is one JSON object and nothing else.
+    let j: Value = serde_json::from_str(&stdout).expect("demo --json prints only JSON");
+    // Every step of the story, from the daemons' events, in order.
+    let kinds: Vec<&str> = j["timeline"]["entries"]
+        .as_array()
+        .expect("timeline entries")
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    let mut at = 0;
+    for want in [
+        "migration_started",
+        "migration_round",
+        "vm_quiesced",
+        "migration_bitmap",
+        "migration_pulled",
+        "vm_resumed",
+        "announce_sent",
+        "mac_moved",
+    ] {
+        match kinds[at..].iter().position(|k| *k == want) {
+            Some(i) => at += i + 1,
+            None => panic!("no {want} after step {at} in {kinds:?}"),
+        }
+    }
     for key in [
         "pings_sent",
         "pings_lost",
@@ -522,17 +556,20 @@ fn a_host_the_vm_left_announces_it_no_more() {
     };
     let (t, mac) = (&fx.t, &fx.mac);
     // Back again well inside the first move's 800 ms announce schedule.
+    let watch = EventWatch::start(t, &[]);
     migrate(t, "silo105");
     let back = migrate(t, "silo104");
     let back_resume = back["resume_t_us"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    let late: Vec<String> = t
-        .switch_log()
-        .lines()
-        .filter_map(parse_log_line)
-        .filter(|e| e.message == "mac moved" && e.get("mac") == Some(mac.as_str()))
-        .filter(|e| e.t_us > back_resume && e.get("to") == Some("silo105"))
-        .map(|e| format!("{e:?}"))
+    let records = watch.stop();
+    let all = moves(&records, mac);
+    assert!(
+        all.iter().any(|m| m.2 == "silo104" && m.0 >= back_resume),
+        "the switch followed the VM back: {all:?}"
+    );
+    let late: Vec<_> = all
+        .iter()
+        .filter(|m| m.0 > back_resume && m.2 == "silo105")
         .collect();
     assert!(
         late.is_empty(),

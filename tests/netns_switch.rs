@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{require_root, send_raw, Topology};
+use common::{require_root, send_raw, EventWatch, Topology};
+use vfabric::events::Event;
 use vfabric::migration::announce::rarp_frame;
 use vfabric::wire::ethernet::{Frame, Repr};
 use vfabric::wire::{EtherType, MacAddr};
@@ -79,19 +80,27 @@ fn ping_crosses_the_switch_both_ways_and_the_fdb_learns() {
             .any(|l| l.starts_with(&client) && l.contains("port client") && l.contains(" since ")),
         "{text}"
     );
-    let log = t.switch_log();
-    assert!(
-        log.contains("mac learned") && log.contains(&client) && log.contains("t_us="),
-        "{log}"
-    );
     let c = port_stats(&t, "client");
     assert!(c["rx_frames"].as_u64().unwrap() >= 3);
     assert!(c["tx_frames"].as_u64().unwrap() >= 3);
-    // Flush empties the table; traffic relearns it.
+    // Flush empties the table; traffic relearns it, and the switch says so.
+    let watch = EventWatch::start(&t, &["--switch"]);
     let flushed = t.vfabric_json(&["fdb", "flush"]);
     assert!(flushed["flushed"].as_u64().unwrap() >= 2);
     assert!(t.ping("client", "10.10.0.104", 1));
     assert_eq!(fdb_port_of(&t, &client).as_deref(), Some("client"));
+    let records = watch.stop();
+    let client_mac: MacAddr = client.parse().unwrap();
+    assert!(
+        matches!(records.first().map(|r| &r.event), Some(Event::FdbFlushed { entries }) if *entries >= 2),
+        "{records:?}"
+    );
+    let learned = records
+        .iter()
+        .find(|r| matches!(&r.event, Event::MacLearned { mac, port } if *mac == client_mac && port == "client"))
+        .unwrap_or_else(|| panic!("client not relearned: {records:?}"));
+    let now = vfabric::clock::unix_micros();
+    assert!(learned.t_us <= now && now - learned.t_us < 60_000_000);
 }
 
 #[test]
@@ -105,6 +114,7 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
     assert_eq!(fdb_port_of(&t, &client).as_deref(), Some("client"));
     let mac: MacAddr = client.parse().unwrap();
     // The announce a hypervisor sends after a migration, from silo105's uplink.
+    let watch = EventWatch::start(&t, &[]);
     let sent = send_raw(&t, "silo105", "vmnic0", &[rarp_frame(mac).to_vec()]);
     assert_eq!(sent, 1);
     assert!(
@@ -114,21 +124,25 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
         "MAC did not move: {}",
         t.switch_log()
     );
-    let log = t.switch_log();
-    let moved = log
-        .lines()
-        .find(|l| l.contains("mac moved") && l.contains(&client))
-        .unwrap_or_else(|| panic!("no `mac moved` line:\n{log}"));
-    for want in ["from=client", "to=silo105", "ethertype=rarp", "t_us="] {
-        assert!(moved.contains(want), "{want} missing in {moved}");
-    }
-    // The entry's stamp is the move's: the same clock reading as the log line.
-    let t_us: u64 = moved
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("t_us="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no t_us in {moved}"));
+    // Read at once: the client's own next frame moves its MAC back.
     let v = t.vfabric_json(&["fdb", "show"]);
+    let records = watch.stop();
+    let moved = records
+        .iter()
+        .find(|r| matches!(r.event, Event::MacMoved { mac: m, .. } if m == mac))
+        .unwrap_or_else(|| panic!("no mac_moved event: {records:?}"));
+    assert_eq!(moved.source, "switch");
+    assert_eq!(
+        moved.event,
+        Event::MacMoved {
+            mac,
+            from: "client".into(),
+            to: "silo105".into(),
+            ethertype: "rarp".into()
+        }
+    );
+    // The entry's stamp is the move's: the same clock reading as the event's.
+    let t_us = moved.t_us;
     let entry = v
         .as_array()
         .and_then(|a| a.iter().find(|e| e["mac"] == client.as_str()))
@@ -203,6 +217,7 @@ fn a_port_whose_namespace_vanishes_goes_down_and_the_rest_keep_working() {
     let t = Topology::up_with(&[("VF_HOSTS", "0")]);
     assert!(t.ping("silo105", "10.10.0.1", 1));
     let ns = t.ns("silo105");
+    let watch = EventWatch::start(&t, &["--switch"]);
     let out = std::process::Command::new("ip")
         .args(["netns", "del", &ns])
         .output()
@@ -214,7 +229,13 @@ fn a_port_whose_namespace_vanishes_goes_down_and_the_rest_keep_working() {
         "silo105 still up"
     );
     assert!(t.ping("client", "10.10.0.104", 2));
-    assert!(t.switch_log().contains("port down"));
+    let records = watch.stop();
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(&r.event, Event::PortGone { port, .. } if port == "silo105")),
+        "{records:?}"
+    );
 }
 
 #[test]
@@ -226,6 +247,7 @@ fn down_leaves_nothing_behind_and_runs_twice() {
     assert!(t.ping("client", "10.10.0.104", 1));
     let pid = t.switch_pid().expect("pid file");
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let watch = EventWatch::start(&t, &["--switch"]);
     let out = t.down();
     assert!(
         out.status.success(),
@@ -240,8 +262,16 @@ fn down_leaves_nothing_behind_and_runs_twice() {
     for leftover in ["switch.sock", "switch.pid"] {
         assert!(!t.run_dir.path().join(leftover).exists(), "{leftover}");
     }
-    let log = t.switch_log();
-    assert!(log.contains("switch stopped"), "{log}");
+    // The switch said goodbye port by port, and its stream ended.
+    let records = watch.stop();
+    let down: Vec<&str> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::PortDown { port } => Some(port.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(down, ["client", "silo104", "silo105"], "{records:?}");
     let out = t.down();
     assert!(out.status.success(), "second down.sh failed");
 }

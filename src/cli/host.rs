@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
-use vfabric::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
+use vfabric::host::api::{self, MigrateOptions, VmInfo};
+use vfabric::host::client::{self, Migrated, MigrationPlan};
 use vfabric::host::daemon::{self, HostConfig, VmotionSecurity};
 use vfabric::migration::announce::{Announce, Schedule};
 use vfabric::migration::tls::{Encryption, Tls};
@@ -41,22 +42,26 @@ pub struct HostArgs {
     #[arg(long, default_value = "/var/lib/vfabric/datastore")]
     datastore: PathBuf,
     /// How an incoming VM is announced after it resumes: rarp, garp or none.
-    #[arg(long, default_value = "rarp")]
+    #[arg(long, default_value_t = Announce::default())]
     announce: Announce,
     /// Announce schedule: offsets in ms after resume (QEMU's default).
-    #[arg(long, default_value = "0,50,200,450,800")]
+    #[arg(long, default_value_t = Schedule::default())]
     announce_schedule: Schedule,
     /// Downtime target of outgoing migrations, ms.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = MigrationConfig::default().downtime_target.as_millis() as u64,
+        value_parser = positive::<u64>)]
     downtime_ms: u64,
     /// Pre-copy round limit of outgoing migrations.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = MigrationConfig::default().max_rounds,
+        value_parser = positive::<u32>)]
     max_rounds: u32,
-    /// What an outgoing migration does when pre-copy does not converge: force or abort.
-    #[arg(long, default_value = "force", value_parser = parse_policy)]
+    /// What an outgoing migration does when pre-copy does not converge: force-stop
+    /// (or force) or abort.
+    #[arg(long, default_value_t = MigrationConfig::default().on_no_convergence)]
     on_no_convergence: NoConvergence,
     /// Migration I/O timeout, ms: a peer silent for this long fails the migration.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = MigrationConfig::default().io_timeout.as_millis() as u64,
+        value_parser = positive::<u64>)]
     io_timeout_ms: u64,
     /// Back guest memory with transparent huge pages (fewer faults on bare metal; slower
     /// inside a VM whose hypervisor reclaims free memory).
@@ -84,22 +89,23 @@ pub struct HostArgs {
     /// closed at once and counted in a periodic warning.
     #[arg(long, default_value_t = 16)]
     vmotion_max_incoming: usize,
-    /// For the fault tests: migrations stop at the phase boundaries a test arms with
-    /// files in DIR, until it removes them (see the README's Tests section).
-    #[arg(long, hide = true, value_name = "DIR")]
-    test_pause_dir: Option<PathBuf>,
     /// Testing only: exit this daemon right after an incoming VM's first announce, before
     /// the resume is reported to the source. Lands a failed switch-over (the target gone
     /// after announcing) deterministically; never use it on a real fabric.
     #[arg(long)]
     test_exit_after_announce: bool,
+    /// For the fault tests: migrations stop at the phase boundaries a test arms with
+    /// files in DIR, until it removes them (see the README's Tests section).
+    #[arg(long, hide = true, value_name = "DIR")]
+    test_pause_dir: Option<PathBuf>,
 }
 
-fn parse_policy(s: &str) -> Result<NoConvergence, String> {
-    match s {
-        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
-        "abort" => Ok(NoConvergence::Abort),
-        other => Err(format!("{other:?} is not force or abort")),
+/// A whole number of at least 1.
+fn positive<T: std::str::FromStr + PartialEq + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(v) if v != T::from(0) => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
     }
 }
 
@@ -110,7 +116,7 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
         on_no_convergence: a.on_no_convergence,
-        io_timeout: Duration::from_millis(a.io_timeout_ms.max(1)),
+        io_timeout: Duration::from_millis(a.io_timeout_ms),
         verify_memory: !a.no_verify_memory,
         ..MigrationConfig::default()
     };
@@ -144,8 +150,8 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         announce: a.announce,
         schedule: a.announce_schedule,
         migration,
-        test_pause_dir: a.test_pause_dir,
         test_exit_after_announce: a.test_exit_after_announce,
+        test_pause_dir: a.test_pause_dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -256,44 +262,6 @@ fn mac_for(name: &str) -> MacAddr {
     MacAddr([0x02, 0x00, b[0], b[1], b[2], b[3]])
 }
 
-/// Every host daemon that answers in the runtime directory.
-fn hosts() -> Result<Vec<HostInfo>, CliError> {
-    let dir = control::runtime_dir();
-    let rd = std::fs::read_dir(&dir).map_err(|e| {
-        format!(
-            "cannot read runtime directory {}: {e} (is any host running? set VFABRIC_RUN_DIR)",
-            dir.display()
-        )
-    })?;
-    let mut out = Vec::new();
-    for entry in rd.flatten() {
-        let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) != Some("sock") {
-            continue;
-        }
-        if let Ok(info) = control::call_simple::<_, HostInfo>(&p, &HostRequest::Info) {
-            out.push(info);
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-fn host_info(name: &str) -> Result<HostInfo, CliError> {
-    Ok(control::call_simple(
-        &control::socket_path(name),
-        &HostRequest::Info,
-    )?)
-}
-
-/// The host that runs VM `name`.
-fn locate(name: &str) -> Result<HostInfo, CliError> {
-    hosts()?
-        .into_iter()
-        .find(|h| h.vms.iter().any(|v| v == name))
-        .ok_or_else(|| format!("no running host has a VM named {name}").into())
-}
-
 fn print_vm_header() {
     println!(
         "{:<10} {:<9} {:<12} {:>5} {:>7} {:<17} {:<15} {:<10} {:>8}",
@@ -332,10 +300,7 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 },
             };
             config.validate()?;
-            let info: VmInfo = control::call_simple(
-                &control::socket_path(&c.host),
-                &HostRequest::VmCreate { config },
-            )?;
+            let info = client::call(&c.host, api::VmCreate { config })?;
             println!(
                 "created {} on {}: {} MB + {} MB overhead reserved, MAC {}, IP {}",
                 info.name, info.host, info.memory_mb, info.overhead_mb, info.mac, info.ip
@@ -343,14 +308,12 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
         }
         VmCmd::List { host, json } => {
             let hosts = match host {
-                Some(h) => vec![host_info(&h)?],
-                None => hosts()?,
+                Some(h) => vec![client::host_info(&h)?],
+                None => client::some_hosts()?,
             };
             let mut vms = Vec::new();
             for h in &hosts {
-                let list: Vec<VmInfo> =
-                    control::call_simple(&control::socket_path(&h.name), &HostRequest::VmList)?;
-                vms.extend(list);
+                vms.extend(client::call(&h.name, api::VmList {})?);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&vms)?);
@@ -369,12 +332,20 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 }
             }
         }
+        VmCmd::Digest { name, json } => {
+            let h = client::locate(&name)?;
+            let d = client::call(&h.name, api::VmDigest { name })?;
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                println!(
+                    "{} on {}: memory sha256 {}",
+                    d.name, d.host, d.memory_sha256
+                );
+            }
+        }
         VmCmd::Show { name, json } => {
-            let h = locate(&name)?;
-            let v: VmInfo = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmShow { name },
-            )?;
+            let v = client::vm_show(&name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -396,38 +367,17 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 }
             }
         }
-        VmCmd::Digest { name, json } => {
-            let h = locate(&name)?;
-            let d: MemoryDigest = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmDigest { name },
-            )?;
-            if json {
-                println!("{}", serde_json::to_string(&d)?);
-            } else {
-                println!(
-                    "{} on {}: memory sha256 {}",
-                    d.name, d.host, d.memory_sha256
-                );
-            }
-        }
         VmCmd::Start { name } => {
-            let h = locate(&name)?;
-            let v: VmInfo = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmStart { name },
-            )?;
+            let h = client::locate(&name)?;
+            let v = client::call(&h.name, api::VmStart { name })?;
             println!(
                 "started {} on {}: disk lock taken, announced",
                 v.name, v.host
             );
         }
         VmCmd::Destroy { name } => {
-            let h = locate(&name)?;
-            let _: serde_json::Value = control::call_simple(
-                &control::socket_path(&h.name),
-                &HostRequest::VmDestroy { name: name.clone() },
-            )?;
+            let h = client::locate(&name)?;
+            client::call(&h.name, api::VmDestroy { name: name.clone() })?;
             println!("destroyed {name} on {}", h.name);
         }
     }
@@ -450,16 +400,17 @@ pub struct MigrateArgs {
     #[arg(long)]
     json: bool,
     /// Downtime target, ms (default: the source host's).
-    #[arg(long)]
+    #[arg(long, value_parser = positive::<u64>)]
     downtime_ms: Option<u64>,
-    /// Pre-copy round limit (default: the source host's).
-    #[arg(long)]
+    /// Pre-copy round limit, at least 1 (default: the source host's).
+    #[arg(long, value_parser = positive::<u32>)]
     max_rounds: Option<u32>,
-    /// When pre-copy does not converge: force or abort.
+    /// When pre-copy does not converge: force-stop (or force) or abort (default: the
+    /// source host's).
     #[arg(long)]
-    on_no_convergence: Option<String>,
-    /// Cap the migration stream, Mbit/s.
-    #[arg(long)]
+    on_no_convergence: Option<NoConvergence>,
+    /// Cap the pre-copy stream, Mbit/s, at least 1 (default: no cap).
+    #[arg(long, value_parser = positive::<u64>)]
     bandwidth_mbps: Option<u64>,
     /// How the target announces the VM after resume: rarp, garp or none
     /// (default: the target host's setting).
@@ -487,107 +438,30 @@ fn mib(pages: u64) -> f64 {
     pages as f64 * 4096.0 / (1024.0 * 1024.0)
 }
 
-/// What to migrate where, as the CLI verbs ask for it.
-#[derive(Debug, Clone, Default)]
-pub struct MigrateRequest {
-    pub name: String,
-    pub to: String,
-    pub announce: Option<Announce>,
-    pub options: MigrateOptions,
-}
-
-/// One VM, wherever it runs.
-pub fn vm_show(name: &str) -> Result<VmInfo, CliError> {
-    let h = locate(name)?;
-    Ok(control::call_simple(
-        &control::socket_path(&h.name),
-        &HostRequest::VmShow {
-            name: name.to_string(),
-        },
-    )?)
-}
-
-/// Runs one migration through the source host's daemon; returns the summary and the
-/// source and target host names. Progress goes to stderr when `progress` is set.
-pub fn migrate_call(
-    r: &MigrateRequest,
-    progress: bool,
-) -> Result<(MigrationSummary, String, String), CliError> {
-    let source = locate(&r.name)?;
-    if source.name == r.to {
-        return Err(format!("{} already runs on {}", r.name, r.to).into());
-    }
-    let target = host_info(&r.to).map_err(|e| format!("target host {}: {e}", r.to))?;
-    if let Some(mode) = &r.announce {
-        let _: serde_json::Value = control::call_simple(
-            &control::socket_path(&target.name),
-            &HostRequest::PrepareIncoming {
-                name: r.name.clone(),
-                announce: Some(mode.to_string()),
-            },
-        )?;
-    }
-    // A listener bound to every address is reached on loopback.
-    let mut addr = target.vmotion_addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(Ipv4Addr::LOCALHOST.into());
-    }
-    let req = HostRequest::Migrate {
-        name: r.name.clone(),
-        target: target.name.clone(),
-        target_addr: addr,
-        options: r.options.clone(),
-    };
-    if progress {
-        eprintln!(
-            "migrating {} from {} to {} (vMotion {})",
-            r.name, source.name, target.name, addr
-        );
-    }
-    let mut last: Option<Progress> = None;
-    let result = control::call(&control::socket_path(&source.name), &req, None, |p| {
-        let Ok(p) = serde_json::from_value::<Progress>(p) else {
+/// Runs one migration, with progress on stderr when `progress` is set.
+pub fn migrate(plan: &MigrationPlan, progress: bool) -> Result<Migrated, CliError> {
+    Ok(client::migrate(plan, |step| {
+        if !progress {
             return;
-        };
-        if progress {
-            eprintln!("  {}", describe(&p));
         }
-        last = Some(p);
-    });
-    // The source daemon died mid-migration: say which host, in which phase, and where
-    // the VM is now, as far as the target can tell.
-    let result = match result {
-        Err(control::ControlError::Closed | control::ControlError::Io(_)) => {
-            Err(control::ControlError::Remote(lost_source(
-                &r.name,
-                &source.name,
-                &target.name,
-                last.as_ref(),
-            )))
+        match step {
+            client::Step::Starting { from, to, vmotion } => {
+                eprintln!(
+                    "migrating {} from {from} to {to} (vMotion {vmotion})",
+                    plan.vm
+                )
+            }
+            client::Step::Progress(p) => eprintln!("  {}", describe(&p)),
         }
-        other => other,
-    };
-    if result.is_err() && r.announce.is_some() {
-        // The choice was for this migration only.
-        let _ = control::call_simple::<_, serde_json::Value>(
-            &control::socket_path(&target.name),
-            &HostRequest::PrepareIncoming {
-                name: r.name.clone(),
-                announce: None,
-            },
-        );
-    }
-    let v = result?;
-    let s: MigrationSummary = serde_json::from_value(v)?;
-    Ok((s, source.name, target.name))
+    })?)
 }
 
 /// Asks the daemon running `name` to cancel its outgoing migration.
 fn cancel_call(name: &str) -> Result<VmInfo, CliError> {
-    let h = locate(name)?;
-    Ok(control::call_simple(
-        &control::socket_path(&h.name),
-        &HostRequest::MigrateCancel {
+    let h = client::locate(name)?;
+    Ok(client::call(
+        &h.name,
+        api::MigrateCancel {
             name: name.to_string(),
         },
     )?)
@@ -657,8 +531,8 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
         return Err("migrate needs a VM name and --to HOST".into());
     };
     cancel_on_ctrl_c(&name)?;
-    let req = MigrateRequest {
-        name,
+    let plan = MigrationPlan {
+        vm: name,
         to,
         announce: a.announce,
         options: MigrateOptions {
@@ -669,62 +543,13 @@ pub fn run_migrate(a: MigrateArgs) -> Result<(), CliError> {
             encryption: a.encryption,
         },
     };
-    let (s, from, to) = migrate_call(&req, !(a.quiet || a.json))?;
+    let m = migrate(&plan, !(a.quiet || a.json))?;
     if a.json {
-        println!("{}", serde_json::to_string(&s)?);
+        println!("{}", serde_json::to_string(&m.summary)?);
     } else {
-        print_summary(&s, &from, &to);
+        print_summary(&m.summary, &m.from, &m.to);
     }
     Ok(())
-}
-
-/// The phase a migration was in, from the last progress line the CLI received.
-fn phase_after(last: Option<&Progress>) -> String {
-    match last {
-        None => "pre-check".into(),
-        Some(Progress::Round { round, .. }) => format!("pre-copy (after round {round})"),
-        Some(Progress::Quiesced { .. }) => "switch-over (quiesced, sending the bitmap)".into(),
-        Some(Progress::Bitmap { .. }) => "switch-over (the target was pulling pages)".into(),
-        Some(Progress::Pulled { .. }) => "switch-over (device state, resume)".into(),
-        Some(Progress::Resumed { .. }) => "completion (the target had resumed the VM)".into(),
-        #[allow(unreachable_patterns)]
-        Some(_) => "an unknown phase".into(),
-    }
-}
-
-/// The words for a source host that died mid-migration: which host, the phase, and
-/// where the VM is. The target is asked (for a few seconds, while it notices the
-/// broken stream) whether it runs the VM.
-fn lost_source(vm: &str, source: &str, target: &str, last: Option<&Progress>) -> String {
-    let phase = phase_after(last);
-    let died = format!("host {source} (the source) stopped answering during {phase}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let shown: Result<VmInfo, _> = control::call_simple(
-            &control::socket_path(target),
-            &HostRequest::VmShow {
-                name: vm.to_string(),
-            },
-        );
-        match shown {
-            Ok(v) => {
-                return format!(
-                    "{died}; {vm} runs on {target} ({}): the migration completed there",
-                    v.state
-                )
-            }
-            Err(control::ControlError::Remote(_)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(control::ControlError::Remote(_)) => {
-                return format!(
-                    "{died}; {vm} is not on {target} either: it was lost with {source} \
-                     (pre-copy keeps the only running copy on the source)"
-                )
-            }
-            Err(e) => return format!("{died}; {target} cannot be asked where {vm} is ({e})"),
-        }
-    }
 }
 
 fn describe(p: &Progress) -> String {

@@ -1,5 +1,5 @@
 //! `vfabric measure`: ping a VM from the client namespace with the system's real `ping`
-//! while it migrates, and explain the loss window from the daemons' own logs.
+//! while it migrates, and explain the loss window from the daemons' events.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 use vfabric::clock::unix_micros;
-use vfabric::measure::{self, LogEvent, PingLine, PingStats, Window};
+use vfabric::host::client::{self, MigrationPlan};
+use vfabric::measure::{self, PingLine, PingStats, Timeline, Window};
 use vfabric::migration::announce::Announce;
 use vfabric::migration::MigrationSummary;
+use vfabric::monitor::{self, Monitor};
 
-use super::host::{migrate_call, vm_show, MigrateRequest};
 use super::CliError;
 
 /// Ping a VM from the client namespace around a migration and report the loss window.
@@ -23,8 +24,8 @@ use super::CliError;
     vfabric measure vm1 --to silo105                   # one probe a second, like ping -t\n  \
     vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n\n\
     Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
-    The downtime, the first announce and the switch's MAC move are read from the daemons' logs\n\
-    (<log dir>/*.log, written by netns-scripts/up.sh).")]
+    The downtime, the first announce and the switch's MAC move come from the daemons' events\n\
+    (what `vfabric events` shows), subscribed to before the migration starts.")]
 pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
@@ -50,9 +51,6 @@ pub struct MeasureArgs {
     /// Give up waiting for replies to come back after this long, s.
     #[arg(long, default_value_t = 120)]
     max_wait_s: u64,
-    /// Directory of the daemons' logs (default: the runtime directory).
-    #[arg(long)]
-    log_dir: Option<PathBuf>,
     /// Keep ping's own output in this file.
     #[arg(long)]
     ping_log: Option<PathBuf>,
@@ -94,8 +92,9 @@ pub struct Report {
     pub udp_counter_before: Option<u64>,
     pub udp_counter_after: Option<u64>,
     pub window: Window,
-    /// The migration's events from every daemon's log, in time order.
-    pub timeline: Vec<measure::TimelineEntry>,
+    /// The probes, rounds, quiesce, resume, announces and FDB move on one time axis, and
+    /// the migration's events from every daemon in time order (`entries`).
+    pub timeline: Timeline,
     pub migration: MigrationSummary,
 }
 
@@ -191,45 +190,27 @@ impl Drop for Pinger {
     }
 }
 
-/// Every event with `t_us` in the `*.log` files of `dir`.
-pub fn read_events(dir: &std::path::Path) -> Vec<LogEvent> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in rd.flatten() {
-        let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) != Some("log") {
-            continue;
-        }
-        let daemon = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("?")
-            .to_string();
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(
-                text.lines()
-                    .filter_map(measure::parse_log_line)
-                    .map(|mut e| {
-                        e.fields.insert("daemon".into(), daemon.clone());
-                        e
-                    }),
-            );
-        }
+pub fn run(a: MeasureArgs) -> Result<(), CliError> {
+    let report = measure(&a)?;
+    let json = serde_json::to_string(&report)?;
+    if let Some(p) = &a.json_out {
+        std::fs::write(p, format!("{json}\n"))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
-    out
+    if a.json {
+        println!("{json}");
+    } else {
+        print_report(&report);
+    }
+    Ok(())
 }
 
-pub fn run(a: MeasureArgs) -> Result<(), CliError> {
+/// Pings, migrates, and builds the timeline and report.
+pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     if !(a.interval > 0.0 && a.interval <= 60.0) {
         return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
     }
-    let info = vm_show(&a.vm)?;
-    let log_dir = a
-        .log_dir
-        .clone()
-        .unwrap_or_else(vfabric::control::runtime_dir);
+    let info = client::vm_show(&a.vm)?;
     let say = |s: String| {
         if !a.json {
             eprintln!("{s}");
@@ -264,15 +245,17 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
     } else {
         None
     };
+    // Subscribed before the migration starts: no event of it can be missed.
+    let events = Monitor::open(&monitor::daemon_sockets()?, true)?;
     let since_us = unix_micros();
-    let req = MigrateRequest {
-        name: a.vm.clone(),
+    let plan = MigrationPlan {
+        vm: a.vm.clone(),
         to: a.to.clone(),
         announce: a.announce,
-        ..MigrateRequest::default()
+        ..MigrationPlan::default()
     };
-    let quiet = a.json;
-    let (summary, from, to) = migrate_call(&req, !quiet)?;
+    let migrated = super::host::migrate(&plan, !a.json)?;
+    let (summary, from, to) = (migrated.summary, migrated.from, migrated.to);
     let done_us = unix_micros();
     // Replies come back once the switch has followed the VM.
     let wait = Instant::now();
@@ -303,17 +286,10 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
     let ping = measure::ping_stats(&lines);
-    // Give the daemons' log writers a moment to flush.
-    std::thread::sleep(Duration::from_millis(50));
-    let events = read_events(&log_dir);
-    let window = measure::find_window(&events, &a.vm, &info.mac.to_string(), since_us);
-    let timeline = measure::timeline(
-        &events,
-        &a.vm,
-        &info.mac.to_string(),
-        since_us,
-        unix_micros(),
-    );
+    let until_us = unix_micros();
+    let records = events.finish(Duration::from_millis(50));
+    let timeline = Timeline::build(&records, &lines, &a.vm, info.mac, since_us, until_us);
+    let window = timeline.window();
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -345,17 +321,7 @@ pub fn run(a: MeasureArgs) -> Result<(), CliError> {
         timeline,
         migration: summary,
     };
-    let json = serde_json::to_string(&report)?;
-    if let Some(p) = &a.json_out {
-        std::fs::write(p, format!("{json}\n"))
-            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-    }
-    if a.json {
-        println!("{json}");
-    } else {
-        print_report(&report);
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// Sends `incr` to the guest's UDP service from `netns` with this same binary, as a
@@ -388,10 +354,10 @@ fn us(v: Option<u64>) -> String {
 }
 
 pub fn print_report(r: &Report) {
-    if !r.timeline.is_empty() {
-        println!("what the daemons logged (ms from the first event):");
-        for e in &r.timeline {
-            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.daemon, e.what);
+    if !r.timeline.entries.is_empty() {
+        println!("what the daemons reported (ms from the first event):");
+        for e in &r.timeline.entries {
+            println!("  {:>10.3}  {:<8} {}", e.offset_ms, e.source, e.event);
         }
     }
     println!(

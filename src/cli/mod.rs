@@ -1,5 +1,6 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod events;
 mod host;
 mod measure;
 mod switch;
@@ -51,6 +52,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Follow the daemons' events live, merged in time order.
+    Events(events::EventsArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
     Pki(host::PkiArgs),
 }
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
         Command::Udp(args) => udp::run(args),
+        Command::Events(a) => events::run(a),
         Command::Pki(a) => host::run_pki(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use super::CliError;
 use vfabric::control;
 use vfabric::switch::FdbConfig;
-use vfabric::switchd::control::SwitchRequest;
+use vfabric::switchd::api;
 use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
 
 #[derive(Debug, Args)]
@@ -26,7 +26,7 @@ use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
 )]
 pub struct SwitchArgs {
     /// Switch name; the control socket is $VFABRIC_RUN_DIR/NAME.sock
-    #[arg(long, default_value = "switch")]
+    #[arg(long, default_value = switchd::DEFAULT_NAME)]
     name: String,
     /// A port, e.g. client=vf-client:eth0 (repeat for each port)
     #[arg(long = "port", value_name = "NAME=NETNS:IFNAME", required = true)]
@@ -36,14 +36,14 @@ pub struct SwitchArgs {
     #[arg(long, value_name = "IFNAME")]
     mirror: Option<String>,
     /// Seconds an unused FDB entry lives; 0 learns nothing and floods everything
-    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    #[arg(long, default_value_t = FdbConfig::default().ageing.as_secs(), value_name = "SECS")]
     ageing_secs: u64,
     /// Most FDB entries; a new MAC beyond it evicts one from the busiest port
-    #[arg(long, default_value_t = 8192, value_name = "N")]
+    #[arg(long, default_value_t = FdbConfig::default().max_entries, value_name = "N")]
     max_entries: usize,
     /// Refuse to move a MAC to another port until it has been silent this long on its
     /// current port (0: move at once, as the Linux bridge does)
-    #[arg(long, default_value_t = 0, value_name = "MS")]
+    #[arg(long, default_value_t = FdbConfig::default().hold_down.as_millis() as u64, value_name = "MS")]
     hold_down_ms: u64,
     /// Open the TAPs without checksum/TSO offloads: the kernel then sends only finished
     /// frames of at most the MTU (slower; for comparison)
@@ -68,7 +68,7 @@ enum FdbCmd {
     /// the MAC is on that port
     Show {
         /// Name of the switch to ask
-        #[arg(long, default_value = "switch")]
+        #[arg(long, default_value = switchd::DEFAULT_NAME)]
         switch: String,
         /// Print a JSON array of {"mac","port","port_id","age_s","updated_t_us"}
         #[arg(long)]
@@ -77,7 +77,7 @@ enum FdbCmd {
     /// Forget every learned MAC (traffic floods until relearned)
     Flush {
         /// Name of the switch to ask
-        #[arg(long, default_value = "switch")]
+        #[arg(long, default_value = switchd::DEFAULT_NAME)]
         switch: String,
         /// Print {"flushed": N}
         #[arg(long)]
@@ -89,7 +89,7 @@ enum FdbCmd {
 #[command(about = "Show the switch's ports and their counters")]
 pub struct PortsArgs {
     /// Name of the switch to ask
-    #[arg(long, default_value = "switch")]
+    #[arg(long, default_value = switchd::DEFAULT_NAME)]
     switch: String,
     /// Print a JSON array, one object per port
     #[arg(long)]
@@ -126,14 +126,14 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn ask<T: serde::de::DeserializeOwned>(switch: &str, req: SwitchRequest) -> Result<T, CliError> {
-    Ok(control::call_simple(&control::socket_path(switch), &req)?)
+fn ask<R: control::Request>(switch: &str, req: R) -> Result<R::Reply, CliError> {
+    Ok(control::request(&control::socket_path(switch), req)?)
 }
 
 pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
     match args.cmd {
         FdbCmd::Show { switch, json } => {
-            let rows: Vec<FdbRow> = ask(&switch, SwitchRequest::FdbShow)?;
+            let rows: Vec<FdbRow> = ask(&switch, api::FdbShow {})?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -149,11 +149,11 @@ pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
             }
         }
         FdbCmd::Flush { switch, json } => {
-            let v: serde_json::Value = ask(&switch, SwitchRequest::FdbFlush)?;
+            let v = ask(&switch, api::FdbFlush {})?;
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
-                println!("flushed {} entries", v["flushed"]);
+                println!("flushed {} entries", v.flushed);
             }
         }
     }
@@ -161,7 +161,7 @@ pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
 }
 
 /// `HH:MM:SS.ffffff` (UTC) of a µs stamp, as the log lines print it; `?` for none.
-fn utc_time_of_day(t_us: u64) -> String {
+pub fn utc_time_of_day(t_us: u64) -> String {
     if t_us == 0 {
         return "?".into();
     }
@@ -171,7 +171,7 @@ fn utc_time_of_day(t_us: u64) -> String {
 }
 
 pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
-    let ports: Vec<PortStats> = ask(&args.switch, SwitchRequest::Ports)?;
+    let ports: Vec<PortStats> = ask(&args.switch, api::Ports {})?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&ports)?);
         return Ok(());

@@ -5,6 +5,17 @@
 //! server answers with zero or more [`Reply::Progress`] lines and then exactly one
 //! [`Reply::Ok`] or [`Reply::Err`]. Unix sockets ignore network namespaces, so the CLI
 //! reaches daemons in any namespace without `ip netns exec`.
+//!
+//! Requests are typed: each action is a type implementing [`Request`], which names the
+//! daemon's request enum it travels in and the type of its reply, so a caller and a
+//! handler cannot disagree about what comes back ([`request`] on the client side,
+//! [`Request::reply`] on the daemon's). Errors stay enums until they reach the socket,
+//! where they become their one-line text.
+//!
+//! Every daemon also serves its event stream ([`crate::events`]): the request line
+//! `{"subscribe":{}}` is answered by one [`Reply::Progress`] line (`{"subscribed":
+//! SOURCE}`), then one [`Reply::Event`] line per event for as long as the client reads
+//! fast enough; a client whose queue fills is dropped with a final [`Reply::Err`].
 
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,10 +28,77 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
+use crate::events::{EventBus, Record, SUBSCRIBER_QUEUE};
+
 /// Longest request or reply line accepted, in bytes.
 pub const MAX_LINE: usize = 1 << 20;
-/// How long a client may take to send its request line.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon waits for a client's request line, and a client for a reply line
+/// (unless it asks for longer, as a migration does).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One action of a daemon's control API: `Api` is the daemon's request enum it travels
+/// in, `Reply` what the daemon answers.
+pub trait Request: Sized {
+    type Api: Serialize + DeserializeOwned + From<Self>;
+    type Reply: Serialize + DeserializeOwned;
+
+    /// The daemon's side: turns the handler's typed result into the final reply line's
+    /// value; the error becomes its one-line text here, at the socket.
+    fn reply<E: std::error::Error>(r: Result<Self::Reply, E>) -> Result<serde_json::Value, String> {
+        match r {
+            Ok(v) => serde_json::to_value(v).map_err(|e| e.to_string()),
+            Err(e) => Err(error_line(&e)),
+        }
+    }
+}
+
+/// Declares request types of an API enum: `api_requests!(HostRequest: Info => HostInfo, …)`
+/// implements [`Request`] for each, and wraps each in the enum variant of the same name.
+#[macro_export]
+macro_rules! api_requests {
+    ($api:ident : $($req:ident => $reply:ty),+ $(,)?) => {
+        $(
+            impl $crate::control::Request for $req {
+                type Api = $api;
+                type Reply = $reply;
+            }
+            impl From<$req> for $api {
+                fn from(r: $req) -> $api {
+                    $api::$req(r)
+                }
+            }
+        )+
+    };
+}
+
+/// An error and its causes on one line, as it crosses the socket.
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// The request line that opens an event stream (any daemon).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub subscribe: SubscribeOptions,
+}
+
+/// Options of [`Subscribe`] (none yet: every event of the daemon).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SubscribeOptions {}
+
+/// First line of an event stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Subscribed {
+    pub subscribed: String,
+}
 
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +134,8 @@ pub enum ControlError {
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Progress(serde_json::Value),
+    /// One event of a subscription.
+    Event(Record),
     Ok(serde_json::Value),
     Err(String),
 }
@@ -112,8 +192,24 @@ impl Progress {
 
 /// Serves requests on `listener` until `shutdown` resolves. Each connection carries one
 /// request of type `Req`; `handler` returns the final value or a one-line error text.
+/// Without an event bus, a subscription is refused.
 pub async fn serve<Req, H, Fut, S>(listener: UnixListener, handler: H, shutdown: S)
 where
+    Req: DeserializeOwned + Send + 'static,
+    H: Fn(Req, Progress) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    serve_events(listener, handler, None, shutdown).await
+}
+
+/// [`serve`], also serving subscriptions to `events`.
+pub async fn serve_events<Req, H, Fut, S>(
+    listener: UnixListener,
+    handler: H,
+    events: Option<EventBus>,
+    shutdown: S,
+) where
     Req: DeserializeOwned + Send + 'static,
     H: Fn(Req, Progress) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
@@ -130,8 +226,9 @@ where
                     continue;
                 };
                 let handler = handler.clone();
+                let events = events.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one::<Req, H, Fut>(stream, handler).await {
+                    if let Err(e) = serve_one::<Req, H, Fut>(stream, handler, events).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });
@@ -140,7 +237,11 @@ where
     }
 }
 
-async fn serve_one<Req, H, Fut>(stream: tokio::net::UnixStream, handler: H) -> std::io::Result<()>
+async fn serve_one<Req, H, Fut>(
+    stream: tokio::net::UnixStream,
+    handler: H,
+    events: Option<EventBus>,
+) -> std::io::Result<()>
 where
     Req: DeserializeOwned,
     H: Fn(Req, Progress) -> Fut,
@@ -150,9 +251,12 @@ where
     let mut rd = tokio::io::BufReader::new(rd).take(MAX_LINE as u64);
     let mut line = String::new();
     // A client that connects and says nothing does not keep its descriptor forever.
-    tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line))
+    tokio::time::timeout(DEFAULT_TIMEOUT, rd.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if serde_json::from_str::<Subscribe>(line.trim()).is_ok() {
+        return stream_events(events, wr).await;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     match serde_json::from_str::<Req>(line.trim()) {
         Ok(req) => {
@@ -177,6 +281,48 @@ where
         if last {
             break;
         }
+    }
+    wr.shutdown().await
+}
+
+async fn write_reply(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(reply).map_err(std::io::Error::other)?;
+    text.push('\n');
+    wr.write_all(text.as_bytes()).await
+}
+
+/// Answers a subscription: an acknowledgement, then every event until the client goes
+/// away or falls so far behind that the bus drops it.
+async fn stream_events(
+    events: Option<EventBus>,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let Some(bus) = events else {
+        write_reply(
+            &mut wr,
+            &Reply::Err("this daemon has no event stream".into()),
+        )
+        .await?;
+        return wr.shutdown().await;
+    };
+    let mut sub = bus.subscribe(SUBSCRIBER_QUEUE);
+    let ack = Subscribed {
+        subscribed: bus.source().to_string(),
+    };
+    write_reply(
+        &mut wr,
+        &Reply::Progress(serde_json::to_value(ack).map_err(std::io::Error::other)?),
+    )
+    .await?;
+    while let Some(record) = sub.rx.recv().await {
+        write_reply(&mut wr, &Reply::Event(record)).await?;
+    }
+    if sub.was_dropped() {
+        let why = format!("events dropped: this subscriber fell {SUBSCRIBER_QUEUE} events behind");
+        write_reply(&mut wr, &Reply::Err(why)).await?;
     }
     wr.shutdown().await
 }
@@ -209,19 +355,126 @@ pub fn call<Req: Serialize>(
             .map_err(|e| ControlError::Protocol(e.to_string()))?
         {
             Reply::Progress(v) => on_progress(v),
+            Reply::Event(_) => {
+                return Err(ControlError::Protocol(
+                    "an event where a reply was due".into(),
+                ))
+            }
             Reply::Ok(v) => return Ok(v),
             Reply::Err(e) => return Err(ControlError::Remote(e)),
         }
     }
 }
 
-/// Convenience: a call with a 10 s read timeout and no progress.
+/// Convenience: a call with the default read timeout and no progress.
 pub fn call_simple<Req: Serialize, Resp: DeserializeOwned>(
     path: &Path,
     req: &Req,
 ) -> Result<Resp, ControlError> {
-    let v = call(path, req, Some(Duration::from_secs(10)), |_| {})?;
+    let v = call(path, req, Some(DEFAULT_TIMEOUT), |_| {})?;
     serde_json::from_value(v).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+/// Sends the typed request `req` to the daemon at `path` and returns its typed reply
+/// (default read timeout).
+pub fn request<R: Request>(path: &Path, req: R) -> Result<R::Reply, ControlError> {
+    request_with_progress(path, req, Some(DEFAULT_TIMEOUT), |_: serde_json::Value| {})
+}
+
+/// [`request`] with progress lines of type `P` and a read timeout of choice (None: wait
+/// forever). A progress line of another shape is skipped.
+pub fn request_with_progress<R: Request, P: DeserializeOwned>(
+    path: &Path,
+    req: R,
+    timeout: Option<Duration>,
+    mut on_progress: impl FnMut(P),
+) -> Result<R::Reply, ControlError> {
+    let api: R::Api = req.into();
+    let v = call(path, &api, timeout, |v| {
+        if let Ok(p) = serde_json::from_value(v) {
+            on_progress(p)
+        }
+    })?;
+    serde_json::from_value(v).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+/// A live event stream from one daemon (blocking reads).
+pub struct EventStream {
+    source: String,
+    rd: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl EventStream {
+    /// Subscribes to the events of the daemon at `path`. Returns once the daemon has
+    /// acknowledged: every event it publishes from then on is in the stream.
+    pub fn open(path: &Path) -> Result<EventStream, ControlError> {
+        let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+            ControlError::Connect {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+        let mut text = serde_json::to_string(&Subscribe::default())
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        text.push('\n');
+        stream.write_all(text.as_bytes())?;
+        let mut rd = BufReader::new(stream);
+        let source = match read_reply(&mut rd)? {
+            Some(Reply::Progress(v)) => {
+                serde_json::from_value::<Subscribed>(v)
+                    .map_err(|e| ControlError::Protocol(e.to_string()))?
+                    .subscribed
+            }
+            Some(Reply::Err(e)) => return Err(ControlError::Remote(e)),
+            Some(_) => return Err(ControlError::Protocol("no subscription".into())),
+            None => {
+                return Err(ControlError::Protocol(
+                    "daemon closed the connection without a reply".into(),
+                ))
+            }
+        };
+        rd.get_ref().set_read_timeout(None)?;
+        Ok(EventStream { source, rd })
+    }
+
+    /// The daemon's name, as its records carry it.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// A handle that ends the stream from another thread (`shutdown`).
+    pub fn closer(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
+        self.rd.get_ref().try_clone()
+    }
+
+    /// Bounds each wait for the next event (None: wait forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.rd.get_ref().set_read_timeout(timeout)
+    }
+
+    /// The next event; `Ok(None)` when the daemon ended the stream.
+    pub fn next_event(&mut self) -> Result<Option<Record>, ControlError> {
+        match read_reply(&mut self.rd)? {
+            None => Ok(None),
+            Some(Reply::Event(r)) => Ok(Some(r)),
+            Some(Reply::Err(e)) => Err(ControlError::Remote(e)),
+            Some(_) => Err(ControlError::Protocol("not an event".into())),
+        }
+    }
+}
+
+fn read_reply(
+    rd: &mut BufReader<std::os::unix::net::UnixStream>,
+) -> Result<Option<Reply>, ControlError> {
+    let mut line = String::new();
+    let n = rd.take(MAX_LINE as u64).read_line(&mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str::<Reply>(line.trim())
+        .map(Some)
+        .map_err(|e| ControlError::Protocol(e.to_string()))
 }
 
 #[cfg(test)]
@@ -286,6 +539,66 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+        stop_tx.send(()).unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_get_every_event_and_a_slow_one_is_told_it_was_dropped() {
+        use crate::events::{Event, EventBus};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        let listener = bind(&path).unwrap();
+        let bus = EventBus::new("silo104");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_events(
+            listener,
+            |_: TestReq, _: Progress| async { Ok(serde_json::Value::Null) },
+            Some(bus.clone()),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let p = path.clone();
+        let b = bus.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = EventStream::open(&p).unwrap();
+            assert_eq!(s.source(), "silo104");
+            // Subscribed once `open` returns: nothing published from now on is lost.
+            let slow = EventStream::open(&p).unwrap();
+            for i in 0..3 {
+                b.emit(
+                    i,
+                    Event::FdbFlushed {
+                        entries: i as usize,
+                    },
+                );
+            }
+            for i in 0..3 {
+                let r = s.next_event().unwrap().unwrap();
+                assert_eq!((r.t_us, r.source.as_str()), (i, "silo104"));
+            }
+            // `slow` reads nothing while the bus outruns its queue: it is dropped, the
+            // publisher never waits, and the stream ends by saying so.
+            for i in 0..(SUBSCRIBER_QUEUE as u64 * 4) {
+                b.publish(i, Event::FdbFlushed { entries: 0 });
+            }
+            let mut slow = slow;
+            let end = loop {
+                match slow.next_event() {
+                    Ok(Some(_)) => continue,
+                    other => break other,
+                }
+            };
+            match end {
+                Err(ControlError::Remote(e)) => assert!(e.contains("dropped"), "{e}"),
+                other => panic!("unexpected {other:?}"),
+            }
+            // The fast one is still subscribed.
+            assert_eq!(s.next_event().unwrap().unwrap().t_us, 0);
+        })
+        .await
+        .unwrap();
         stop_tx.send(()).unwrap();
         server.await.unwrap();
     }

@@ -1,66 +1,175 @@
-//! Control-plane messages of the hypervisor daemon (`vfabric host`), shared by the daemon
-//! and the CLI. One request per connection; see [`crate::control`] for the framing.
+//! Control API of the hypervisor daemon (`vfabric host`), shared by the daemon and its
+//! clients: one type per request, naming its reply. One request per connection; see
+//! [`crate::control`] for the framing and [`crate::host::client`] for the calls.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::VmConfig;
-use crate::migration::MigrationSummary;
+use crate::guest::{GuestError, VmConfig};
+use crate::host::admission::AdmissionError;
+use crate::host::datastore::DatastoreError;
+use crate::migration::announce::Announce;
+use crate::migration::{MigrationError, MigrationSummary, NoConvergence};
 use crate::wire::MacAddr;
 
-/// A request to a host daemon.
+/// A request to a host daemon: one variant per action, each carrying its request type,
+/// which names its reply type ([`crate::control::Request`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostRequest {
-    /// The host's identity and capacity.
-    Info,
-    /// Create and start a VM.
-    VmCreate { config: VmConfig },
-    /// Every VM on this host.
-    VmList,
-    /// One VM.
-    VmShow { name: String },
-    /// The digest of one VM's memory as it is now.
-    VmDigest { name: String },
-    /// Stop a VM, release its disk and free its memory.
-    VmDestroy { name: String },
-    /// Start a VM that is stopped here because its disk lock could not be retaken: take
-    /// the lock, then resume (and announce) it. Replies [`VmInfo`].
-    VmStart { name: String },
-    /// Live-migrate a VM from this host to the host listening at `target_addr`.
-    Migrate {
-        name: String,
-        target: String,
-        target_addr: SocketAddr,
-        #[serde(default)]
-        options: MigrateOptions,
-    },
-    /// Cancel the outgoing migration of `name`. Replies [`VmInfo`] once the VM runs on
-    /// this host again; an error if it is not migrating, or if the switch-over had passed
-    /// the point of no return (the VM then runs on the target).
-    MigrateCancel { name: String },
-    /// Announce mode for the next incoming migration of `name` (this host is the
-    /// target); None forgets an earlier choice.
-    PrepareIncoming {
-        name: String,
-        announce: Option<String>,
-    },
+    Info(Info),
+    VmCreate(VmCreate),
+    VmList(VmList),
+    VmShow(VmShow),
+    VmDigest(VmDigest),
+    VmDestroy(VmDestroy),
+    VmStart(VmStart),
+    Migrate(Migrate),
+    MigrateCancel(MigrateCancel),
+    PrepareIncoming(PrepareIncoming),
 }
 
-/// Per-migration overrides of the host's defaults.
+/// The host's identity and capacity.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Info {}
+
+/// Create and start a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmCreate {
+    pub config: VmConfig,
+}
+
+/// Every VM on this host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VmList {}
+
+/// One VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmShow {
+    pub name: String,
+}
+
+/// The digest of one VM's memory as it is now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDigest {
+    pub name: String,
+}
+
+/// Stop a VM, release its disk and free its memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDestroy {
+    pub name: String,
+}
+
+/// Start a VM that is stopped here because its disk lock could not be retaken: take the
+/// lock, then resume (and announce) it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmStart {
+    pub name: String,
+}
+
+/// Cancel the outgoing migration of `name`. Replies once the VM runs on this host again;
+/// an error if it is not migrating, or if the switch-over had passed the point of no
+/// return (the VM then runs on the target).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateCancel {
+    pub name: String,
+}
+
+/// Live-migrate a VM from this host to the host listening at `target_addr`; progress
+/// lines are [`crate::migration::Progress`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Migrate {
+    pub name: String,
+    pub target: String,
+    pub target_addr: SocketAddr,
+    #[serde(default)]
+    pub options: MigrateOptions,
+}
+
+/// Announce mode for the next incoming migration of `name` (this host is the target);
+/// None forgets an earlier choice.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareIncoming {
+    pub name: String,
+    pub announce: Option<Announce>,
+}
+
+crate::api_requests!(HostRequest:
+    Info => HostInfo,
+    VmCreate => VmInfo,
+    VmList => Vec<VmInfo>,
+    VmShow => VmInfo,
+    VmDigest => MemoryDigest,
+    VmDestroy => (),
+    VmStart => VmInfo,
+    Migrate => MigrationSummary,
+    MigrateCancel => VmInfo,
+    PrepareIncoming => (),
+);
+
+/// Per-migration overrides of the host's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrateOptions {
     pub downtime_ms: Option<u64>,
     pub max_rounds: Option<u32>,
-    pub on_no_convergence: Option<String>,
+    pub on_no_convergence: Option<NoConvergence>,
     pub bandwidth_mbps: Option<u64>,
     /// vMotion encryption of this migration (default: the source host's setting).
     #[serde(default)]
     pub encryption: Option<crate::migration::tls::Encryption>,
 }
 
-/// Reply to [`HostRequest::Info`].
+/// Why a host daemon refused or failed a request (text only at the socket).
+#[derive(Debug, thiserror::Error)]
+pub enum HostApiError {
+    #[error("no VM named {vm} on host {host}")]
+    NoSuchVm { vm: String, host: String },
+    #[error("a VM named {vm} already exists on host {host}")]
+    Exists { vm: String, host: String },
+    #[error("MAC {mac} is already used by another VM on host {host}")]
+    MacInUse { mac: MacAddr, host: String },
+    #[error("VM {0} is migrating; try again when it ends")]
+    Busy(String),
+    #[error("VM {0} is already migrating")]
+    AlreadyMigrating(String),
+    #[error(transparent)]
+    Config(#[from] GuestError),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    #[error("pre-check failed: {error}; {vm} keeps running on {host}")]
+    Unreachable {
+        error: crate::migration::tls::ConnectError,
+        vm: String,
+        host: String,
+    },
+    #[error("{error}; {vm} keeps running on {host}")]
+    FailedKeptHere {
+        error: MigrationError,
+        vm: String,
+        host: String,
+    },
+    #[error("migration of {vm} cancelled in {step}; {vm} keeps running on {host}")]
+    Cancelled {
+        vm: String,
+        step: crate::migration::Step,
+        host: String,
+    },
+    /// Refusals of the datastore and lifecycle checks that carry their own wording.
+    #[error("{0}")]
+    Other(String),
+    #[error("{error}; {vm} was taken over by {target}")]
+    FailedTakenOver {
+        error: MigrationError,
+        vm: String,
+        target: String,
+    },
+}
+
+/// Reply to [`Info`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub name: String,
@@ -104,7 +213,7 @@ pub struct VmInfo {
     pub problem: Option<String>,
 }
 
-/// Reply to [`HostRequest::VmDigest`].
+/// Reply to [`VmDigest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryDigest {
     pub name: String,
@@ -113,6 +222,3 @@ pub struct MemoryDigest {
     /// as `memory_sha256_source`/`_target`.
     pub memory_sha256: String,
 }
-
-/// Final reply to [`HostRequest::Migrate`].
-pub type MigrateReply = MigrationSummary;

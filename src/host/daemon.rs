@@ -17,18 +17,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::unix_micros;
-use crate::control::{self, Progress};
+use crate::control::{self, Progress, Request};
+use crate::events::{Event, EventBus};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo};
+use crate::host::api::{
+    self, HostApiError, HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo,
+};
 use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
 use crate::migration::{
-    self, Cancel, ErrorKind, MigrationConfig, NoConvergence, PhaseWait, SourceHooks, Step,
-    TargetHooks,
+    self, Cancel, ErrorKind, MigrationConfig, PhaseWait, SourceHooks, Step, TargetHooks,
 };
 use crate::port::packet::PacketSocket;
 use crate::wire::ethernet::Frame;
@@ -203,6 +205,7 @@ struct Host {
     uplink: Option<Arc<PacketSocket>>,
     stop: AtomicBool,
     pause: PausePoints,
+    events: EventBus,
     /// vMotion connections refused before authentication, since the last summary.
     rejections: Rejections,
 }
@@ -229,9 +232,11 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     })?;
     let control = control::bind(&cfg.socket)?;
     let pause = PausePoints::new(cfg.test_pause_dir.clone(), &cfg.name);
+    let events = EventBus::new(&cfg.name);
     let host = Arc::new(Host {
         pause,
         cfg,
+        events: events.clone(),
         vmotion_addr,
         datastore: Arc::new(datastore),
         inv: Mutex::new(Inventory::default()),
@@ -301,14 +306,17 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
                 tick.tick().await;
                 let (n, why) = h.rejections.take();
                 if n > 0 {
-                    tracing::warn!(host = %h.cfg.name, refused = n, reasons = %why,
-                        "{n} vMotion connections refused in the last {} s",
-                        REFUSALS_EVERY.as_secs());
+                    h.events.emit_now(Event::VmotionRefused {
+                        host: h.cfg.name.clone(),
+                        connections: n,
+                        reasons: why.to_string(),
+                        period_s: REFUSALS_EVERY.as_secs(),
+                    });
                 }
             }
         })
     };
-    control::serve(control, handler, shutdown).await;
+    control::serve_events(control, handler, Some(events), shutdown).await;
     accept.abort();
     summaries.abort();
     host.stop.store(true, Ordering::SeqCst);
@@ -416,57 +424,53 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_policy(s: &str) -> Result<NoConvergence, String> {
-    match s {
-        "force" | "force-stop" => Ok(NoConvergence::ForceStop),
-        "abort" => Ok(NoConvergence::Abort),
-        other => Err(format!(
-            "invalid --on-no-convergence {other:?} (expected force or abort)"
-        )),
-    }
-}
-
 impl Host {
     async fn handle(
         self: Arc<Self>,
         req: HostRequest,
         progress: Progress,
     ) -> Result<serde_json::Value, String> {
+        type Ok<T> = Result<T, HostApiError>;
         match req {
-            HostRequest::Info => Ok(to_json(&self.info())),
-            HostRequest::VmCreate { config } => self.create(config).map(|i| to_json(&i)),
-            HostRequest::VmList => Ok(to_json(&self.list())),
-            HostRequest::VmShow { name } => self.show(&name).map(|i| to_json(&i)),
-            HostRequest::VmDigest { name } => self.digest(&name).await.map(|d| to_json(&d)),
-            HostRequest::VmDestroy { name } => {
-                self.destroy(&name).map(|()| serde_json::Value::Null)
+            HostRequest::Info(_) => api::Info::reply(Ok::Ok(self.info())),
+            HostRequest::VmCreate(r) => api::VmCreate::reply(self.create(r.config)),
+            HostRequest::VmList(_) => api::VmList::reply(Ok::Ok(self.list())),
+            HostRequest::VmShow(r) => api::VmShow::reply(self.show(&r.name)),
+            HostRequest::VmDigest(r) => {
+                api::VmDigest::reply(self.digest(&r.name).await.map_err(HostApiError::Other))
             }
-            HostRequest::VmStart { name } => self.start(&name).map(|i| to_json(&i)),
-            HostRequest::MigrateCancel { name } => {
-                self.cancel_migration(&name).await.map(|i| to_json(&i))
+            HostRequest::VmDestroy(r) => api::VmDestroy::reply(self.destroy(&r.name)),
+            HostRequest::VmStart(r) => {
+                api::VmStart::reply(self.start(&r.name).map_err(HostApiError::Other))
             }
-            HostRequest::PrepareIncoming { name, announce } => {
+            HostRequest::MigrateCancel(r) => api::MigrateCancel::reply(
+                self.cancel_migration(&r.name)
+                    .await
+                    .map_err(HostApiError::Other),
+            ),
+            HostRequest::PrepareIncoming(r) => {
                 let mut inv = self.lock_inv();
-                match announce {
+                match r.announce {
                     Some(a) => {
-                        let a: Announce = a.parse().map_err(|e| format!("{e}"))?;
-                        inv.announce_next.insert(name, a);
+                        inv.announce_next.insert(r.name, a);
                     }
                     None => {
-                        inv.announce_next.remove(&name);
+                        inv.announce_next.remove(&r.name);
                     }
                 }
-                Ok(serde_json::Value::Null)
+                api::PrepareIncoming::reply(Ok::Ok(()))
             }
-            HostRequest::Migrate {
-                name,
-                target,
-                target_addr,
-                options,
-            } => self
-                .migrate(name, target, target_addr, options, progress)
-                .await
-                .map(|s| to_json(&s)),
+            HostRequest::Migrate(r) => api::Migrate::reply(
+                self.migrate(r.name, r.target, r.target_addr, r.options, progress)
+                    .await,
+            ),
+        }
+    }
+
+    fn no_such_vm(&self, name: &str) -> HostApiError {
+        HostApiError::NoSuchVm {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
         }
     }
 
@@ -529,12 +533,12 @@ impl Host {
         v
     }
 
-    fn show(&self, name: &str) -> Result<VmInfo, String> {
+    fn show(&self, name: &str) -> Result<VmInfo, HostApiError> {
         let inv = self.lock_inv();
         inv.vms
             .get(name)
             .map(|e| self.vm_info(e))
-            .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))
+            .ok_or_else(|| self.no_such_vm(name))
     }
 
     /// The digest of the VM's memory as it is now (`GuestMemory::digest`, the one a
@@ -560,34 +564,32 @@ impl Host {
     }
 
     /// Checks that `config` may come to this host and reserves room for it.
-    fn admit(&self, inv: &mut Inventory, config: &VmConfig) -> Result<(u64, u64), String> {
-        config.validate().map_err(|e| e.to_string())?;
+    fn admit(&self, inv: &mut Inventory, config: &VmConfig) -> Result<(u64, u64), HostApiError> {
+        config.validate()?;
         if inv.vms.contains_key(&config.name) || inv.pending.contains_key(&config.name) {
-            return Err(format!(
-                "a VM named {} already exists on host {}",
-                config.name, self.cfg.name
-            ));
+            return Err(HostApiError::Exists {
+                vm: config.name.clone(),
+                host: self.cfg.name.clone(),
+            });
         }
         if inv
             .vms
             .values()
             .any(|e| e.shared.vm.config().mac == config.mac)
         {
-            return Err(format!(
-                "MAC {} is already used by another VM on host {}",
-                config.mac, self.cfg.name
-            ));
+            return Err(HostApiError::MacInUse {
+                mac: config.mac,
+                host: self.cfg.name.clone(),
+            });
         }
-        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)
-            .map_err(|e| e.to_string())?;
+        let r = admission::reservation(config.vcpus, config.memory_mb, config.word_bits)?;
         admission::check_room_for(
             &self.cfg.name,
             self.cfg.capacity_mb,
             inv.reserved_mb(),
             &config.name,
             r,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let (need, overhead) = (r.total_mb(), r.overhead_mb);
         Ok((need, overhead))
     }
@@ -651,9 +653,11 @@ impl Host {
 
     /// Creates and starts a VM. Whatever step fails, nothing is left behind: no claim,
     /// no lock or disk file this call created, no reservation.
-    fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, String> {
+    fn create(self: &Arc<Self>, config: VmConfig) -> Result<VmInfo, HostApiError> {
         let name = config.name.clone();
-        let refused = |e: &dyn std::error::Error| format!("cannot create {name}: {}", chain(e));
+        let refused = |e: &dyn std::error::Error| {
+            HostApiError::Other(format!("cannot create {name}: {}", chain(e)))
+        };
         let mut inv = self.lock_inv();
         let (need, overhead) = self.admit(&mut inv, &config)?;
         let claims = self
@@ -683,15 +687,27 @@ impl Host {
                 return Err(refused(&e));
             }
         };
+        self.events.emit_now(Event::VmCreated {
+            vm: config.name.clone(),
+            host: self.cfg.name.clone(),
+            memory_mb: config.memory_mb,
+            vcpus: config.vcpus,
+            mac: config.mac,
+            ip: config.ip,
+            reserved_mb: need,
+        });
         vm.start();
+        self.events.emit_now(Event::VmStarted {
+            vm: config.name.clone(),
+            host: self.cfg.name.clone(),
+        });
         let announce = self.cfg.announce;
         let handles = self.install(&mut inv, vm, (disk, Some(claims)), need, overhead, announce);
-        tracing::info!(
-            vm = %config.name, host = %self.cfg.name, memory_mb = config.memory_mb,
-            vcpus = config.vcpus, mac = %config.mac, ip = %config.ip,
-            reserved_mb = need, t_us = unix_micros(), "vm created"
+        let info = self.vm_info(
+            inv.vms
+                .get(&config.name)
+                .ok_or_else(|| self.no_such_vm(&config.name))?,
         );
-        let info = self.vm_info(inv.vms.get(&config.name).ok_or("VM vanished")?);
         drop(inv);
         // The switch may know the MAC on another port (a VM of that MAC ran elsewhere):
         // announce, as after a migration, so the VM is reachable at once.
@@ -731,8 +747,14 @@ impl Host {
         let announce = e.announce;
         let info = self.vm_info(e);
         drop(inv);
-        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
-            "disk lock taken; vm started");
+        self.events.emit_now(Event::DiskLockTaken {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
+        });
+        self.events.emit_now(Event::VmStarted {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
+        });
         start_announce(self, handles, announce);
         Ok(info)
     }
@@ -758,8 +780,10 @@ impl Host {
             }
         };
         cancel.cancel();
-        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
-            "migration cancel requested");
+        self.events.emit_now(Event::MigrationCancelRequested {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
+        });
         // The source checks the signal between page batches: this is short. The bound
         // only matters for a switch-over stuck on a silent target (its I/O timeout).
         let deadline = Instant::now() + self.cfg.migration.io_timeout * 3 + Duration::from_secs(5);
@@ -784,16 +808,18 @@ impl Host {
         }
     }
 
-    fn destroy(&self, name: &str) -> Result<(), String> {
+    fn destroy(&self, name: &str) -> Result<(), HostApiError> {
         let mut inv = self.lock_inv();
         match inv.vms.get(name) {
-            None => return Err(format!("no VM named {name} on host {}", self.cfg.name)),
+            None => return Err(self.no_such_vm(name)),
             Some(e) if e.state == VmState::MigratingOut => {
-                return Err(format!("VM {name} is migrating; try again when it ends"))
+                return Err(HostApiError::Busy(name.to_string()))
             }
             Some(_) => {}
         }
-        let e = self.uninstall(&mut inv, name).ok_or("VM vanished")?;
+        let e = self
+            .uninstall(&mut inv, name)
+            .ok_or_else(|| self.no_such_vm(name))?;
         drop(inv);
         e.shared.stop();
         if let Err(err) = self.datastore.remove_disk(name) {
@@ -810,7 +836,10 @@ impl Host {
                 tracing::warn!(vm = name, error = %chain(&err), "could not remove claims");
             }
         }
-        tracing::info!(vm = name, host = %self.cfg.name, t_us = unix_micros(), "vm destroyed");
+        self.events.emit_now(Event::VmDestroyed {
+            vm: name.to_string(),
+            host: self.cfg.name.clone(),
+        });
         Ok(())
     }
 
@@ -824,7 +853,7 @@ impl Host {
         }
     }
 
-    fn migration_config(&self, o: &MigrateOptions) -> Result<MigrationConfig, String> {
+    fn migration_config(&self, o: &MigrateOptions) -> MigrationConfig {
         let mut cfg = self.cfg.migration.clone();
         if let Some(ms) = o.downtime_ms {
             cfg.downtime_target = Duration::from_millis(ms);
@@ -832,13 +861,13 @@ impl Host {
         if let Some(r) = o.max_rounds {
             cfg.max_rounds = r;
         }
-        if let Some(p) = &o.on_no_convergence {
-            cfg.on_no_convergence = parse_policy(p)?;
+        if let Some(p) = o.on_no_convergence {
+            cfg.on_no_convergence = p;
         }
         if let Some(b) = o.bandwidth_mbps {
             cfg.bandwidth_limit = Some(b.saturating_mul(1_000_000) / 8);
         }
-        Ok(cfg)
+        cfg
     }
 
     async fn migrate(
@@ -848,46 +877,54 @@ impl Host {
         target_addr: SocketAddr,
         options: MigrateOptions,
         progress: Progress,
-    ) -> Result<migration::MigrationSummary, String> {
-        let cfg = self.migration_config(&options)?;
+    ) -> Result<migration::MigrationSummary, HostApiError> {
+        let cfg = self.migration_config(&options);
         let cancel = Cancel::new();
         let shared = {
             let mut inv = self.lock_inv();
             let e = inv
                 .vms
                 .get_mut(&name)
-                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+                .ok_or_else(|| self.no_such_vm(&name))?;
             match e.state {
                 VmState::Running => {}
-                VmState::MigratingOut => return Err(format!("VM {name} is already migrating")),
+                VmState::MigratingOut => return Err(HostApiError::AlreadyMigrating(name)),
                 VmState::NoDiskLock => {
-                    return Err(format!(
+                    return Err(HostApiError::Other(format!(
                     "VM {name} is stopped without its disk lock; `vfabric vm start {name}` first"
-                ))
+                )))
                 }
             }
             e.state = VmState::MigratingOut;
             e.cancel = Some(cancel.clone());
             e.shared.clone()
         };
-        tracing::info!(
-            vm = %name, from = %self.cfg.name, to = %target, target_addr = %target_addr,
-            t_us = unix_micros(), "migration requested"
-        );
+        self.events.emit_now(Event::MigrationStarted {
+            vm: name.clone(),
+            from: self.cfg.name.clone(),
+            to: target.clone(),
+        });
         let mode = options.encryption.unwrap_or(self.cfg.vmotion.encryption);
         let tls = self.cfg.vmotion.tls.as_deref();
         // Nothing of the VM crosses before the target has proven who it is.
         let (stream, protection) =
             match tls::connect(target_addr, &target, mode, tls, cfg.io_timeout).await {
                 Ok(s) => s,
-                Err(e) => {
+                Err(error) => {
                     self.set_state(&name, VmState::Running);
-                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
-                        "migration refused before pre-check");
-                    return Err(format!(
-                        "pre-check failed: {e}; {name} keeps running on {}",
-                        self.cfg.name
-                    ));
+                    let e = HostApiError::Unreachable {
+                        error,
+                        vm: name.clone(),
+                        host: self.cfg.name.clone(),
+                    };
+                    self.events.emit_now(Event::MigrationFailed {
+                        vm: name,
+                        host: self.cfg.name.clone(),
+                        step: Some(migration::Step::PreCheck),
+                        error: e.to_string(),
+                        vm_running: true,
+                    });
+                    return Err(e);
                 }
             };
         tracing::info!(vm = %name, to = %target, vmotion = %protection, "vMotion stream open");
@@ -896,10 +933,16 @@ impl Host {
             datastore: self.datastore.clone(),
             host: self.cfg.name.clone(),
             pause: self.pause.clone(),
+            events: self.events.clone(),
             lock_error: None,
         };
         let vm = shared.vm.clone();
-        let mut report = |p: migration::Progress| progress.send(&p);
+        let events = self.events.clone();
+        let host_name = self.cfg.name.clone();
+        let mut report = |p: migration::Progress| {
+            publish_progress(&events, &host_name, &name, &p);
+            progress.send(&p);
+        };
         let result =
             migration::migrate_out_cancellable(vm, stream, &cfg, &mut hooks, &mut report, &cancel)
                 .await;
@@ -917,14 +960,33 @@ impl Host {
                 drop(inv);
                 drop(shared);
                 drop(entry);
-                tracing::info!(
-                    vm = %name, host = %self.cfg.name, t_us = unix_micros(),
-                    rss_kib = rss_kib(), "vm memory freed after migration"
-                );
+                self.events.emit_now(Event::MigrationDone {
+                    vm: name.clone(),
+                    from: self.cfg.name.clone(),
+                    to: target,
+                    rounds: summary.rounds,
+                    downtime_us: summary.downtime_us,
+                    total_ms: summary.total_ms,
+                    pages_pulled: summary.pages_pulled,
+                    converged: summary.converged,
+                });
+                self.events.emit_now(Event::VmMemoryFreed {
+                    vm: name,
+                    host: self.cfg.name.clone(),
+                    rss_kib: rss_kib(),
+                });
                 Ok(summary)
             }
             Err(e) => {
-                if shared.vm.is_running() {
+                let running = shared.vm.is_running();
+                self.events.emit_now(Event::MigrationFailed {
+                    vm: name.clone(),
+                    host: self.cfg.name.clone(),
+                    step: Some(e.step),
+                    error: e.kind.to_string(),
+                    vm_running: running,
+                });
+                if running {
                     let mut reannounce = None;
                     if let Some(entry) = inv.vms.get_mut(&name) {
                         entry.state = VmState::Running;
@@ -943,21 +1005,27 @@ impl Host {
                     }
                     drop(inv);
                     if let Some((handles, kind)) = reannounce {
-                        tracing::info!(vm = %name, host = %self.cfg.name, t_us = unix_micros(),
-                            "re-announcing the VM from the source");
+                        // Past the quiesce, the VM stopped here and runs again; its
+                        // announces from here are `announce_sent` events of this host.
+                        self.events.emit_now(Event::VmResumed {
+                            vm: name.clone(),
+                            host: self.cfg.name.clone(),
+                            after_failure: true,
+                        });
                         start_announce(&self, handles, kind);
                     }
                     if matches!(e.kind, ErrorKind::Cancelled) {
-                        tracing::info!(vm = %name, step = %e.step, t_us = unix_micros(),
-                            "migration cancelled; VM runs on the source");
-                        return Err(format!(
-                            "migration of {name} cancelled in {}; {name} keeps running on {}",
-                            e.step, self.cfg.name
-                        ));
+                        return Err(HostApiError::Cancelled {
+                            vm: name,
+                            step: e.step,
+                            host: self.cfg.name.clone(),
+                        });
                     }
-                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
-                        "migration failed; VM runs on the source");
-                    Err(format!("{e}; {name} keeps running on {}", self.cfg.name))
+                    Err(HostApiError::FailedKeptHere {
+                        error: e,
+                        vm: name,
+                        host: self.cfg.name.clone(),
+                    })
                 } else if let Some(lock_err) = lock_error {
                     // Nobody holds the disk, yet it cannot be locked here: the VM stays
                     // stopped (memory kept) rather than run without its lock.
@@ -972,15 +1040,20 @@ impl Host {
                     tracing::error!(vm = %name, host = %self.cfg.name, error = %e,
                         lock_error = %lock_err, t_us = unix_micros(),
                         "VM STOPPED: migration failed and the disk lock cannot be retaken");
-                    Err(format!("{e}; {name} is {problem} (on {})", self.cfg.name))
+                    Err(HostApiError::Other(format!(
+                        "{e}; {name} is {problem} (on {})",
+                        self.cfg.name
+                    )))
                 } else {
                     // The target took the disk lock: the VM lives there now.
                     let entry = self.uninstall(&mut inv, &name);
                     drop(inv);
                     drop(entry);
-                    tracing::warn!(vm = %name, error = %e, t_us = unix_micros(),
-                        "migration reply lost after the target took over; VM removed here");
-                    Err(format!("{e}; {name} was taken over by {target}"))
+                    Err(HostApiError::FailedTakenOver {
+                        error: e,
+                        vm: name,
+                        target,
+                    })
                 }
             }
         }
@@ -993,7 +1066,7 @@ impl Host {
     }
 
     /// Counts a connection refused before authentication; the log hears of it at DEBUG
-    /// only, and in the periodic summary.
+    /// only, and the event stream in the periodic summary.
     fn refused(&self, peer: SocketAddr, why: Rejection, detail: &str) {
         self.rejections.record(why);
         tracing::debug!(peer = %peer, reason = why.as_str(), detail, "vMotion connection refused");
@@ -1028,11 +1101,13 @@ impl Host {
         let cfg = self.cfg.migration.clone();
         match migration::migrate_in(stream, &cfg, &mut hooks).await {
             Ok((vm, summary)) => {
-                tracing::info!(
-                    vm = %vm.config().name, host = %self.cfg.name, peer = %peer,
-                    vmotion = %protection, downtime_us = summary.downtime_us,
-                    t_us = unix_micros(), "incoming migration complete"
-                );
+                tracing::debug!(peer = %peer, "incoming migration from this peer complete");
+                self.events.emit_now(Event::MigrationIncomingDone {
+                    vm: vm.config().name.clone(),
+                    host: self.cfg.name.clone(),
+                    downtime_us: summary.downtime_us,
+                    transport: protection.to_string(),
+                });
             }
             // A plaintext peer that never got through the pre-check is as anonymous as
             // one refused at the handshake.
@@ -1044,8 +1119,12 @@ impl Host {
                 self.refused(peer, Rejection::Garbage, &e.to_string())
             }
             Err(e) => {
-                tracing::warn!(host = %self.cfg.name, peer = %peer, vmotion = %protection,
-                    error = %e, t_us = unix_micros(), "incoming migration failed");
+                tracing::debug!(peer = %peer, "incoming migration from this peer failed");
+                self.events.emit_now(Event::MigrationIncomingFailed {
+                    host: self.cfg.name.clone(),
+                    error: e.to_string(),
+                    transport: protection.to_string(),
+                });
             }
         }
     }
@@ -1057,12 +1136,57 @@ struct VmEntryHandles {
     first_announce: Arc<AtomicU64>,
 }
 
+/// Publishes the engine's progress reports as events, stamped where they were made.
+fn publish_progress(events: &EventBus, host: &str, vm: &str, p: &migration::Progress) {
+    use migration::Progress as P;
+    let vm = vm.to_string();
+    let (t_us, ev) = match *p {
+        P::Round {
+            round,
+            pages_sent,
+            dirty_pages,
+            throughput_mbps,
+        } => (
+            unix_micros(),
+            Event::MigrationRound {
+                vm,
+                round,
+                pages_sent,
+                dirty_pages,
+                throughput_mbps,
+            },
+        ),
+        P::Quiesced { t_us, dirty_pages } => (
+            t_us,
+            Event::VmQuiesced {
+                vm,
+                host: host.to_string(),
+                dirty_pages,
+            },
+        ),
+        P::Bitmap { bits } => (unix_micros(), Event::MigrationBitmap { vm, bits }),
+        P::Pulled { pages } => (unix_micros(), Event::MigrationPulled { vm, pages }),
+        // The target publishes its own resume, stamped by its clock.
+        P::Resumed { .. } => return,
+        #[allow(unreachable_patterns)]
+        ref other => (
+            unix_micros(),
+            Event::MigrationProgress {
+                vm,
+                progress: other.clone(),
+            },
+        ),
+    };
+    events.emit(t_us, ev);
+}
+
 /// The source's side of the disk-lock hand-over.
 struct SourceSide {
     shared: Arc<VmShared>,
     datastore: Arc<Datastore>,
     host: String,
     pause: PausePoints,
+    events: EventBus,
     /// Set when the disk lock could be neither retaken nor found held by another host.
     lock_error: Option<String>,
 }
@@ -1078,8 +1202,10 @@ impl SourceHooks for SourceSide {
         drop(self.shared.nic.lock().unwrap_or_else(|p| p.into_inner()));
         // Step 3: the source gives up the disk so that the target can take it.
         self.shared.release_disk();
-        tracing::info!(vm = %vm.config().name, host = %self.host, t_us = unix_micros(),
-            "disk lock released");
+        self.events.emit_now(Event::DiskLockReleased {
+            vm: vm.config().name.clone(),
+            host: self.host.clone(),
+        });
         Ok(())
     }
 
@@ -1088,8 +1214,10 @@ impl SourceHooks for SourceSide {
         match self.datastore.lock(name, &self.host) {
             Ok(lock) => {
                 *self.shared.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
-                tracing::info!(vm = %name, host = %self.host, t_us = unix_micros(),
-                    "disk lock retaken");
+                self.events.emit_now(Event::DiskLockTaken {
+                    vm: name.clone(),
+                    host: self.host.clone(),
+                });
                 true
             }
             Err(e @ DatastoreError::Held { .. }) => {
@@ -1142,7 +1270,10 @@ impl TargetHooks for TargetSide {
 
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
         let mut inv = self.host.lock_inv();
-        let (need, _) = self.host.admit(&mut inv, cfg)?;
+        let (need, _) = self
+            .host
+            .admit(&mut inv, cfg)
+            .map_err(|e| control::error_line(&e))?;
         // Fabric-wide: no other VM may hold this VM's name, MAC or IP. Its own claims,
         // held by the source, are shared until the move ends.
         let claims = self
@@ -1168,8 +1299,10 @@ impl TargetHooks for TargetSide {
             .datastore
             .lock(name, &self.host.cfg.name)
             .map_err(|e| chain(&e))?;
-        tracing::info!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
-            "disk lock taken");
+        self.host.events.emit_now(Event::DiskLockTaken {
+            vm: name.clone(),
+            host: self.host.cfg.name.clone(),
+        });
         self.disk = Some(lock);
         Ok(())
     }
@@ -1208,7 +1341,14 @@ impl TargetHooks for TargetSide {
         }
         drop(inv);
         self.resumed = true;
-        tracing::info!(vm = %cfg.name, host = %host.cfg.name, t_us = resumed_t_us, "vm resumed");
+        host.events.emit(
+            resumed_t_us,
+            Event::VmResumed {
+                vm: cfg.name.clone(),
+                host: host.cfg.name.clone(),
+                after_failure: false,
+            },
+        );
         start_announce(host, handles, announce);
         if host.cfg.test_exit_after_announce {
             tracing::error!(vm = %cfg.name, host = %host.cfg.name, t_us = unix_micros(),
@@ -1228,8 +1368,14 @@ impl TargetHooks for TargetSide {
             e.shared.stop();
         }
         self.disk.take();
-        tracing::warn!(vm = %name, host = %self.host.cfg.name, t_us = unix_micros(),
-            "the source did not verify the memory here: copy stopped, disk lock released");
+        self.host.events.emit_now(Event::MigrationRolledBack {
+            vm: name.clone(),
+            host: self.host.cfg.name.clone(),
+        });
+        self.host.events.emit_now(Event::DiskLockReleased {
+            vm: name,
+            host: self.host.cfg.name.clone(),
+        });
     }
 }
 
@@ -1249,6 +1395,7 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
     };
     let schedule = host.cfg.schedule.0.clone();
     let host_name = host.cfg.name.clone();
+    let events = host.events.clone();
     let start = Instant::now();
     let send = move |seq: usize| {
         // A VM that left (or is leaving) this host must not be announced from here: a
@@ -1267,8 +1414,16 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 );
-                tracing::info!(vm = %name, host = %host_name, mac = %mac,
-                    kind = %kind, seq, t_us = t, "announce sent");
+                events.emit(
+                    t,
+                    Event::AnnounceSent {
+                        vm: name.clone(),
+                        host: host_name.clone(),
+                        mac,
+                        kind,
+                        seq,
+                    },
+                );
             }
             Err(e) => tracing::warn!(vm = %name, error = %e, "announce send failed"),
         }
@@ -1292,8 +1447,4 @@ fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kind: Announce
                 send(seq);
             }
         });
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
-    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod client;
 pub mod daemon;
 pub mod datastore;
 pub mod pause;

@@ -114,13 +114,18 @@ pub async fn migrate_in(
                 )
                 .await;
             }
-            tracing::warn!(
-                t_us = unix_micros(),
-                vm = %t.name,
-                step = %step,
-                error = %kind,
-                "incoming migration failed; nothing kept"
-            );
+            if t.name.is_empty() {
+                // No Hello got through: an anonymous peer, worth no more than DEBUG.
+                tracing::debug!(step = %step, error = %kind, "incoming connection dropped");
+            } else {
+                tracing::warn!(
+                    t_us = unix_micros(),
+                    vm = %t.name,
+                    step = %step,
+                    error = %kind,
+                    "incoming migration failed; nothing kept"
+                );
+            }
             Err(MigrationError {
                 step,
                 kind,

@@ -131,7 +131,15 @@ impl fmt::Debug for Tls {
 
 impl Tls {
     pub fn new(creds: &HostCredentials) -> Result<Tls, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // AES-128-GCM first: the fastest suite with the CPU's AES instructions, and
+        // ample for a stream that lives as long as one migration.
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = vec![
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        let provider = Arc::new(provider);
         let mut roots = RootCertStore::empty();
         roots.add(creds.ca.clone()).map_err(TlsError::Ca)?;
         let roots = Arc::new(roots);
@@ -181,6 +189,8 @@ pub enum ConnectError {
     Timeout { target: String, addr: SocketAddr },
     #[error("vMotion encryption is required but this host has no certificate")]
     NoCredentials,
+    #[error("{target} at {addr} closed the connection on our TLS hello (is its vMotion encryption disabled?)")]
+    TlsRefused { target: String, addr: SocketAddr },
     #[error("{target} at {addr} did not authenticate as {target}: {source}")]
     Authentication {
         target: String,
@@ -221,6 +231,12 @@ pub async fn connect(
             tracing::info!(target, %addr, "target does not accept TLS: migrating in plaintext");
             let tcp = tcp_connect(addr, target, timeout).await?;
             Ok((Box::new(tcp), Protection::Plaintext))
+        }
+        Err(ConnectError::Authentication { source, .. }) if refused_tls(&source) => {
+            Err(ConnectError::TlsRefused {
+                target: target.to_string(),
+                addr,
+            })
         }
         Err(e) => Err(e),
     }
@@ -438,5 +454,48 @@ mod tests {
         r.record(Rejection::OverCap);
         assert_eq!(r.take(), (3, "plaintext=2 over-cap=1".to_string()));
         assert_eq!(r.take().0, 0);
+    }
+}
+
+#[cfg(test)]
+mod negotiation_tests {
+    use super::*;
+
+    fn proto_magic() -> [u8; 4] {
+        super::super::proto::MAGIC
+    }
+
+    fn creds(dir: &std::path::Path, name: &str) -> Tls {
+        crate::pki::init(dir).unwrap();
+        crate::pki::issue(dir, name).unwrap();
+        Tls::new(&crate::pki::load(dir, name).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn opportunistic_falls_back_only_when_the_peer_refuses_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = creds(dir.path(), "a");
+        let b = creds(dir.path(), "b");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let (s, _) = l.accept().await.unwrap();
+                out.push(accept(s, Encryption::Disabled, Some(&b)).await.map(|x| x.1));
+            }
+            out
+        });
+        let t = Duration::from_secs(5);
+        let (mut s, p) = connect(addr, "b", Encryption::Opportunistic, Some(&a), t)
+            .await
+            .unwrap();
+        assert_eq!(p, Protection::Plaintext);
+        tokio::io::AsyncWriteExt::write_all(&mut s, &proto_magic())
+            .await
+            .unwrap();
+        let got = server.await.unwrap();
+        assert_eq!(got[0].as_ref().unwrap_err().0, Rejection::TlsOff);
+        assert_eq!(got[1].as_ref().unwrap(), &Protection::Plaintext);
     }
 }

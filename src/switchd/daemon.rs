@@ -5,9 +5,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::control::SwitchRequest;
+use super::api::{self, SwitchRequest};
 use super::{Fabric, FabricError, SwitchPort};
-use crate::control::{self, ControlError};
+use crate::control::{self, ControlError, Request};
+use crate::events::{Event, EventBus};
 use crate::port::tap::{Tap, TapError};
 use crate::port::Port;
 use crate::switch::{FdbConfig, PortId};
@@ -167,19 +168,18 @@ fn create_mirror(ifname: &str, offload: bool) -> Result<Tap, TapError> {
 /// devices vanish as their fds close.
 pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
     cfg.validate()?;
+    let events = EventBus::new(&cfg.name);
     let mut ports = Vec::with_capacity(cfg.ports.len());
     for (i, spec) in cfg.ports.iter().enumerate() {
         let tap = create_port(spec, cfg.offload).map_err(|source| SwitchdError::Tap {
             port: spec.name.clone(),
             source,
         })?;
-        tracing::info!(
-            port = %spec.name,
-            netns = %spec.netns,
-            ifname = %tap.ifname(),
-            offload = cfg.offload,
-            "port ready"
-        );
+        tracing::debug!(port = %spec.name, netns = %spec.netns, offload = cfg.offload, "port created");
+        events.emit_now(Event::PortUp {
+            port: spec.name.clone(),
+            ifname: tap.ifname().to_string(),
+        });
         let netns = tap.netns().map(str::to_string);
         ports.push(SwitchPort::new(
             PortId(i as u16),
@@ -204,7 +204,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
         }
         None => None,
     };
-    let fabric = Arc::new(Fabric::start_with(ports, mirror, cfg.fdb, cfg.threading)?);
+    let fabric = Arc::new(Fabric::start_events(
+        ports,
+        mirror,
+        cfg.fdb,
+        cfg.threading,
+        events,
+    )?);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -245,15 +251,20 @@ async fn serve(
             }
         })
     };
+    let events = fabric.events().clone();
+    let goodbye = events.clone();
+    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
     let handler = move |req: SwitchRequest, _progress: control::Progress| {
         let fabric = fabric.clone();
         async move {
-            let v = match req {
-                SwitchRequest::FdbShow => serde_json::to_value(fabric.fdb()),
-                SwitchRequest::FdbFlush => Ok(serde_json::json!({ "flushed": fabric.flush() })),
-                SwitchRequest::Ports => serde_json::to_value(fabric.stats()),
-            };
-            v.map_err(|e| e.to_string())
+            type Never = std::convert::Infallible;
+            match req {
+                SwitchRequest::FdbShow(_) => api::FdbShow::reply(Ok::<_, Never>(fabric.fdb())),
+                SwitchRequest::FdbFlush(_) => api::FdbFlush::reply(Ok::<_, Never>(api::Flushed {
+                    flushed: fabric.flush(),
+                })),
+                SwitchRequest::Ports(_) => api::Ports::reply(Ok::<_, Never>(fabric.stats())),
+            }
         }
     };
     let shutdown = async move {
@@ -261,9 +272,14 @@ async fn serve(
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        for port in port_names {
+            goodbye.emit_now(Event::PortDown { port });
+        }
     };
-    control::serve(listener, handler, shutdown).await;
+    control::serve_events(listener, handler, Some(events), shutdown).await;
     sweeper.abort();
+    // Let subscribers take the last events before the runtime goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     // Only the socket we bound is ours to remove (a refused bind leaves another
     // daemon's socket alone).
     let _ = std::fs::remove_file(path);

@@ -12,7 +12,7 @@
 //! Control path: a tokio runtime serves the control socket, runs the ageing sweep once a
 //! second (so entries age without traffic) and waits for SIGINT/SIGTERM.
 
-pub mod control;
+pub mod api;
 pub mod daemon;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::{Event, EventBus};
 use crate::port::{Port, PortError};
 use crate::switch::vnet::{self, VnetHdr};
 use crate::switch::{Decision, DropReason, FdbConfig, FdbEvent, PortId, Switch};
@@ -29,6 +30,8 @@ use crate::wire::ethernet::HEADER_LEN;
 
 pub use daemon::{run, DaemonConfig, PortSpec, SwitchdError};
 
+/// The switch's name when none is given: its control socket is `<run dir>/switch.sock`.
+pub const DEFAULT_NAME: &str = "switch";
 /// Largest Ethernet frame the data path takes: a 64 KiB GSO frame plus header and tag.
 pub const MAX_FRAME: usize = 65536 + HEADER_LEN + 4;
 /// How long a port thread blocks before checking for shutdown.
@@ -132,6 +135,7 @@ struct Shared {
     core: Mutex<Switch>,
     stop: AtomicBool,
     hdr_len: usize,
+    events: EventBus,
 }
 
 /// How the data path uses threads.
@@ -193,6 +197,17 @@ impl Fabric {
         cfg: FdbConfig,
         threading: Threading,
     ) -> Result<Fabric, FabricError> {
+        Self::start_events(ports, mirror, cfg, threading, EventBus::new(DEFAULT_NAME))
+    }
+
+    /// Like [`Fabric::start`], with a choice of threading and the bus its events go to.
+    pub fn start_events(
+        ports: Vec<SwitchPort>,
+        mirror: Option<SwitchPort>,
+        cfg: FdbConfig,
+        threading: Threading,
+        events: EventBus,
+    ) -> Result<Fabric, FabricError> {
         if ports.len() > usize::from(u16::MAX) {
             return Err(FabricError::TooManyPorts);
         }
@@ -210,6 +225,7 @@ impl Fabric {
             core: Mutex::new(Switch::new(cfg)),
             stop: AtomicBool::new(false),
             hdr_len,
+            events,
         });
         let mut threads = Vec::with_capacity(shared.ports.len());
         let pollable = shared.ports.iter().all(|p| p.port.poll_fd().is_some());
@@ -262,11 +278,9 @@ impl Fabric {
     /// Empties the FDB; returns how many entries went.
     pub fn flush(&self) -> usize {
         let n = self.shared.core().fdb_mut().flush();
-        tracing::info!(
-            entries = n,
-            t_us = crate::clock::unix_micros(),
-            "fdb flushed"
-        );
+        self.shared
+            .events
+            .emit_now(Event::FdbFlushed { entries: n });
         n
     }
 
@@ -277,7 +291,13 @@ impl Fabric {
             .core()
             .fdb_mut()
             .sweep(Instant::now(), &mut events);
-        self.shared.log_events(&events, crate::clock::unix_micros());
+        self.shared
+            .emit_events(&events, crate::clock::unix_micros());
+    }
+
+    /// The bus the switch's events go to.
+    pub fn events(&self) -> &EventBus {
+        &self.shared.events
     }
 
     /// Counters of every port (the mirror last).
@@ -345,32 +365,35 @@ impl Shared {
             .map_or("?", |p| p.name.as_str())
     }
 
-    fn log_events(&self, events: &[FdbEvent], t_us: u64) {
+    /// Logs and publishes FDB events; `t_us` is when the frame that caused them was read.
+    fn emit_events(&self, events: &[FdbEvent], t_us: u64) {
         for ev in events {
-            match *ev {
-                FdbEvent::Learned { mac, port } => {
-                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac learned")
-                }
+            let ev = match *ev {
+                FdbEvent::Learned { mac, port } => Event::MacLearned {
+                    mac,
+                    port: self.port_name(port).to_string(),
+                },
                 FdbEvent::Moved {
                     mac,
                     from,
                     to,
                     ethertype,
-                } => tracing::info!(
-                    %mac,
-                    from = %self.port_name(from),
-                    to = %self.port_name(to),
-                    %ethertype,
-                    t_us,
-                    "mac moved"
-                ),
-                FdbEvent::Aged { mac, port } => {
-                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac aged out")
-                }
-                FdbEvent::Evicted { mac, port } => {
-                    tracing::info!(%mac, port = %self.port_name(port), t_us, "mac evicted")
-                }
-            }
+                } => Event::MacMoved {
+                    mac,
+                    from: self.port_name(from).to_string(),
+                    to: self.port_name(to).to_string(),
+                    ethertype: ethertype.to_string(),
+                },
+                FdbEvent::Aged { mac, port } => Event::MacAged {
+                    mac,
+                    port: self.port_name(port).to_string(),
+                },
+                FdbEvent::Evicted { mac, port } => Event::MacEvicted {
+                    mac,
+                    port: self.port_name(port).to_string(),
+                },
+            };
+            self.events.emit(t_us, ev);
         }
     }
 
@@ -380,13 +403,11 @@ impl Shared {
         if p.up.swap(false, Ordering::Relaxed) {
             let n = core.fdb_mut().flush_port(p.id);
             drop(core);
-            tracing::warn!(
-                port = %p.name,
-                ifname = %p.port.ifname(),
-                fdb_entries_removed = n,
-                t_us = crate::clock::unix_micros(),
-                "port down: its device is gone"
-            );
+            self.events.emit_now(Event::PortGone {
+                port: p.name.clone(),
+                ifname: p.port.ifname().to_string(),
+                fdb_entries_removed: n,
+            });
         }
     }
 
@@ -607,7 +628,7 @@ fn forward(
     events.clear();
     let decision = s.core().handle(me.id, &frame[hdr..], now, t_us, events);
     if !events.is_empty() {
-        s.log_events(events, t_us);
+        s.emit_events(events, t_us);
     }
     if let Some(m) = &s.mirror {
         s.transmit(m, frame);

@@ -228,6 +228,66 @@ impl Drop for Topology {
     }
 }
 
+/// `vfabric events --json` running against a topology, as a user would run it in another
+/// shell: started before the action, stopped after, its lines parsed into records.
+pub struct EventWatch {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl EventWatch {
+    /// Starts `vfabric events --json ARGS` and waits until every daemon it follows has
+    /// acknowledged the subscription (it says so on stderr, as tcpdump says
+    /// "listening").
+    pub fn start(t: &Topology, args: &[&str]) -> EventWatch {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let out = t.run_dir.path().join(format!("events-{n}.jsonl"));
+        let err = t.run_dir.path().join(format!("events-{n}.err"));
+        let child = Command::new(bin())
+            .args(["events", "--json"])
+            .args(args)
+            .env("VFABRIC_RUN_DIR", t.run_dir.path())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("vfabric events");
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("following")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "vfabric events did not subscribe: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        EventWatch { child, out }
+    }
+
+    /// Stops the watch (after the merge delay has let the last events out) and returns
+    /// every record it printed.
+    pub fn stop(mut self) -> Vec<vfabric::events::Record> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Sends raw Ethernet frames out of `ifname` inside `host`'s namespace through an
 /// AF_PACKET socket, from a thread of its own that enters the namespace (the test's
 /// other threads stay where they are). Frames the kernel refuses (shorter than an
