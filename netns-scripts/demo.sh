@@ -12,11 +12,16 @@
 #   --memory-mb N  vm1's memory (default 256)
 #   --dirty-rate N pages per second vm1's vCPU rewrites (default 1000; "max" = unthrottled)
 #   --announce M   how silo105 announces vm1 after resume (default rarp)
+#
+# Environment: VFABRIC_BIN=PATH runs that vfabric binary instead of building one with
+# cargo; VF_PREFIX and VFABRIC_RUN_DIR choose the fabric's names and run directory.
+# The capture (demo.pcap) and the timeline picture (timeline.svg) stay in the run
+# directory.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KEEP=0 JSON=0 INTERVAL=0.01 MEMORY=256 RATE=1000 ANNOUNCE=rarp
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --keep) KEEP=1 ;;
@@ -42,14 +47,18 @@ VM_IP=10.10.0.100
 VM_MAC=02:00:0a:0a:00:64
 PCAP="$VFABRIC_RUN_DIR/demo.pcap"
 REPORT="$VFABRIC_RUN_DIR/demo.json"
+SVG="$VFABRIC_RUN_DIR/timeline.svg"
 
 step() { printf '\n== %s\n' "$*"; }
 
 need_root
 ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
-if [ -z "${VFABRIC_BIN:-}" ]; then
-    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
-    step "building vfabric (cargo build --release)"
+if [ -n "${VFABRIC_BIN:-}" ]; then
+    [ -x "$VFABRIC_BIN" ] || die "VFABRIC_BIN=$VFABRIC_BIN is not an executable"
+    step "using $VFABRIC_BIN (VFABRIC_BIN; nothing to build)"
+else
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first, or set VFABRIC_BIN"
+    step "building vfabric (cargo build --release; set VFABRIC_BIN to use a built binary)"
     (cd "$VF_REPO" && cargo build --release) || die "cargo build failed"
     VFABRIC_BIN="$VF_REPO/target/release/vfabric"
 fi
@@ -67,15 +76,15 @@ cleanup() {
         cat <<EOF
 
 == the fabric is still up (--keep); try, as root:
-   export VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR PATH=$(dirname "$VFABRIC_BIN"):\$PATH
+   export VF_PREFIX=$VF_PREFIX VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR PATH=$(dirname "$VFABRIC_BIN"):\$PATH
    vfabric vm list                                # where vm1 runs now
    vfabric fdb show                               # the switch's table
    ip netns exec $NS_CLIENT ping $VM_IP           # ping vm1
    vfabric migrate vm1 --to silo104               # move it back
-   vfabric measure vm1 --to silo104 --client-netns $NS_CLIENT
+   vfabric measure vm1 --to silo104 --svg back.svg  # ping from $NS_CLIENT, move it, draw it
    tcpdump -eni $VF_MIRROR                        # every frame on the fabric
    ip netns exec $NS_CLIENT vfabric udp $VM_IP get
-   VF_PREFIX=$VF_PREFIX $here/down.sh             # remove it all
+   $here/down.sh                                  # remove it all
 EOF
     else
         [ "$KEEP" = 1 ] && log "failed; removing the fabric despite --keep"
@@ -103,7 +112,7 @@ done
 step "pinging vm1 from $NS_CLIENT every $INTERVAL s and migrating it to silo105"
 vf measure vm1 --to silo105 --client-netns "$NS_CLIENT" --interval "$INTERVAL" \
     --announce "$ANNOUNCE" --udp-check --ping-log "$VFABRIC_RUN_DIR/demo-ping.txt" \
-    --json-out "$REPORT"
+    --json-out "$REPORT" --svg "$SVG"
 
 kill -INT "$TCPDUMP_PID" 2>/dev/null || true
 wait "$TCPDUMP_PID" 2>/dev/null || true
@@ -120,6 +129,7 @@ cat <<EOF
 The capture is kept: $PCAP
   read it with:  tcpdump -r $PCAP -nn -e
   the RARP only: tcpdump -r $PCAP -nn -e -xx 'ether proto 0x8035'
+The timeline picture (open it in a browser): $SVG
 ping's own output: $VFABRIC_RUN_DIR/demo-ping.txt; the figures and the timeline of events as
 JSON: $REPORT; daemon logs (for people): $VFABRIC_RUN_DIR/*.log
 Follow the daemons live in another shell: VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR vfabric events

@@ -147,9 +147,14 @@ main() {
     if [ "$hosts" = 1 ]; then start_hosts; fi
     trap - EXIT
     log "up: namespaces ${ALL_NS[*]}; logs in $VFABRIC_RUN_DIR"
-    log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; $VFABRIC_BIN fdb show"
+    # The CLI finds this fabric through the same variables: say so when they differ
+    # from the defaults, so that every hint works when pasted as it is.
+    local env=
+    [ "$VF_PREFIX" = vf ] || env+="VF_PREFIX=$VF_PREFIX "
+    [ "$VFABRIC_RUN_DIR" = /run/vfabric ] || env+="VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR "
+    log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; ${env}$VFABRIC_BIN fdb show"
     if [ "$hosts" = 1 ]; then
-        log "     $VFABRIC_BIN vm create vm1 --host silo104 --ip 10.10.0.100; ip netns exec $NS_CLIENT ping 10.10.0.100"
+        log "     ${env}$VFABRIC_BIN vm create vm1 --host silo104 --ip 10.10.0.100; ip netns exec $NS_CLIENT ping 10.10.0.100"
     fi
 }
 

@@ -27,4 +27,5 @@ pub mod port;
 pub mod switch;
 pub mod switchd;
 pub mod sys;
+pub mod timeline;
 pub mod wire;

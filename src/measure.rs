@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, Record};
 use crate::migration::announce::Announce;
+use crate::timeline as picture;
 use crate::wire::MacAddr;
 
 /// One line of `ping -D -O` output that matters.
@@ -324,6 +325,95 @@ impl Timeline {
             })
             .collect();
         t
+    }
+
+    /// The picture's view of this timeline (see [`crate::timeline::svg`]): each probe at
+    /// its send time (a reply's arrival minus its RTT; a lost probe's interpolated
+    /// between its answered neighbours), each round from the end of the one before
+    /// (round 1 from the migration's first event).
+    pub fn picture(&self, from: &str, to: &str, interval_s: f64) -> picture::Timeline {
+        let mut answered: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for p in &self.probes {
+            if let Some(rtt_ms) = p.rtt_ms {
+                let rtt_us = (rtt_ms.max(0.0) * 1000.0).round() as u64;
+                answered
+                    .entry(p.seq)
+                    .or_insert((p.t_us.saturating_sub(rtt_us), rtt_us));
+            }
+        }
+        let spacing = match (answered.first_key_value(), answered.last_key_value()) {
+            (Some((&a, &(ta, _))), Some((&b, &(tb, _)))) if b > a => (tb - ta) / (b - a),
+            _ => (interval_s.max(0.0) * 1e6) as u64,
+        };
+        let probes = self
+            .probes
+            .iter()
+            .map(|p| {
+                if let Some(&(sent, rtt)) = answered.get(&p.seq) {
+                    return picture::Probe {
+                        seq: p.seq,
+                        sent_t_us: sent,
+                        rtt_us: Some(rtt),
+                    };
+                }
+                let before = answered.range(..p.seq).next_back();
+                let after = answered.range(p.seq..).next();
+                let sent = match (before, after) {
+                    (Some((&a, &(ta, _))), Some((&b, &(tb, _)))) => {
+                        ta + tb.saturating_sub(ta) * (p.seq - a) / (b - a)
+                    }
+                    (Some((&a, &(ta, _))), None) => ta + spacing * (p.seq - a),
+                    (None, Some((&b, &(tb, _)))) => tb.saturating_sub(spacing * (b - p.seq)),
+                    (None, None) => p.t_us.saturating_sub(spacing),
+                };
+                picture::Probe {
+                    seq: p.seq,
+                    sent_t_us: sent,
+                    rtt_us: None,
+                }
+            })
+            .collect();
+        let first_event = self.entries.first().map(|e| e.t_us);
+        let mut start = None;
+        let rounds = self
+            .rounds
+            .iter()
+            .map(|r| {
+                let s = start.or(first_event).unwrap_or(r.t_us).min(r.t_us);
+                start = Some(r.t_us);
+                picture::Round {
+                    round: r.round,
+                    start_t_us: s,
+                    end_t_us: r.t_us,
+                    pages_sent: r.pages_sent,
+                    pages_dirtied: r.dirty_pages,
+                }
+            })
+            .collect();
+        picture::Timeline {
+            vm: self.vm.clone(),
+            from: from.to_string(),
+            to: to.to_string(),
+            interval_s,
+            probes,
+            rounds,
+            quiesce_t_us: self.quiesce_t_us,
+            resume_t_us: self.resume_t_us,
+            announces: self
+                .announces
+                .iter()
+                .map(|a| picture::AnnounceMark {
+                    t_us: a.t_us,
+                    kind: a.kind.to_string(),
+                })
+                .collect(),
+            fdb_move: self.fdb_move.as_ref().map(|f| picture::FdbMove {
+                t_us: f.t_us,
+                from: f.from.clone(),
+                to: f.to.clone(),
+                ethertype: f.ethertype.clone(),
+            }),
+        }
     }
 
     /// The loss-window chain: quiesce → resume → first announce → FDB move.

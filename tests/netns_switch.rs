@@ -239,6 +239,39 @@ fn a_port_whose_namespace_vanishes_goes_down_and_the_rest_keep_working() {
 }
 
 #[test]
+fn up_hints_name_the_fabric_they_need() {
+    if !common::require_root() {
+        return;
+    }
+    // A test fabric has its own prefix and run directory: a hint without them would
+    // reach the default fabric, or none.
+    let t = Topology::up_with(&[("VF_HOSTS", "0")]);
+    let dir = t.run_dir.path().display().to_string();
+    let hint = t
+        .up_stderr
+        .lines()
+        .find(|l| l.contains("fdb show"))
+        .unwrap_or_else(|| panic!("no fdb hint in:\n{}", t.up_stderr));
+    assert!(
+        hint.contains(&format!("VF_PREFIX={} VFABRIC_RUN_DIR={dir} ", t.prefix)),
+        "{hint}"
+    );
+    // Pasted as printed, the hint reaches this fabric's switch.
+    let cmd = hint.split("; ").nth(1).expect("two commands in the hint");
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .env_remove("VFABRIC_RUN_DIR")
+        .env_remove("VF_PREFIX")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn down_leaves_nothing_behind_and_runs_twice() {
     if !require_root() {
         return;

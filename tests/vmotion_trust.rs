@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vfabric::control;
 use vfabric::guest::{DeviceState, Pattern, VmConfig, WorkloadConfig};
-use vfabric::host::api::{HostRequest, MigrateOptions};
+use vfabric::host::api::{self, MigrateOptions};
 use vfabric::migration::proto::{self, Message};
 use vfabric::migration::tls::{self, Encryption, Tls};
 use vfabric::pki;
@@ -124,7 +124,7 @@ impl Fabric {
     }
 
     fn info(&self, host: &str) -> Value {
-        control::call_simple(&self.sock(host), &HostRequest::Info).unwrap()
+        serde_json::to_value(control::request(&self.sock(host), api::Info {}).unwrap()).unwrap()
     }
 
     fn sock(&self, host: &str) -> PathBuf {
@@ -355,20 +355,20 @@ fn fake_target(tls: Option<Tls>) -> (SocketAddr, std::thread::JoinHandle<(bool, 
 }
 
 fn migrate_to(f: &Fabric, vm: &str, target: &str, addr: SocketAddr) -> String {
-    let req = HostRequest::Migrate {
+    let req = api::Migrate {
         name: vm.into(),
         target: target.into(),
         target_addr: addr,
         options: MigrateOptions::default(),
     };
-    let r = control::call(
+    let r = control::request_with_progress(
         &f.sock("silo104"),
-        &req,
+        req,
         Some(Duration::from_secs(30)),
-        |_| {},
+        |_: Value| {},
     );
     match r {
-        Ok(v) => panic!("migration to a fake target succeeded: {v}"),
+        Ok(v) => panic!("migration to a fake target succeeded: {v:?}"),
         Err(e) => e.to_string(),
     }
 }

@@ -189,12 +189,15 @@ enum VmCmd {
         /// Only this host.
         #[arg(long)]
         host: Option<String>,
+        /// Print a JSON array, one object per VM.
         #[arg(long)]
         json: bool,
     },
-    /// Show one VM.
+    /// Show one VM, wherever it runs: its host, state, memory, MAC, IP and counters.
     Show {
+        /// The VM's name.
         name: String,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -207,7 +210,10 @@ enum VmCmd {
         json: bool,
     },
     /// Stop a VM, free its memory and delete its disk.
-    Destroy { name: String },
+    Destroy {
+        /// The VM's name.
+        name: String,
+    },
     /// Start a VM left stopped because its disk lock could not be retaken (state
     /// no-disk-lock): take the lock, resume it where it is and announce it.
     Start { name: String },
@@ -218,10 +224,10 @@ struct CreateArgs {
     /// VM name.
     name: String,
     /// Host to create it on.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST")]
     host: String,
-    /// Guest memory, MB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory, MB (4 to 65536).
+    #[arg(long, value_name = "MB", default_value_t = 256)]
     memory_mb: u64,
     /// Virtual CPUs: 1, 2 or 4.
     #[arg(long, default_value_t = 1)]
@@ -236,10 +242,10 @@ struct CreateArgs {
     #[arg(long)]
     ip: Ipv4Addr,
     /// What the vCPUs write: idle, uniform, hot:PAGES or sweep.
-    #[arg(long, default_value = "sweep")]
+    #[arg(long, value_name = "PATTERN", default_value = "sweep")]
     workload: Pattern,
     /// Pages the vCPUs dirty per second ("max" for unthrottled).
-    #[arg(long, default_value = "1000", value_parser = parse_rate)]
+    #[arg(long, value_name = "PAGES_PER_S", default_value = "1000", value_parser = parse_rate)]
     dirty_rate: u64,
 }
 

@@ -15,6 +15,7 @@ use vfabric::measure::{self, PingLine, PingStats, Timeline, Window};
 use vfabric::migration::announce::Announce;
 use vfabric::migration::MigrationSummary;
 use vfabric::monitor::{self, Monitor};
+use vfabric::timeline::svg;
 
 use super::CliError;
 
@@ -22,37 +23,40 @@ use super::CliError;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  \
     vfabric measure vm1 --to silo105                   # one probe a second, like ping -t\n  \
-    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n\n\
-    Probes go from the client namespace with `ip netns exec <ns> ping -D -O -i <interval>`.\n\
+    vfabric measure vm1 --to silo104 --interval 0.01   # a close look at the window\n  \
+    vfabric measure vm1 --to silo105 --interval 0.01 --svg timeline.svg   # and a picture of it\n\n\
+    Probes go from the client namespace ($VF_PREFIX-client unless --client-netns) with\n\
+    `ip netns exec <ns> ping -D -O -i <interval>`.\n\
     The downtime, the first announce and the switch's MAC move come from the daemons' events\n\
     (what `vfabric events` shows), subscribed to before the migration starts.")]
 pub struct MeasureArgs {
     /// The VM to ping and move.
     vm: String,
     /// Target host.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST")]
     to: String,
     /// Seconds between probes: the book's `ping -t` sends one a second; use 0.01 for a
     /// close look at the window (root may go down to 0.002).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     interval: f64,
-    /// Namespace the probes leave from.
-    #[arg(long, default_value = "vf-client")]
-    client_netns: String,
+    /// Namespace the probes leave from [default: $VF_PREFIX-client, i.e. vf-client
+    /// unless VF_PREFIX names another fabric].
+    #[arg(long, value_name = "NETNS")]
+    client_netns: Option<String>,
     /// How the target announces the VM: rarp, garp or none (default: the target's setting).
-    #[arg(long)]
+    #[arg(long, value_name = "MODE")]
     announce: Option<Announce>,
     /// Ping this long before migrating, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     before_ms: u64,
     /// Keep pinging this long after replies are back, ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
     after_ms: u64,
     /// Give up waiting for replies to come back after this long, s.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     max_wait_s: u64,
     /// Keep ping's own output in this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     ping_log: Option<PathBuf>,
     /// Before and after the migration, send the VM's UDP service an `incr` from the
     /// client namespace and report the counter (it must carry on: memory moved).
@@ -62,8 +66,20 @@ pub struct MeasureArgs {
     #[arg(long)]
     json: bool,
     /// Also write the JSON object to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
+    /// Draw the migration's timeline into this SVG file (open it in a browser): every
+    /// probe, the pre-copy rounds, the downtime, each announce and the FDB move, and a
+    /// close-up of the switch-over.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// The client namespace of the fabric named by `prefix` (`VF_PREFIX`, default `vf`),
+/// as netns-scripts/up.sh names it.
+fn client_netns_of(prefix: Option<&str>) -> String {
+    let prefix = prefix.filter(|p| !p.is_empty()).unwrap_or("vf");
+    format!("{prefix}-client")
 }
 
 /// The measurement's result.
@@ -210,6 +226,10 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     if !(a.interval > 0.0 && a.interval <= 60.0) {
         return Err(format!("--interval {} is not between 0 and 60 s", a.interval).into());
     }
+    let client_netns = a
+        .client_netns
+        .clone()
+        .unwrap_or_else(|| client_netns_of(std::env::var("VF_PREFIX").ok().as_deref()));
     let info = client::vm_show(&a.vm)?;
     let say = |s: String| {
         if !a.json {
@@ -218,9 +238,9 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     };
     say(format!(
         "pinging {} ({}) from {} every {} s",
-        a.vm, info.ip, a.client_netns, a.interval
+        a.vm, info.ip, client_netns, a.interval
     ));
-    let mut pinger = Pinger::start(&a.client_netns, &info.ip.to_string(), a.interval)?;
+    let mut pinger = Pinger::start(&client_netns, &info.ip.to_string(), a.interval)?;
     // Wait for the VM to answer before moving it: a window measured from nothing is noise.
     let t0 = Instant::now();
     loop {
@@ -234,14 +254,14 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
         if t0.elapsed() > Duration::from_secs(10).max(Duration::from_millis(a.before_ms * 2)) {
             return Err(format!(
                 "{} ({}) does not answer ping from {} before the migration",
-                a.vm, info.ip, a.client_netns
+                a.vm, info.ip, client_netns
             )
             .into());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let udp_before = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
@@ -277,7 +297,7 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     );
     let (lines, raw) = pinger.stop();
     let udp_after = if a.udp_check {
-        Some(udp_incr(&a.client_netns, &info.ip.to_string())?)
+        Some(udp_incr(&client_netns, &info.ip.to_string())?)
     } else {
         None
     };
@@ -290,6 +310,12 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
     let records = events.finish(Duration::from_millis(50));
     let timeline = Timeline::build(&records, &lines, &a.vm, info.mac, since_us, until_us);
     let window = timeline.window();
+    if let Some(path) = &a.svg {
+        let picture = timeline.picture(&from, &to, a.interval);
+        std::fs::write(path, svg::render(&picture))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        say(format!("timeline picture written to {}", path.display()));
+    }
     let unreachable_ms = match window.fdb_move_t_us {
         Some(m) if ping.gap_start_t_us > 0 => m.saturating_sub(ping.gap_start_t_us) as f64 / 1000.0,
         _ => ping.longest_gap_ms,
@@ -413,5 +439,17 @@ pub fn print_report(r: &Report) {
             "  no announce: the switch kept sending to the old port; resume -> FDB move {}",
             us(r.fdb_move_after_resume_us)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_namespace_follows_the_fabric_prefix() {
+        assert_eq!(client_netns_of(None), "vf-client");
+        assert_eq!(client_netns_of(Some("")), "vf-client");
+        assert_eq!(client_netns_of(Some("xcli")), "xcli-client");
     }
 }

@@ -1,12 +1,13 @@
 //! Command-line interface: one subcommand per daemon or control verb.
 
+mod docs;
 mod events;
 mod host;
 mod measure;
 mod switch;
 mod udp;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Error type of every subcommand: the binary prints it, with its causes, on one line.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
@@ -21,7 +22,13 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
         client namespace; a VM runs on one host and is moved to another by pre-copy \
         migration; the target announces the VM with RARP so the switch relearns it.\n\n\
         Daemons serve control sockets under $VFABRIC_RUN_DIR (default /run/vfabric); \
-        logs go to stderr, filtered by RUST_LOG (default info)."
+        logs go to stderr, filtered by RUST_LOG (default info).",
+    after_help = "Getting started (as root): netns-scripts/demo.sh runs the whole story; \
+        netns-scripts/up.sh brings the fabric up for `vfabric vm create`, `migrate` and \
+        `measure`. Each verb has its own --help.\n\n\
+        Environment: VF_PREFIX names the fabric's namespaces (default vf: vf-client, \
+        vf-silo104, vf-silo105); VFABRIC_RUN_DIR holds its control sockets and logs \
+        (default /run/vfabric). Use the same values as netns-scripts/up.sh did."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -52,6 +59,10 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// Send one request to a VM's UDP service (port 7777) and print the reply.
     Udp(udp::UdpArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages (vfabric.1 and one per verb), or print vfabric.1.
+    Man(docs::ManArgs),
     /// Follow the daemons' events live, merged in time order.
     Events(events::EventsArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
@@ -70,5 +81,111 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),
+        Command::Completions(a) => docs::run_completions(a),
+        Command::Man(a) => docs::run_man(a),
+    }
+}
+
+/// The verbs of `args` (the whole command line) that name subcommands:
+/// `vfabric vm create x --host a` gives "vfabric vm create".
+pub fn command_path(args: &[String]) -> String {
+    let mut cmd = Cli::command();
+    let mut path = vec!["vfabric".to_string()];
+    for a in args.iter().skip(1) {
+        let Some(sub) = cmd.find_subcommand(a).cloned() else {
+            continue;
+        };
+        path.push(a.clone());
+        cmd = sub;
+    }
+    path.join(" ")
+}
+
+/// Folds clap's multi-line report of a bad command line into the one line the binary
+/// prints after `vfabric: error: `: the error with its indented details, clap's tips,
+/// and which `--help` to read (that of `command`, unless clap's usage names another).
+pub fn usage_error_line(rendered: &str, command: &str) -> String {
+    let mut error = String::new();
+    let mut tips = Vec::new();
+    let mut help = format!("{command} --help");
+    for para in rendered.split("\n\n") {
+        let joined = para
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Some(usage) = joined.strip_prefix("Usage: ") {
+            // "vfabric migrate --to <TO> <NAME>": the command path ends where the
+            // arguments begin.
+            let path: Vec<&str> = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '<', '[']))
+                .collect();
+            if !path.is_empty() {
+                help = format!("{} --help", path.join(" "));
+            }
+        } else if joined.starts_with("tip: ") {
+            tips.push(joined);
+        } else if joined.starts_with("For more information") || joined.is_empty() {
+            continue;
+        } else if error.is_empty() {
+            error = joined
+                .strip_prefix("error: ")
+                .unwrap_or(&joined)
+                .to_string();
+        } else {
+            tips.push(joined);
+        }
+    }
+    let mut line = error;
+    for t in tips {
+        line.push_str("; ");
+        line.push_str(&t);
+    }
+    line.push_str(&format!(" (see '{help}')"));
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_for(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).unwrap_err();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        usage_error_line(&e.render().to_string(), &command_path(&args))
+    }
+
+    #[test]
+    fn clap_errors_fold_into_one_line() {
+        let l = line_for(&["vfabric", "migrate", "vm1"]);
+        assert_eq!(
+            l,
+            "the following required arguments were not provided: --to <TO> (see 'vfabric migrate --help')"
+        );
+        let l = line_for(&["vfabric", "migrat"]);
+        assert_eq!(
+            l,
+            "unrecognized subcommand 'migrat'; tip: a similar subcommand exists: 'migrate' (see 'vfabric --help')"
+        );
+        let l = line_for(&["vfabric", "fdb", "show", "--jsn"]);
+        assert!(
+            l.starts_with("unexpected argument '--jsn' found; tip:"),
+            "{l}"
+        );
+        assert!(l.ends_with("(see 'vfabric fdb show --help')"), "{l}");
+        let l2 = line_for(&["vfabric", "completions", "tcsh"]);
+        assert!(l2.starts_with("invalid value 'tcsh' for '<SHELL>'"), "{l2}");
+        assert!(l2.ends_with("(see 'vfabric completions --help')"), "{l2}");
+        for l in [l, l2, line_for(&["vfabric", "udp"])] {
+            assert!(!l.contains('\n'), "{l}");
+            assert!(!l.starts_with("error:"), "{l}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -68,7 +68,7 @@ enum FdbCmd {
     /// the MAC is on that port
     Show {
         /// Name of the switch to ask
-        #[arg(long, default_value = switchd::DEFAULT_NAME)]
+        #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
         switch: String,
         /// Print a JSON array of {"mac","port","port_id","age_s","updated_t_us"}
         #[arg(long)]
@@ -77,7 +77,7 @@ enum FdbCmd {
     /// Forget every learned MAC (traffic floods until relearned)
     Flush {
         /// Name of the switch to ask
-        #[arg(long, default_value = switchd::DEFAULT_NAME)]
+        #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
         switch: String,
         /// Print {"flushed": N}
         #[arg(long)]
@@ -89,7 +89,7 @@ enum FdbCmd {
 #[command(about = "Show the switch's ports and their counters")]
 pub struct PortsArgs {
     /// Name of the switch to ask
-    #[arg(long, default_value = switchd::DEFAULT_NAME)]
+    #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
     switch: String,
     /// Print a JSON array, one object per port
     #[arg(long)]

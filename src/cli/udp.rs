@@ -5,18 +5,16 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use vfabric::guest::nic::UDP_SERVICE_PORT;
+use vfabric::guest::nic::{self, RequestError, UDP_SERVICE_PORT};
 
 use super::CliError;
-
-/// Largest request sent: the guest refuses longer ones anyway.
-const MAX_REQUEST_LEN: usize = 1024;
 
 #[derive(Debug, Args)]
 pub struct UdpArgs {
     /// The VM's address, with an optional port (default 7777): 10.10.0.100 or 10.10.0.100:7777
     pub addr: String,
     /// The request words, joined by spaces: incr | get | get KEY | put KEY VALUE
+    /// (checked before anything is sent)
     #[arg(required = true, num_args = 1..)]
     pub request: Vec<String>,
     /// How long to wait for the reply
@@ -28,8 +26,12 @@ pub struct UdpArgs {
 enum UdpError {
     #[error("cannot resolve {0:?} (expected ADDR or ADDR:PORT)")]
     BadAddress(String),
-    #[error("request longer than {MAX_REQUEST_LEN} bytes")]
-    TooLong,
+    /// Refused here, before sending: the service would refuse it too.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The service answered with an error.
+    #[error("{addr} refused the request: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
     #[error("{op}")]
     Io {
         op: &'static str,
@@ -65,9 +67,7 @@ fn target(addr: &str) -> Result<SocketAddr, UdpError> {
 pub fn run(args: UdpArgs) -> Result<(), CliError> {
     let addr = target(&args.addr)?;
     let request = args.request.join(" ");
-    if request.len() > MAX_REQUEST_LEN {
-        return Err(UdpError::TooLong.into());
-    }
+    nic::parse_request(request.as_bytes()).map_err(UdpError::from)?;
     let local = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -92,7 +92,15 @@ pub fn run(args: UdpArgs) -> Result<(), CliError> {
         match sock.recv_from(&mut buf) {
             // Only the service's answer counts; stray datagrams to our port are skipped.
             Ok((n, from)) if from == addr => {
-                println!("{}", String::from_utf8_lossy(&buf[..n]));
+                let reply = String::from_utf8_lossy(&buf[..n]);
+                if let Some(reason) = reply.strip_prefix("error: ") {
+                    return Err(UdpError::Refused {
+                        addr,
+                        reason: reason.to_string(),
+                    }
+                    .into());
+                }
+                println!("{reply}");
                 return Ok(());
             }
             Ok(_) => continue,
@@ -153,5 +161,52 @@ mod tests {
         let e = run(args).unwrap_err();
         assert!(e.to_string().starts_with("no reply from 127.0.0.1:"), "{e}");
         assert!(e.to_string().ends_with("within 50 ms"), "{e}");
+    }
+
+    #[test]
+    fn a_request_the_service_would_refuse_is_not_sent() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        for words in [vec!["frobnicate"], vec!["put", "k"], vec!["get", "a", "b"]] {
+            let args = UdpArgs {
+                addr: server.local_addr().unwrap().to_string(),
+                request: words.iter().map(|w| w.to_string()).collect(),
+                timeout_ms: 50,
+            };
+            let e = run(args).unwrap_err().to_string();
+            assert!(
+                e.starts_with("unknown request") || e.starts_with("usage:"),
+                "{words:?}: {e}"
+            );
+        }
+        let mut b = [0u8; 64];
+        assert!(
+            server.recv_from(&mut b).is_err(),
+            "a refused request was sent"
+        );
+    }
+
+    #[test]
+    fn an_error_reply_is_an_error() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            let (_, from) = server.recv_from(&mut b).unwrap();
+            server
+                .send_to(b"error: store full (64 keys)", from)
+                .unwrap();
+        });
+        let args = UdpArgs {
+            addr: addr.to_string(),
+            request: vec!["put".into(), "k".into(), "v".into()],
+            timeout_ms: 2000,
+        };
+        let e = run(args).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{addr} refused the request: store full (64 keys)")
+        );
+        t.join().unwrap();
     }
 }

@@ -26,9 +26,9 @@ pub use vm::Vm;
 /// key-value store); workloads never write them.
 pub const SERVICE_PAGES: u64 = 16;
 
-/// Smallest guest accepted, in MiB.
+/// Smallest guest accepted, in MB (MB here and in every flag: 2^20 bytes).
 pub const MIN_MEMORY_MB: u64 = 4;
-/// Largest guest accepted, in MiB.
+/// Largest guest accepted, in MB.
 pub const MAX_MEMORY_MB: u64 = MAX_MEMORY_BYTES >> 20;
 /// Longest VM name accepted.
 pub const MAX_NAME_LEN: usize = 64;
@@ -43,7 +43,7 @@ pub enum GuestError {
     BadName(String),
     #[error("invalid vCPU count {0}: must be 1, 2 or 4")]
     BadVcpus(u8),
-    #[error("invalid memory size {0} MiB: must be {MIN_MEMORY_MB}..={MAX_MEMORY_MB}")]
+    #[error("invalid memory size {0} MB: must be {MIN_MEMORY_MB} to {MAX_MEMORY_MB} MB")]
     BadMemory(u64),
     #[error("invalid guest word size {0} bits: must be 32 or 64")]
     BadWordBits(u8),
@@ -51,7 +51,7 @@ pub enum GuestError {
     BadMac(MacAddr),
     #[error("invalid IP {0}: must be a unicast host address")]
     BadIp(Ipv4Addr),
-    #[error("invalid hot set of {pages} pages: must be 1..={max}")]
+    #[error("invalid hot set of {pages} pages: must be 1 to {max}")]
     BadHotSet { pages: u64, max: u64 },
     #[error("invalid workload pattern {0:?}: expected idle, uniform, hot:N or sweep")]
     BadPattern(String),
@@ -344,6 +344,11 @@ mod tests {
         assert_eq!(bad(&|c| c.vcpus = 3), GuestError::BadVcpus(3));
         assert_eq!(bad(&|c| c.vcpus = 0), GuestError::BadVcpus(0));
         assert_eq!(bad(&|c| c.memory_mb = 3), GuestError::BadMemory(3));
+        // The message speaks as the flag does: MB, and a range in words.
+        assert_eq!(
+            GuestError::BadMemory(0).to_string(),
+            format!("invalid memory size 0 MB: must be 4 to {MAX_MEMORY_MB} MB")
+        );
         assert_eq!(
             bad(&|c| c.memory_mb = 1 << 20),
             GuestError::BadMemory(1 << 20)

@@ -269,9 +269,23 @@ fn frame_buffer(payload_len: usize) -> Vec<u8> {
     vec![0u8; (ethernet::HEADER_LEN + payload_len).max(ethernet::MIN_FRAME_LEN)]
 }
 
-/// Errors of the UDP service; their text is the reply, after `error: `.
-#[derive(Debug, thiserror::Error)]
-enum ServiceError {
+/// A request of the guest's UDP service, checked. Parsing is pure, so a client can
+/// refuse a request the service would refuse before sending it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Add one to the counter and answer it.
+    Incr,
+    /// Answer the counter.
+    Get,
+    /// Answer the value stored under a key.
+    GetKey(&'a str),
+    /// Store a value under a key.
+    Put { key: &'a str, value: &'a str },
+}
+
+/// Why a request is refused without looking at guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
     #[error("request longer than {MAX_REQUEST_LEN} bytes")]
     TooLong,
     #[error("request is not UTF-8 text")]
@@ -284,6 +298,49 @@ enum ServiceError {
     BadKey,
     #[error("value must be 1 to {MAX_VALUE_LEN} printable characters")]
     BadValue,
+}
+
+/// Parses one request: `incr`, `get`, `get KEY` or `put KEY VALUE`.
+pub fn parse_request(request: &[u8]) -> Result<Request<'_>, RequestError> {
+    if request.len() > MAX_REQUEST_LEN {
+        return Err(RequestError::TooLong);
+    }
+    let text = std::str::from_utf8(request).map_err(|_| RequestError::NotText)?;
+    let (cmd, rest) = split_word(text.trim());
+    match cmd {
+        "incr" if rest.is_empty() => Ok(Request::Incr),
+        "incr" => Err(RequestError::Usage("incr")),
+        "get" if rest.is_empty() => Ok(Request::Get),
+        "get" => {
+            let (key, extra) = split_word(rest);
+            if !extra.is_empty() {
+                return Err(RequestError::Usage("get KEY"));
+            }
+            check_key(key)?;
+            Ok(Request::GetKey(key))
+        }
+        "put" => {
+            let (key, value) = split_word(rest);
+            if key.is_empty() || value.is_empty() {
+                return Err(RequestError::Usage("put KEY VALUE"));
+            }
+            check_key(key)?;
+            if value.len() > MAX_VALUE_LEN
+                || !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+            {
+                return Err(RequestError::BadValue);
+            }
+            Ok(Request::Put { key, value })
+        }
+        other => Err(RequestError::Unknown(other.chars().take(32).collect())),
+    }
+}
+
+/// Errors of the UDP service; their text is the reply, after `error: `.
+#[derive(Debug, thiserror::Error)]
+enum ServiceError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
     #[error("store full ({KV_SLOTS} keys)")]
     Full,
     #[error("service state is corrupt (bad magic in page 0)")]
@@ -301,47 +358,22 @@ fn serve(mem: &GuestMemory, request: &[u8]) -> String {
 }
 
 fn serve_inner(mem: &GuestMemory, request: &[u8]) -> Result<String, ServiceError> {
-    if request.len() > MAX_REQUEST_LEN {
-        return Err(ServiceError::TooLong);
-    }
-    let text = std::str::from_utf8(request).map_err(|_| ServiceError::NotText)?;
-    let text = text.trim();
-    let (cmd, rest) = split_word(text);
-    match cmd {
-        "incr" if rest.is_empty() => {
+    match parse_request(request)? {
+        Request::Incr => {
             init(mem)?;
             let n = mem.read_u64(GuestAddress(COUNTER_ADDR))?.wrapping_add(1);
             mem.write_u64(GuestAddress(COUNTER_ADDR), n)?;
             Ok(format!("counter {n}"))
         }
-        "incr" => Err(ServiceError::Usage("incr")),
-        "get" if rest.is_empty() => Ok(format!("counter {}", counter(mem)?)),
-        "get" => {
-            let (key, extra) = split_word(rest);
-            if !extra.is_empty() {
-                return Err(ServiceError::Usage("get KEY"));
-            }
-            check_key(key)?;
-            match lookup(mem, key.as_bytes())? {
-                Some(v) => Ok(format!("value {v}")),
-                None => Ok("missing".to_string()),
-            }
-        }
-        "put" => {
-            let (key, value) = split_word(rest);
-            if key.is_empty() || value.is_empty() {
-                return Err(ServiceError::Usage("put KEY VALUE"));
-            }
-            check_key(key)?;
-            if value.len() > MAX_VALUE_LEN
-                || !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
-            {
-                return Err(ServiceError::BadValue);
-            }
+        Request::Get => Ok(format!("counter {}", counter(mem)?)),
+        Request::GetKey(key) => match lookup(mem, key.as_bytes())? {
+            Some(v) => Ok(format!("value {v}")),
+            None => Ok("missing".to_string()),
+        },
+        Request::Put { key, value } => {
             store(mem, key.as_bytes(), value.as_bytes())?;
             Ok("ok".to_string())
         }
-        other => Err(ServiceError::Unknown(other.chars().take(32).collect())),
     }
 }
 
@@ -354,9 +386,9 @@ fn split_word(s: &str) -> (&str, &str) {
     }
 }
 
-fn check_key(key: &str) -> Result<(), ServiceError> {
+fn check_key(key: &str) -> Result<(), RequestError> {
     if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ServiceError::BadKey);
+        return Err(RequestError::BadKey);
     }
     Ok(())
 }

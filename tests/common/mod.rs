@@ -62,6 +62,8 @@ pub struct Topology {
     pub run_dir: tempfile::TempDir,
     /// The extra environment up.sh ran with; later script runs get it too.
     env: Vec<(String, String)>,
+    /// What up.sh printed on stderr (its progress and hints).
+    pub up_stderr: String,
     downed: bool,
 }
 
@@ -79,7 +81,7 @@ impl Topology {
     /// Runs up.sh with extra environment after `prepare` has seen the (empty) run
     /// directory, e.g. to mount the datastore's file system there.
     pub fn up_prepared(env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Topology {
-        let t = Topology {
+        let mut t = Topology {
             prefix: unique_prefix(),
             run_dir: tempfile::Builder::new()
                 .prefix("vfabric-test-")
@@ -89,10 +91,12 @@ impl Topology {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            up_stderr: String::new(),
             downed: false,
         };
         prepare(t.run_dir.path());
         let out = t.script("up.sh", &[]);
+        t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             out.status.success(),
             "up.sh failed:\n{}\n{}\nswitch log:\n{}",
