@@ -9,6 +9,8 @@
 #            Stops the running switch (if any) and starts it again with the same ports,
 #            then re-applies the uplink addresses and links in the namespaces. Host
 #            daemons and their VMs keep running; they re-bind to the new interfaces.
+#        up.sh --restart-host NAME   (NAME: silo104 or silo105) stops that host's daemon
+#                                    if it still runs and starts a new one, as up.sh did
 #
 # Steps run in order from main(); each is a function, so more (host daemons, demo
 # traffic) slot in as one more function and one more line in main().
@@ -118,25 +120,47 @@ restart_switch() {
 
 # One hypervisor daemon per host namespace: vMotion listener on vmk1, VM NICs on vmnic0,
 # a datastore directory both hosts see.
-start_hosts() {
-    local host ns vmk pid
+start_host() {
+    local host=$1 ns vmk pid
+    case "$host" in
+        silo104) ns=$NS_SILO104 vmk=${SILO104_VMK%/*} ;;
+        silo105) ns=$NS_SILO105 vmk=${SILO105_VMK%/*} ;;
+        *) die "unknown host $host (expected silo104 or silo105)" ;;
+    esac
     mkdir -p "$VF_DATASTORE"
+    # A daemon killed outright leaves its socket behind; the new one must not be
+    # mistaken for ready because of it. Its log is appended to, not replaced.
+    rm -f "$VFABRIC_RUN_DIR/$host.sock"
+    # shellcheck disable=SC2086 # VF_HOST_ARGS is a list of words
+    setsid nohup ip netns exec "$ns" "$VFABRIC_BIN" host --name "$host" \
+        --vmotion-addr "$vmk:8000" --uplink vmnic0 \
+        --capacity-mb "$VF_HOST_CAPACITY_MB" --datastore "$VF_DATASTORE" \
+        ${VF_HOST_ARGS:-} \
+        >>"$VFABRIC_RUN_DIR/$host.log" 2>&1 </dev/null &
+    pid=$!
+    write_pidfile "$host" "$pid"
+    wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "$pid" "$VFABRIC_RUN_DIR/$host.log"
+}
+
+start_hosts() {
+    local host
     # The fabric CA and one certificate per host, for authenticated, encrypted vMotion
     # ($VFABRIC_RUN_DIR/pki, 0700; files 0600). An existing CA is kept.
     "$VFABRIC_BIN" pki init >/dev/null
     "$VFABRIC_BIN" pki issue silo104 silo105 >/dev/null
     for host in silo104 silo105; do
-        if [ "$host" = silo104 ]; then ns=$NS_SILO104 vmk=${SILO104_VMK%/*}; else ns=$NS_SILO105 vmk=${SILO105_VMK%/*}; fi
-        # shellcheck disable=SC2086 # VF_HOST_ARGS is a list of words
-        setsid nohup ip netns exec "$ns" "$VFABRIC_BIN" host --name "$host" \
-            --vmotion-addr "$vmk:8000" --uplink vmnic0 \
-            --capacity-mb "$VF_HOST_CAPACITY_MB" --datastore "$VF_DATASTORE" \
-            ${VF_HOST_ARGS:-} \
-            >"$VFABRIC_RUN_DIR/$host.log" 2>&1 </dev/null &
-        pid=$!
-        write_pidfile "$host" "$pid"
-        wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "$pid" "$VFABRIC_RUN_DIR/$host.log"
+        : >"$VFABRIC_RUN_DIR/$host.log"
+        start_host "$host"
     done
+}
+
+# Replaces one host's daemon (a crashed one, or one to restart): the fabric must be up.
+restart_host() {
+    local host=$1
+    ns_exists "$NS_CLIENT" || die "the fabric ($VF_PREFIX) is not up"
+    [ -f "$VFABRIC_RUN_DIR/$host.pid" ] && kill_pidfile "$VFABRIC_RUN_DIR/$host.pid"
+    start_host "$host"
+    log "restarted $host; log in $VFABRIC_RUN_DIR/$host.log"
 }
 
 on_error() {
@@ -154,7 +178,14 @@ main() {
             restart_switch
             exit 0
             ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --restart-host)
+            [ -n "${2:-}" ] || die "--restart-host needs a host name"
+            need_root
+            ensure_bin
+            restart_host "$2"
+            exit 0
+            ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         "") ;;
         *) die "unknown option $1 (try --help)" ;;
     esac

@@ -964,3 +964,34 @@ fn a_vm_whose_lock_cannot_be_retaken_stays_stopped_until_vm_start() {
     assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
     drop(h);
 }
+
+#[test]
+fn vm_digest_reads_the_figure_a_verified_migration_compares() {
+    let h = Hosts::start(&[("silo104", 4096), ("silo105", 4096)]);
+    create(&h, "vm1", "silo104", "10.10.0.100", &["--workload", "idle"]);
+    let digest = |h: &Hosts| {
+        let d = h.json(&["vm", "digest", "vm1", "--json"]);
+        d["memory_sha256"].as_str().unwrap().to_string()
+    };
+    let before = digest(&h);
+    assert_eq!(before.len(), 64, "{before}");
+    let s = h.json(&["migrate", "vm1", "--to", "silo105", "--json"]);
+    assert_eq!(s["memory_sha256_source"], before.as_str());
+    assert_eq!(s["memory_sha256_target"], before.as_str());
+    let d = h.json(&["vm", "digest", "vm1", "--json"]);
+    assert_eq!(d["host"], "silo105");
+    assert_eq!(d["memory_sha256"], before.as_str());
+    // A sweep rewrites memory: its digest moves.
+    create(
+        &h,
+        "vm2",
+        "silo104",
+        "10.10.0.101",
+        &["--workload", "sweep"],
+    );
+    let a = h.json(&["vm", "digest", "vm2", "--json"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = h.json(&["vm", "digest", "vm2", "--json"]);
+    assert_ne!(a["memory_sha256"], b["memory_sha256"]);
+    h.fail(&["vm", "digest", "vm9"]);
+}

@@ -110,6 +110,10 @@ pub struct HostArgs {
     /// after announcing) deterministically; never use it on a real fabric.
     #[arg(long)]
     test_exit_after_announce: bool,
+    /// For the fault tests: migrations stop at the phase boundaries a test arms with
+    /// files in DIR, until it removes them (see the README's Tests section).
+    #[arg(long, hide = true, value_name = "DIR")]
+    test_pause_dir: Option<PathBuf>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -175,6 +179,7 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         schedule: a.announce_schedule,
         migration,
         test_exit_after_announce: a.test_exit_after_announce,
+        test_pause_dir: a.test_pause_dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -221,6 +226,14 @@ enum VmCmd {
         /// The VM's name.
         name: String,
         /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the SHA-256 digest of a VM's memory as it is now (the figure a verified
+    /// migration compares; stable only while nothing writes the VM's memory, e.g. with
+    /// the idle workload).
+    Digest {
+        name: String,
         #[arg(long)]
         json: bool,
     },
@@ -355,6 +368,18 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                         v.problem.as_deref().unwrap_or_default()
                     );
                 }
+            }
+        }
+        VmCmd::Digest { name, json } => {
+            let h = client::locate(&name)?;
+            let d = client::call(&h.name, api::VmDigest { name })?;
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                println!(
+                    "{} on {}: memory sha256 {}",
+                    d.name, d.host, d.memory_sha256
+                );
             }
         }
         VmCmd::Show { name, json } => {

@@ -22,6 +22,7 @@ pub enum HostRequest {
     VmCreate(VmCreate),
     VmList(VmList),
     VmShow(VmShow),
+    VmDigest(VmDigest),
     VmDestroy(VmDestroy),
     VmStart(VmStart),
     Migrate(Migrate),
@@ -46,6 +47,12 @@ pub struct VmList {}
 /// One VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmShow {
+    pub name: String,
+}
+
+/// The digest of one VM's memory as it is now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDigest {
     pub name: String,
 }
 
@@ -94,6 +101,7 @@ crate::api_requests!(HostRequest:
     VmCreate => VmInfo,
     VmList => Vec<VmInfo>,
     VmShow => VmInfo,
+    VmDigest => MemoryDigest,
     VmDestroy => (),
     VmStart => VmInfo,
     Migrate => MigrationSummary,
@@ -209,4 +217,14 @@ pub struct VmInfo {
     /// Why the VM is not running, and what the operator can do about it.
     #[serde(default)]
     pub problem: Option<String>,
+}
+
+/// Reply to [`VmDigest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryDigest {
+    pub name: String,
+    pub host: String,
+    /// SHA-256 hash list of guest memory, hex: the figure a verified migration reports
+    /// as `memory_sha256_source`/`_target`.
+    pub memory_sha256: String,
 }

@@ -22,11 +22,16 @@ use crate::events::{Event, EventBus};
 use crate::guest::nic::{self, Nic};
 use crate::guest::{Vm, VmConfig};
 use crate::host::admission;
-use crate::host::api::{self, HostApiError, HostInfo, HostRequest, MigrateOptions, VmInfo};
+use crate::host::api::{
+    self, HostApiError, HostInfo, HostRequest, MemoryDigest, MigrateOptions, VmInfo,
+};
 use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
+use crate::host::pause::PausePoints;
 use crate::migration::announce::{self, Announce, Schedule};
 use crate::migration::tls::{self, Encryption, Protection, Rejection, Rejections, Tls};
-use crate::migration::{self, Cancel, ErrorKind, MigrationConfig, SourceHooks, Step, TargetHooks};
+use crate::migration::{
+    self, Cancel, ErrorKind, MigrationConfig, PhaseWait, SourceHooks, Step, TargetHooks,
+};
 use crate::port::packet::{Backoff, Uplink, UplinkHealth};
 use crate::wire::ethernet::Frame;
 use crate::wire::MacAddr;
@@ -66,6 +71,9 @@ pub struct HostConfig {
     pub announce: Announce,
     pub schedule: Schedule,
     pub migration: MigrationConfig,
+    /// Test pause points (`--test-pause-dir`, see [`crate::host::pause`]); None in
+    /// normal use.
+    pub test_pause_dir: Option<PathBuf>,
     pub vmotion: VmotionSecurity,
     /// Testing only: exit the daemon right after an incoming VM's first announce, before
     /// the resume is reported to the source, so that a failed switch-over (the target
@@ -198,6 +206,7 @@ struct Host {
     by_mac: RwLock<HashMap<MacAddr, Arc<VmShared>>>,
     uplink: Option<Arc<Uplink>>,
     stop: AtomicBool,
+    pause: PausePoints,
     events: EventBus,
     /// vMotion connections refused before authentication, since the last summary.
     rejections: Rejections,
@@ -225,8 +234,10 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         source,
     })?;
     let control = control::bind(&cfg.socket)?;
+    let pause = PausePoints::new(cfg.test_pause_dir.clone(), &cfg.name);
     let events = EventBus::new(&cfg.name);
     let host = Arc::new(Host {
+        pause,
         cfg,
         events: events.clone(),
         vmotion_addr,
@@ -518,6 +529,9 @@ impl Host {
             HostRequest::VmCreate(r) => api::VmCreate::reply(self.create(r.config)),
             HostRequest::VmList(_) => api::VmList::reply(Ok::Ok(self.list())),
             HostRequest::VmShow(r) => api::VmShow::reply(self.show(&r.name)),
+            HostRequest::VmDigest(r) => {
+                api::VmDigest::reply(self.digest(&r.name).await.map_err(HostApiError::Other))
+            }
             HostRequest::VmDestroy(r) => api::VmDestroy::reply(self.destroy(&r.name)),
             HostRequest::VmStart(r) => {
                 api::VmStart::reply(self.start(&r.name).map_err(HostApiError::Other))
@@ -641,6 +655,28 @@ impl Host {
             .get(name)
             .map(|e| self.vm_info(e))
             .ok_or_else(|| self.no_such_vm(name))
+    }
+
+    /// The digest of the VM's memory as it is now (`GuestMemory::digest`, the one a
+    /// verified migration compares). Meaningful for a VM whose memory is at rest: one
+    /// with the idle workload and no client writing to it.
+    async fn digest(&self, name: &str) -> Result<MemoryDigest, String> {
+        let mem = {
+            let inv = self.lock_inv();
+            let e = inv
+                .vms
+                .get(name)
+                .ok_or_else(|| format!("no VM named {name} on host {}", self.cfg.name))?;
+            Arc::clone(e.shared.vm.memory())
+        };
+        let d = tokio::task::spawn_blocking(move || mem.digest())
+            .await
+            .map_err(|e| format!("memory digest failed: {e}"))?;
+        Ok(MemoryDigest {
+            name: name.to_string(),
+            host: self.cfg.name.clone(),
+            memory_sha256: crate::memory::hex(&d),
+        })
     }
 
     /// Checks that `config` may come to this host and reserves room for it.
@@ -1019,6 +1055,7 @@ impl Host {
             shared: shared.clone(),
             datastore: self.datastore.clone(),
             host: self.cfg.name.clone(),
+            pause: self.pause.clone(),
             events: self.events.clone(),
             lock_error: None,
         };
@@ -1286,12 +1323,17 @@ struct SourceSide {
     shared: Arc<VmShared>,
     datastore: Arc<Datastore>,
     host: String,
+    pause: PausePoints,
     events: EventBus,
     /// Set when the disk lock could be neither retaken nor found held by another host.
     lock_error: Option<String>,
 }
 
 impl SourceHooks for SourceSide {
+    fn at_phase(&mut self, step: Step) -> PhaseWait {
+        self.pause.at(step, &self.shared.vm.config().name)
+    }
+
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
         // A NIC reply that passed its running check before the quiesce may still be
         // writing guest memory: wait for it, so its write is in the final bitmap.
@@ -1358,6 +1400,12 @@ impl Drop for TargetSide {
 }
 
 impl TargetHooks for TargetSide {
+    fn at_phase(&mut self, step: Step) -> PhaseWait {
+        self.host
+            .pause
+            .at(step, self.name.as_deref().unwrap_or_default())
+    }
+
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
         let mut inv = self.host.lock_inv();
         let (need, _) = self

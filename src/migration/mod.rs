@@ -156,6 +156,15 @@ impl MigrationConfig {
     }
 }
 
+/// A wait the engine sits out at a phase boundary before it goes on (see
+/// [`SourceHooks::at_phase`]).
+pub type PhaseWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A [`PhaseWait`] that does not wait.
+pub fn no_wait() -> PhaseWait {
+    Box::pin(std::future::ready(()))
+}
+
 /// The operator's request to stop a running migration (`vfabric migrate cancel`, Ctrl-C).
 /// The source honours it between page batches and rounds of pre-copy and in the
 /// switch-over until the device state is sent: the point of no return, after which the
@@ -194,6 +203,14 @@ impl Cancel {
 
 /// What the source host does at the switch-over points.
 pub trait SourceHooks: Send {
+    /// The migration is at `step`, and waits for the returned future before going on.
+    /// Source points: `PreCopy` (the target accepted, before round 1), `Quiesce` (the
+    /// VM just stopped, its disk still held), `Bitmap` (the disk released, before the
+    /// bitmap goes out). The host daemon's test pause points use it to land a fault in
+    /// a given phase; the default does not wait.
+    fn at_phase(&mut self, _step: Step) -> PhaseWait {
+        no_wait()
+    }
     /// The VM is quiesced: stop its NIC and give up its disk lock.
     fn quiesced(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
     /// The migration failed after quiesce: retake the disk lock. `false` means the VM
@@ -204,6 +221,12 @@ pub trait SourceHooks: Send {
 
 /// What the target host does at admission and switch-over.
 pub trait TargetHooks: Send {
+    /// As [`SourceHooks::at_phase`]. Target points: `Pull` (the bitmap is in, before
+    /// the first page request), `Resume` (the VM runs here and was announced, before
+    /// the source is told).
+    fn at_phase(&mut self, _step: Step) -> PhaseWait {
+        no_wait()
+    }
     /// Is there room, and is the name free? Runs before any page moves.
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String>;
     /// Take the disk lock; an error stops the resume and the source takes the VM back.

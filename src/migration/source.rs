@@ -112,7 +112,7 @@ pub async fn migrate_out_cancellable(
     // Pre-check and pre-copy: the VM runs throughout. A cancel drops them wherever they
     // are (mid-batch too): the VM never stopped, and reading memory changed nothing.
     let converged = tokio::select! {
-        r = s.live_phases(progress) => r,
+        r = s.live_phases(hooks, progress) => r,
         () = cancel.cancelled() => Err((Step::PreCheck, ErrorKind::Cancelled)),
     };
     let converged = match converged {
@@ -134,7 +134,7 @@ pub async fn migrate_out_cancellable(
         return Err(s.give_up(Step::PreCopy, ErrorKind::Cancelled).await);
     }
     // From the quiesce until the target's report the VM runs nowhere.
-    let q = match s.quiesce(hooks, converged, progress) {
+    let q = match s.quiesce(hooks, converged, progress).await {
         Ok(q) => q,
         Err((step, kind)) => {
             s.abort(&kind).await;
@@ -142,6 +142,7 @@ pub async fn migrate_out_cancellable(
             return Err(s.failed(step, kind, running));
         }
     };
+    hooks.at_phase(Step::Bitmap).await;
     let done = match s.switch_over(&q, progress).await {
         Ok(done) => done,
         Err((step, kind)) => {
@@ -223,8 +224,13 @@ impl<'c> Source<'c> {
 
 impl Source<'_> {
     /// Pre-check and pre-copy. Returns whether pre-copy converged.
-    async fn live_phases(&mut self, progress: ProgressFn<'_>) -> Result<bool, Failure> {
+    async fn live_phases(
+        &mut self,
+        hooks: &mut dyn SourceHooks,
+        progress: ProgressFn<'_>,
+    ) -> Result<bool, Failure> {
         self.precheck().await?;
+        hooks.at_phase(Step::PreCopy).await;
         self.precopy(progress).await
     }
 
@@ -609,7 +615,7 @@ impl Source<'_> {
     }
 
     /// Stops the VM, gives up its disk and NIC, and takes the final dirty set.
-    fn quiesce(
+    async fn quiesce(
         &mut self,
         hooks: &mut dyn SourceHooks,
         converged: bool,
@@ -619,6 +625,7 @@ impl Source<'_> {
         let quiesce_t_us = unix_micros();
         // The vCPUs are stopped: the throttle has done its work.
         self.release_throttle();
+        hooks.at_phase(Step::Quiesce).await;
         hooks
             .quiesced(&self.vm)
             .map_err(|e| (Step::Quiesce, ErrorKind::Hook(e)))?;

@@ -191,6 +191,7 @@ impl Target<'_> {
         };
         let q = self.precopy(&mem).await?;
         let bits = count_set(&q.words);
+        hooks.at_phase(Step::Pull).await;
         let (pulled, bytes_pulled) = self.pull(&mem, &q.words).await?;
         drop(prefault);
         let state = self.receive_device_state(&config).await?;
@@ -199,6 +200,7 @@ impl Target<'_> {
         let resume_t_us = unix_micros();
         let total = self.started.elapsed();
         hooks.resumed(&vm);
+        hooks.at_phase(Step::Resume).await;
         tracing::info!(
             t_us = resume_t_us,
             vm = %self.name,

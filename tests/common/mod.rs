@@ -60,6 +60,8 @@ fn unique_prefix() -> String {
 pub struct Topology {
     pub prefix: String,
     pub run_dir: tempfile::TempDir,
+    /// The extra environment up.sh ran with; later script runs get it too.
+    env: Vec<(String, String)>,
     /// What up.sh printed on stderr (its progress and hints).
     pub up_stderr: String,
     downed: bool,
@@ -73,16 +75,27 @@ impl Topology {
 
     /// Runs up.sh with extra environment (e.g. VF_SWITCH_ARGS).
     pub fn up_with(env: &[(&str, &str)]) -> Topology {
+        Self::up_prepared(env, |_| {})
+    }
+
+    /// Runs up.sh with extra environment after `prepare` has seen the (empty) run
+    /// directory, e.g. to mount the datastore's file system there.
+    pub fn up_prepared(env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Topology {
         let mut t = Topology {
             prefix: unique_prefix(),
             run_dir: tempfile::Builder::new()
                 .prefix("vfabric-test-")
                 .tempdir()
                 .expect("temp dir"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             up_stderr: String::new(),
             downed: false,
         };
-        let out = t.script("up.sh", env);
+        prepare(t.run_dir.path());
+        let out = t.script("up.sh", &[]);
         t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             out.status.success(),
@@ -94,11 +107,7 @@ impl Topology {
         t
     }
 
-    fn script(&self, name: &str, env: &[(&str, &str)]) -> Output {
-        self.script_with(name, &[], env)
-    }
-
-    fn script_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    fn script(&self, name: &str, args: &[&str]) -> Output {
         let mut cmd = Command::new("bash");
         cmd.arg(repo().join("netns-scripts").join(name))
             .args(args)
@@ -106,7 +115,7 @@ impl Topology {
             .env("VFABRIC_RUN_DIR", self.run_dir.path())
             .env("VFABRIC_BIN", bin())
             .env_remove("VF_MIRROR");
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         cmd.output().expect("run bash")
@@ -114,7 +123,19 @@ impl Topology {
 
     /// Runs `up.sh --restart-switch`: the switch again, same ports, hosts untouched.
     pub fn restart_switch(&self) -> Output {
-        self.script_with("up.sh", &["--restart-switch"], &[])
+        self.script("up.sh", &["--restart-switch"])
+    }
+
+    /// Runs `up.sh ARGS` (e.g. `--restart-host silo105`) on this fabric, with the
+    /// environment it was brought up with.
+    pub fn up_sh(&self, args: &[&str]) -> Output {
+        self.script("up.sh", args)
+    }
+
+    /// The pid of a daemon as recorded by up.sh (`switch`, `silo104`, `silo105`).
+    pub fn daemon_pid(&self, name: &str) -> Option<u32> {
+        let s = std::fs::read_to_string(self.run_dir.path().join(format!("{name}.pid"))).ok()?;
+        s.split_whitespace().next()?.parse().ok()
     }
 
     /// Runs down.sh (the guard also does on drop).
@@ -179,8 +200,7 @@ impl Topology {
 
     /// The switch's pid as recorded by up.sh.
     pub fn switch_pid(&self) -> Option<u32> {
-        let s = std::fs::read_to_string(self.run_dir.path().join("switch.pid")).ok()?;
-        s.split_whitespace().next()?.parse().ok()
+        self.daemon_pid("switch")
     }
 
     /// Namespaces of this prefix that exist now.
