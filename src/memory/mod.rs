@@ -423,15 +423,20 @@ impl GuestMemory {
     /// The memory digest (the SHA-256 hash list of the module docs), from memory
     /// itself. Call it with the vCPUs stopped for a stable value.
     pub fn digest(&self) -> [u8; 32] {
-        self.digest_with(|| {})
+        self.digest_with(&AtomicBool::new(false), || {})
+            .unwrap_or_default()
     }
 
-    /// [`GuestMemory::digest`], calling `between` after every 16 MiB (for a background
-    /// caller that may change its pace).
-    pub fn digest_with(&self, mut between: impl FnMut()) -> [u8; 32] {
+    /// [`GuestMemory::digest`] for a background caller: `between` runs after every
+    /// 16 MiB (to change its pace), and a raised `stop`, checked at every page, gives
+    /// up at once with `None` (the migration it served has ended).
+    pub fn digest_with(&self, stop: &AtomicBool, mut between: impl FnMut()) -> Option<[u8; 32]> {
         let mut h = Sha256::new();
         let mut buf = [0u8; PAGE_SIZE];
         for p in 0..self.page_count() {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
             if p % 4096 == 4095 {
                 between();
             }
@@ -443,7 +448,7 @@ impl GuestMemory {
                 h.update(page_digest(&buf));
             }
         }
-        h.finalize().into()
+        Some(h.finalize().into())
     }
 
     /// Number of pages holding at least one non-zero byte.

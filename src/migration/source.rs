@@ -49,6 +49,12 @@ struct Source<'c> {
     digest: Option<tokio::sync::oneshot::Receiver<[u8; 32]>>,
     /// Tells the digest's thread that the downtime is over: it may leave idle priority.
     digest_hurry: Arc<AtomicBool>,
+    /// Tells the digest's thread that nobody will read its answer (the migration failed
+    /// before it): it gives up at the next page.
+    digest_abandon: Arc<AtomicBool>,
+    /// The digest's thread, joined when abandoned, so that a failed migration returns
+    /// with no other reference to guest memory left behind it.
+    digest_thread: Option<std::thread::JoinHandle<()>>,
     /// The operator's cancel, honoured until the device state is sent.
     cancel: Cancel,
     /// Pre-copy has begun (a cancel is reported in pre-copy rather than pre-check).
@@ -173,6 +179,14 @@ impl Drop for Source<'_> {
     fn drop(&mut self) {
         // Whatever the outcome, a digest still running no longer holds up the downtime.
         self.digest_hurry.store(true, Ordering::Relaxed);
+        // A digest nobody took stops at the next page and lets go of guest memory
+        // before this returns; one that was taken has already let go.
+        if self.digest.is_some() {
+            self.digest_abandon.store(true, Ordering::Relaxed);
+        }
+        if let Some(t) = self.digest_thread.take() {
+            let _ = t.join();
+        }
         // And however the migration ends (even dropped half-way), the vCPUs get their
         // full speed back.
         self.release_throttle();
@@ -215,6 +229,8 @@ impl<'c> Source<'c> {
             },
             digest: None,
             digest_hurry: Arc::new(AtomicBool::new(false)),
+            digest_abandon: Arc::new(AtomicBool::new(false)),
+            digest_thread: None,
             cancel: cancel.clone(),
             in_precopy: false,
             vm,
@@ -724,12 +740,13 @@ impl Source<'_> {
         }
         let mem: Arc<GuestMemory> = Arc::clone(self.vm.memory());
         let hurry = Arc::clone(&self.digest_hurry);
+        let abandon = Arc::clone(&self.digest_abandon);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name("memory-digest".into())
             .spawn(move || {
                 let mut idle = crate::sys::make_current_thread_idle();
-                let d = mem.digest_with(|| {
+                let d = mem.digest_with(&abandon, || {
                     // The VM runs on the target (or the migration failed): finish at
                     // normal priority.
                     if idle && hurry.load(Ordering::Relaxed) {
@@ -739,10 +756,15 @@ impl Source<'_> {
                 // Let go of the memory before answering: once the digest is in, the
                 // caller may free the VM and expects its memory gone.
                 drop(mem);
-                let _ = tx.send(d);
+                if let Some(d) = d {
+                    let _ = tx.send(d);
+                }
             });
         match spawned {
-            Ok(_) => self.digest = Some(rx),
+            Ok(t) => {
+                self.digest = Some(rx);
+                self.digest_thread = Some(t);
+            }
             Err(e) => tracing::warn!(vm = %self.name, error = %e, "no memory digest"),
         }
     }
