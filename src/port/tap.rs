@@ -93,15 +93,9 @@ impl Tap {
         ])?;
         self.ifname = ifname.to_string();
         self.netns = Some(netns.to_string());
-        // Best effort: without it the port's MTU is unknown and not enforced.
-        let path = Path::new("/run/netns").join(netns);
-        self.ctl = std::thread::spawn(move || {
-            crate::sys::packet::enter_netns(&path).ok()?;
-            sys::ctl_socket().ok()
-        })
-        .join()
-        .ok()
-        .flatten();
+        // No socket is kept in that namespace: it would keep the namespace alive after
+        // `ip netns del`, and the port would never be seen gone. `mtu` opens one per look.
+        self.ctl = None;
         Ok(())
     }
 
@@ -200,6 +194,22 @@ impl Port for Tap {
     }
 
     fn mtu(&self) -> Option<u32> {
-        sys::if_mtu(self.ctl.as_ref()?, &self.ifname).ok()
+        match &self.netns {
+            // Best effort, from a short-lived thread in the port's namespace; without it
+            // the port's MTU is unknown and not enforced.
+            Some(ns) => {
+                let path = Path::new("/run/netns").join(ns);
+                let ifname = self.ifname.clone();
+                std::thread::spawn(move || {
+                    crate::sys::packet::enter_netns(&path).ok()?;
+                    let ctl = sys::ctl_socket().ok()?;
+                    sys::if_mtu(&ctl, &ifname).ok()
+                })
+                .join()
+                .ok()
+                .flatten()
+            }
+            None => sys::if_mtu(self.ctl.as_ref()?, &self.ifname).ok(),
+        }
     }
 }
