@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventBus};
-use crate::port::{Port, PortError};
+use crate::port::{Port, PortError, Recv};
 use crate::switch::vnet::{self, VnetHdr};
 use crate::switch::{Decision, DropReason, FdbConfig, FdbEvent, PortId, Switch};
 use crate::wire::ethernet::HEADER_LEN;
@@ -133,6 +133,9 @@ pub struct PortStats {
     pub rx_errors: u64,
     /// Dropped frames by reason (only reasons seen).
     pub dropped: std::collections::BTreeMap<String, u64>,
+    /// The VXLAN segment, socket and remote endpoints of a tunnel port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::port::vxlan::VxlanSpec>,
 }
 
 /// One FDB entry as shown by `vfabric fdb show`.
@@ -141,6 +144,9 @@ pub struct FdbRow {
     pub mac: crate::wire::MacAddr,
     pub port: String,
     pub port_id: PortId,
+    /// The remote endpoint `mac` was learned behind, on a tunnel port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<std::net::SocketAddrV4>,
     /// Seconds since a frame from `mac` was last seen.
     pub age_s: f64,
     /// When `mac` was learned on `port` or last moved there: µs since the epoch, taken
@@ -346,6 +352,7 @@ impl Fabric {
                 mac: e.mac,
                 port: self.shared.port_name(e.port).to_string(),
                 port_id: e.port,
+                remote: e.remote,
                 age_s: (e.age.as_secs_f64() * 1000.0).round() / 1000.0,
                 updated_t_us: e.updated_t_us,
             })
@@ -451,6 +458,7 @@ impl Fabric {
                             (n > 0).then(|| (r.as_str().to_string(), n))
                         })
                         .collect(),
+                    vxlan: p.port.tunnel().cloned(),
                 }
             })
             .collect()
@@ -495,17 +503,20 @@ impl Shared {
         let a = &self.fdb_activity;
         for ev in events {
             let (counter, ev) = match *ev {
-                FdbEvent::Learned { mac, port } => (
+                FdbEvent::Learned { mac, port, remote } => (
                     &a.learned,
                     Event::MacLearned {
                         mac,
                         port: self.port_name(port).to_string(),
+                        remote,
                     },
                 ),
                 FdbEvent::Moved {
                     mac,
                     from,
                     to,
+                    from_remote,
+                    to_remote,
                     ethertype,
                 } => (
                     &a.moved,
@@ -514,6 +525,8 @@ impl Shared {
                         from: self.port_name(from).to_string(),
                         to: self.port_name(to).to_string(),
                         ethertype: ethertype.to_string(),
+                        from_remote,
+                        to_remote,
                     },
                 ),
                 FdbEvent::Aged { mac, port } => (
@@ -560,8 +573,9 @@ impl Shared {
 
     /// Sends `frame` (virtio-net header + Ethernet) out of `out`, adapting it to a port
     /// without offloads: partial checksums are completed in place (valid for every
-    /// later receiver too); GSO frames are dropped and counted, never cut or corrupted.
-    fn transmit(&self, out: &SwitchPort, frame: &mut [u8]) {
+    /// later receiver too); GSO frames are dropped and counted, never cut or corrupted,
+    /// unless the port segments them itself. `to`: one remote endpoint of a tunnel port.
+    fn transmit(&self, out: &SwitchPort, frame: &mut [u8], to: Option<std::net::SocketAddrV4>) {
         if !out.is_up() {
             out.counters.drop(DropReason::PortDown);
             return;
@@ -579,23 +593,24 @@ impl Shared {
         }
         if hdr > 0 && !out.port.offload() {
             let (vh, eth) = frame.split_at_mut(hdr);
-            match VnetHdr::new_checked(&*vh) {
-                Ok(h) if h.is_gso() => {
+            let gso = match VnetHdr::new_checked(&*vh) {
+                Ok(h) if h.is_gso() && !out.port.segments_gso() => {
                     out.counters.drop(DropReason::GsoUnsupported);
                     return;
                 }
-                Ok(_) => {}
+                Ok(h) => h.is_gso(),
                 Err(_) => {
                     out.counters.drop(DropReason::BadVnetHeader);
                     return;
                 }
-            }
-            if vnet::complete_checksum(vh, eth).is_err() {
+            };
+            // A port that segments computes each segment's checksums itself.
+            if !gso && vnet::complete_checksum(vh, eth).is_err() {
                 out.counters.drop(DropReason::BadVnetHeader);
                 return;
             }
         }
-        match out.port.send(frame) {
+        match out.port.send_to(frame, to) {
             Ok(()) => {
                 out.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                 out.counters
@@ -607,6 +622,7 @@ impl Shared {
                 self.mark_down(out);
             }
             Err(PortError::Io(_)) => out.counters.drop(DropReason::TxError),
+            Err(PortError::Refused(r)) => out.counters.drop(r),
         }
     }
 }
@@ -642,6 +658,7 @@ fn port_loop(s: &Shared, index: usize) {
                     tracing::warn!(port = %me.name, error = %e, "poll failed");
                     std::thread::sleep(POLL_INTERVAL);
                 }
+                Err(PortError::Refused(_)) => {}
             },
             Received::Gone => break,
         }
@@ -713,18 +730,28 @@ fn receive_one(
     buf: &mut [u8],
     events: &mut Vec<FdbEvent>,
 ) -> Received {
-    match me.port.try_recv(buf) {
-        Ok(Some(n)) => {
+    match me.port.try_recv_from(buf) {
+        Ok(Some(Recv::Frame { len, from })) => {
             let t_us = crate::clock::unix_micros();
             let now = Instant::now();
             let cap = buf.len();
-            Received::Forwarded(forward(s, me, &mut buf[..n], cap, now, t_us, events))
+            let frame = &mut buf[..len];
+            Received::Forwarded(forward(s, me, frame, from, cap, now, t_us, events))
+        }
+        Ok(Some(Recv::Dropped(r))) => {
+            me.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            me.counters.drop(r);
+            Received::Forwarded(None)
         }
         Ok(None) => Received::Nothing,
         Err(PortError::Gone) => {
             me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
             s.mark_down(me);
             Received::Gone
+        }
+        Err(PortError::Refused(r)) => {
+            me.counters.drop(r);
+            Received::Nothing
         }
         Err(PortError::Io(e)) => {
             let errors = me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
@@ -759,11 +786,14 @@ fn steal(s: &Shared, egress: PortId, buf: &mut [u8], events: &mut Vec<FdbEvent>)
     }
 }
 
-/// Handles one frame received on `me`. `cap` is the size of the read buffer.
+/// Handles one frame received on `me` (from its remote endpoint `from`, on a tunnel
+/// port). `cap` is the size of the read buffer.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     s: &Shared,
     me: &SwitchPort,
     frame: &mut [u8],
+    from: Option<std::net::SocketAddrV4>,
     cap: usize,
     now: Instant,
     t_us: u64,
@@ -783,23 +813,30 @@ fn forward(
         return None;
     }
     events.clear();
-    let decision = s.core().handle(me.id, &frame[hdr..], now, t_us, events);
+    let decision = s
+        .core()
+        .handle_from(me.id, from, &frame[hdr..], now, t_us, events);
     if !events.is_empty() {
         s.emit_events(events, t_us);
     }
     if let Some(m) = &s.mirror {
-        s.transmit(m, frame);
+        s.transmit(m, frame, None);
     }
     match decision {
         Decision::Unicast(p) => {
             let out = s.ports.get(usize::from(p.0))?;
-            s.transmit(out, frame);
+            s.transmit(out, frame, None);
+            Some(p)
+        }
+        Decision::Remote(p, r) => {
+            let out = s.ports.get(usize::from(p.0))?;
+            s.transmit(out, frame, Some(r));
             Some(p)
         }
         Decision::Flood => {
             c.flooded.fetch_add(1, Ordering::Relaxed);
             for out in s.ports.iter().filter(|p| p.id != me.id && p.is_up()) {
-                s.transmit(out, frame);
+                s.transmit(out, frame, None);
             }
             None
         }
