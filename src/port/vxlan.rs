@@ -10,6 +10,10 @@
 //! the data path sees it like a TAP frame, with no copy when the header is at least 8
 //! bytes (the VXLAN header is read into its place and then overwritten).
 //!
+//! A sender on this machine (the kernel's vxlan device over a veth) may leave the
+//! inner TCP/UDP checksum partial, as it would for a NIC to finish; the port finishes
+//! it ([`gso::finish_partial_checksum`]) so the frame is valid wherever it goes next.
+//!
 //! Sending: to one remote when the switch learned the destination behind it, otherwise
 //! to every remote (head-end replication). GSO frames from TAPs are cut into segments
 //! first ([`crate::switch::gso`]); every datagram leaves with DF set, so one that would
@@ -338,6 +342,7 @@ impl Port for VxlanPort {
         if off + HEADER_LEN != hdr {
             buf.copy_within(off + HEADER_LEN..off + n, hdr);
         }
+        gso::finish_partial_checksum(&mut buf[hdr..hdr + inner]);
         // No offload flags: the frame's checksums are complete, as on any wire.
         buf[..hdr].fill(0);
         Ok(Some(Recv::Frame {
@@ -422,8 +427,8 @@ mod tests {
 
     #[test]
     fn specs_parse_with_defaults_and_round_trip() {
-        let s = spec("vni=42,local=vf-wan:10.99.0.1,remote=10.99.0.2,remote=10.99.0.3:8472")
-            .unwrap();
+        let s =
+            spec("vni=42,local=vf-wan:10.99.0.1,remote=10.99.0.2,remote=10.99.0.3:8472").unwrap();
         assert_eq!(s.vni.get(), 42);
         assert_eq!(s.netns.as_deref(), Some("vf-wan"));
         assert_eq!(s.local, "10.99.0.1:4789".parse().unwrap());
@@ -458,13 +463,22 @@ mod tests {
             ("vni=42,local=10.0.0.1", "no remote="),
             ("local=10.0.0.1,remote=10.0.0.2", "no vni="),
             ("vni=16777216,local=10.0.0.1,remote=10.0.0.2", "VNI"),
-            ("vni=1,vni=2,local=10.0.0.1,remote=10.0.0.2", "vni given twice"),
-            ("vni=1,local=10.0.0.1,remote=10.0.0.2,remote=10.0.0.2:9", "given twice"),
+            (
+                "vni=1,vni=2,local=10.0.0.1,remote=10.0.0.2",
+                "vni given twice",
+            ),
+            (
+                "vni=1,local=10.0.0.1,remote=10.0.0.2,remote=10.0.0.2:9",
+                "given twice",
+            ),
             ("vni=1,local=10.0.0.1,remote=224.0.0.1", "not a unicast"),
             ("vni=1,local=10.0.0.1,remote=0.0.0.0", "not a unicast"),
             ("vni=1,local=10.0.0.1,remote=10.0.0.2:0", "port"),
             ("vni=1,local=10.0.0.1,remote=10.0.0.2:70000", "port"),
-            ("vni=1,local=../x:10.0.0.1,remote=10.0.0.2", "bad characters"),
+            (
+                "vni=1,local=../x:10.0.0.1,remote=10.0.0.2",
+                "bad characters",
+            ),
             ("vni=1,local=a/b:10.0.0.1,remote=10.0.0.2", "bad characters"),
             ("vni=1,local=ns:fe80::1,remote=10.0.0.2", "local"),
             ("vni=1,local=10.0.0.1,remote=host.example", "not an IPv4"),

@@ -428,6 +428,73 @@ mod tests {
     }
 
     #[test]
+    fn macs_behind_a_tunnel_are_reached_through_their_endpoint() {
+        let t = Instant::now();
+        let mut sw = Switch::new(FdbConfig::default());
+        let mut ev = vec![];
+        let r1: SocketAddrV4 = "10.99.0.2:4789".parse().unwrap();
+        let r2: SocketAddrV4 = "10.99.0.3:4789".parse().unwrap();
+        // B comes out of tunnel port P2 from r1: learned against r1.
+        assert_eq!(
+            sw.handle_from(P2, Some(r1), &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Flood
+        );
+        assert_eq!(
+            ev,
+            vec![FdbEvent::Learned {
+                mac: B,
+                port: P2,
+                remote: Some(r1)
+            }]
+        );
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Remote(P2, r1)
+        );
+        // B shows up behind r2: a move within the port, reported with both endpoints.
+        ev.clear();
+        sw.handle_from(P2, Some(r2), &frame(B, A, EtherType::Rarp), t, 0, &mut ev);
+        assert_eq!(
+            ev,
+            vec![FdbEvent::Moved {
+                mac: B,
+                from: P2,
+                to: P2,
+                from_remote: Some(r1),
+                to_remote: Some(r2),
+                ethertype: EtherType::Rarp
+            }]
+        );
+        assert_eq!(sw.fdb().port_entries(P2), 1);
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Remote(P2, r2)
+        );
+        // Split horizon: from one endpoint towards another, never back into the tunnel.
+        let c = MacAddr([0x02, 0, 0, 0, 0, 0xc]);
+        sw.handle_from(P2, Some(r1), &frame(c, A, EtherType::Ipv4), t, 0, &mut ev);
+        assert_eq!(
+            sw.handle_from(P2, Some(r1), &frame(c, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Drop(DropReason::SamePort)
+        );
+        // B moves to a local port: plain unicast again.
+        sw.handle(P1, &frame(B, A, EtherType::Rarp), t, 0, &mut ev);
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Unicast(P1)
+        );
+        assert_eq!(
+            sw.fdb()
+                .entries(t)
+                .iter()
+                .find(|e| e.mac == B)
+                .unwrap()
+                .remote,
+            None
+        );
+    }
+
+    #[test]
     fn drop_reason_indices_match_the_table() {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);

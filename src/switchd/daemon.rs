@@ -208,11 +208,10 @@ fn create_port(
             Ok((Box::new(tap), ns))
         }
         PortKind::Vxlan(v) => {
-            let port =
-                VxlanPort::open(v, VNET_HDR_LEN).map_err(|source| SwitchdError::Vxlan {
-                    port: spec.name.clone(),
-                    source,
-                })?;
+            let port = VxlanPort::open(v, VNET_HDR_LEN).map_err(|source| SwitchdError::Vxlan {
+                port: spec.name.clone(),
+                source,
+            })?;
             tracing::info!(port = %spec.name, spec = %port.spec(), "vxlan port ready");
             Ok((Box::new(port), v.netns.clone()))
         }
@@ -375,7 +374,10 @@ mod tests {
             panic!("not a tunnel")
         };
         assert_eq!((v.vni.get(), v.remotes.len()), (42, 1));
-        let e = "wan=vxlan:vni=42".parse::<PortSpec>().unwrap_err().to_string();
+        let e = "wan=vxlan:vni=42"
+            .parse::<PortSpec>()
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("bad VXLAN port spec"), "{e}");
         let e = "../x=vxlan:vni=42,local=10.0.0.1,remote=10.0.0.2"
             .parse::<PortSpec>()

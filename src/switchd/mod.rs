@@ -990,6 +990,128 @@ mod tests {
         f.stop();
     }
 
+    /// Two TAP-like ports and a VXLAN port on loopback whose remotes are two sockets.
+    fn fabric_with_tunnel() -> (Fabric, Vec<MemPeer>, [std::net::UdpSocket; 2]) {
+        use crate::port::vxlan::{VxlanPort, VxlanSpec};
+        use std::net::{SocketAddr, UdpSocket};
+        let remotes = [
+            UdpSocket::bind("127.0.0.2:0").unwrap(),
+            UdpSocket::bind("127.0.0.3:0").unwrap(),
+        ];
+        let addr = |s: &UdpSocket| match s.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        for r in &remotes {
+            r.set_read_timeout(Some(SHORT)).unwrap();
+        }
+        let spec = VxlanSpec {
+            vni: crate::wire::vxlan::Vni::new(42).unwrap(),
+            netns: None,
+            local: "127.0.0.1:0".parse().unwrap(),
+            remotes: remotes.iter().map(addr).collect(),
+        };
+        let vx = VxlanPort::open(&spec, 12).unwrap();
+        let mut ports = vec![];
+        let mut peers = vec![];
+        for i in 0..2 {
+            let (p, peer) = mem::pair(&format!("p{i}"), 12, true);
+            ports.push(SwitchPort::new(
+                PortId(i),
+                &format!("p{i}"),
+                None,
+                Box::new(p),
+            ));
+            peers.push(peer);
+        }
+        ports.push(SwitchPort::new(PortId(2), "wan", None, Box::new(vx)));
+        let f = Fabric::start(ports, None, FdbConfig::default()).unwrap();
+        (f, peers, remotes)
+    }
+
+    fn from_tunnel(r: &std::net::UdpSocket, f: &Fabric, vni: u8, frame: &[u8]) {
+        let mut d = vec![0x08, 0, 0, 0, 0, 0, vni, 0];
+        d.extend_from_slice(frame);
+        let to = f.stats()[2].vxlan.as_ref().unwrap().local;
+        r.send_to(&d, to).unwrap();
+    }
+
+    fn datagram(r: &std::net::UdpSocket) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        r.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    }
+
+    #[test]
+    fn a_tunnel_floods_to_every_remote_and_unicasts_to_the_learned_one() {
+        let (f, peers, remotes) = fabric_with_tunnel();
+        let mut sub = f.events().subscribe(64);
+        // Unknown destination: one datagram to each remote (head-end replication).
+        let ab = eth(12, A, B, 60);
+        peers[0].inject(&ab);
+        assert!(peers[1].recv(T).is_some());
+        for r in &remotes {
+            let d = datagram(r).expect("flooded to every remote");
+            assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0, 0, 42, 0]);
+            assert_eq!(&d[8..], &ab[12..]);
+        }
+        // B answers from the second remote: learned behind it, with the remote.
+        let ba = eth(0, B, A, 60);
+        from_tunnel(&remotes[1], &f, 42, &ba);
+        let got = peers[0].recv(T).expect("decapsulated to A");
+        assert_eq!(&got[..12], &[0u8; 12], "a zero virtio-net header");
+        assert_eq!(&got[12..], &ba[..]);
+        let rows = f.fdb();
+        let b = rows.iter().find(|r| r.mac == B).unwrap();
+        assert_eq!(b.port, "wan");
+        assert_eq!(
+            b.remote,
+            Some(f.stats()[2].vxlan.as_ref().unwrap().remotes[1])
+        );
+        let remote = b.remote;
+        let learned: Vec<Event> = std::iter::from_fn(|| sub.rx.try_recv().ok())
+            .map(|r| r.event)
+            .filter(|e| matches!(e, Event::MacLearned { mac, .. } if *mac == B))
+            .collect();
+        assert_eq!(
+            learned,
+            vec![Event::MacLearned {
+                mac: B,
+                port: "wan".into(),
+                remote
+            }]
+        );
+        // Now A -> B goes to that remote only.
+        peers[0].inject(&ab);
+        assert!(datagram(&remotes[1]).is_some());
+        assert!(
+            datagram(&remotes[0]).is_none(),
+            "unicast goes to one remote"
+        );
+        assert!(peers[1].recv(SHORT).is_none());
+        // Another segment's frame is dropped and counted; forwarding goes on.
+        from_tunnel(&remotes[0], &f, 43, &ba);
+        from_tunnel(&remotes[1], &f, 42, &ba);
+        assert!(peers[0].recv(T).is_some());
+        assert_eq!(f.stats()[2].dropped.get("vxlan_wrong_vni"), Some(&1));
+        f.stop();
+    }
+
+    #[test]
+    fn a_frame_too_big_for_the_underlay_is_counted_not_cut() {
+        let (f, peers, remotes) = fabric_with_tunnel();
+        // Loopback's MTU is 65536: a frame whose datagram exceeds it cannot leave.
+        let big = eth(12, A, B, 65_500);
+        peers[0].inject(&big);
+        assert!(peers[1].recv(T).is_some());
+        assert!(datagram(&remotes[0]).is_none());
+        let deadline = Instant::now() + T;
+        while !f.stats()[2].dropped.contains_key("oversize") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(f.stats()[2].dropped.get("oversize"), Some(&1));
+        f.stop();
+    }
+
     #[test]
     fn a_port_that_goes_away_is_marked_down_and_the_rest_keep_working() {
         let (f, mut peers) = fabric(3, 0, true, false);

@@ -81,20 +81,29 @@ impl Topology {
     /// Runs up.sh with extra environment after `prepare` has seen the (empty) run
     /// directory, e.g. to mount the datastore's file system there.
     pub fn up_prepared(env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Topology {
+        Self::up_around(|t| {
+            prepare(t.run_dir.path());
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+    }
+
+    /// Runs up.sh after `prepare` has seen the topology-to-be (its prefix and run
+    /// directory) and returned extra environment. Namespaces `prepare` makes under the
+    /// prefix (`<prefix>-NAME`) are removed with the rest, also when up.sh fails.
+    pub fn up_around(prepare: impl FnOnce(&Topology) -> Vec<(String, String)>) -> Topology {
         let mut t = Topology {
             prefix: unique_prefix(),
             run_dir: tempfile::Builder::new()
                 .prefix("vfabric-test-")
                 .tempdir()
                 .expect("temp dir"),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: vec![],
             up_stderr: String::new(),
             downed: false,
         };
-        prepare(t.run_dir.path());
+        t.env = prepare(&t);
         let out = t.script("up.sh", &[]);
         t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
