@@ -286,58 +286,29 @@ async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
     }
 }
 
-/// Raw TCP throughput over loopback: `bytes` in 1 MiB writes, read into a 1 MiB buffer.
-async fn raw_loopback(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
+/// Raw TCP throughput over loopback: `bytes` in 1 MiB writes. The reader reads into a
+/// reused 1 MiB buffer, or with `fresh` stores every byte once in a new buffer of
+/// `bytes` (the kernel zeroes each new page on first touch), as a target must: the
+/// ceiling of a copy into a new guest.
+async fn raw_loopback(bytes: u64, fresh: bool) -> Result<f64, Box<dyn std::error::Error>> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let reader = tokio::spawn(async move {
         let (mut s, _) = l.accept().await?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; if fresh { bytes as usize } else { 1 << 20 }];
         let mut n = 0u64;
         loop {
-            let r = s.read(&mut buf).await?;
-            if r == 0 {
+            let at = if fresh { n as usize } else { 0 };
+            let end = (at + (1 << 20)).min(buf.len());
+            if at == end {
                 return Ok::<u64, std::io::Error>(n);
+            }
+            let r = s.read(&mut buf[at..end]).await?;
+            if r == 0 {
+                return Ok(n);
             }
             n += r as u64;
         }
-    });
-    let t = Instant::now();
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let buf = vec![0x5au8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    s.shutdown().await?;
-    let got = reader.await??;
-    let secs = t.elapsed().as_secs_f64();
-    assert_eq!(got, bytes);
-    Ok(bytes as f64 * 8.0 / secs / 1e9)
-}
-
-/// Raw TCP throughput over loopback into fresh memory: as [`raw_loopback`], but the
-/// reader stores every byte once in a new buffer of `bytes` (the kernel zeroes each new
-/// page on first touch), as a target must: the ceiling of a copy into a new guest.
-async fn raw_loopback_fresh(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    let reader = tokio::spawn(async move {
-        let (mut s, _) = l.accept().await?;
-        let mut mem = vec![0u8; bytes as usize];
-        let mut n = 0usize;
-        while n < mem.len() {
-            let end = (n + (1 << 20)).min(mem.len());
-            let r = s.read(&mut mem[n..end]).await?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        Ok::<u64, std::io::Error>(n as u64)
     });
     let t = Instant::now();
     let mut s = TcpStream::connect(addr).await?;
@@ -534,11 +505,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
             for _ in 0..3 {
-                best = best.max(raw_loopback(bytes).await?);
+                best = best.max(raw_loopback(bytes, false).await?);
             }
             let mut fresh: f64 = 0.0;
             for _ in 0..3 {
-                fresh = fresh.max(raw_loopback_fresh(bytes).await?);
+                fresh = fresh.max(raw_loopback(bytes, true).await?);
             }
             raw_fresh = Some(fresh);
             (
