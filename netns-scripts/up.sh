@@ -293,12 +293,12 @@ main() {
         esac
         shift
     done
-    need_root
-    ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
     ensure_bin
     # The binary validates the file; on a bad one it has said why, on one line.
     plan=$("$VFABRIC_BIN" topology render ${file:+"$file"} --format shell \
         --default-capacity-mb "$VF_HOST_CAPACITY_MB") || exit 1
+    need_root
+    ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
     use_plan "$plan"
     check_not_up
     # From here on, any failure (a failed command or `die`) removes what was created.
