@@ -7,3 +7,4 @@ pub mod client;
 pub mod daemon;
 pub mod datastore;
 pub mod pause;
+pub mod slot;
