@@ -168,6 +168,25 @@ impl Topology {
         }
     }
 
+    /// Runs up.sh (the default fabric) after `prepare` has seen the topology-to-be (its
+    /// prefix and run directory) and returned extra environment. Namespaces `prepare`
+    /// makes under the prefix (`<prefix>-NAME`) are removed with the rest, also when
+    /// up.sh fails.
+    pub fn up_around(prepare: impl FnOnce(&Topology) -> Vec<(String, String)>) -> Topology {
+        let mut t = Self::new_guard(vec![], None);
+        t.env = prepare(&t);
+        let out = t.script("up.sh", &[]);
+        t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "up.sh failed:\n{}\n{}\nswitch log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            t.switch_log()
+        );
+        t
+    }
+
     fn up_inner(
         file: Option<&Path>,
         env: &[(&str, &str)],
