@@ -185,6 +185,11 @@ pub enum Event {
         error: String,
         transport: String,
     },
+    /// The host entered maintenance mode: it admits no new VM and no incoming
+    /// migration; `vms` VMs were on it then.
+    MaintenanceEntered { host: String, vms: usize },
+    /// The host left maintenance mode and admits VMs again.
+    MaintenanceExited { host: String, vms: usize },
 }
 
 impl Event {
@@ -411,6 +416,13 @@ impl fmt::Display for Event {
                 error,
                 transport,
             } => write!(f, "incoming migration to {host} over {transport} failed: {error}"),
+            MaintenanceEntered { host, vms } => write!(
+                f,
+                "{host} entered maintenance mode with {vms} VMs: it admits no VM"
+            ),
+            MaintenanceExited { host, vms } => {
+                write!(f, "{host} left maintenance mode with {vms} VMs: it admits VMs")
+            }
         }
     }
 }

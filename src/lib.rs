@@ -14,6 +14,7 @@
 
 pub mod clock;
 pub mod control;
+pub mod drs;
 pub mod events;
 pub mod guest;
 pub mod host;

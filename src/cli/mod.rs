@@ -2,6 +2,7 @@
 
 mod docs;
 mod events;
+mod fleet;
 mod flood;
 mod host;
 mod measure;
@@ -45,8 +46,13 @@ pub enum Command {
     Fdb(switch::FdbArgs),
     /// Show the switch's ports and their counters.
     Ports(switch::PortsArgs),
-    /// Run the hypervisor daemon of one emulated host (in its namespace).
+    /// Run the hypervisor daemon of one emulated host (in its namespace), or put a host
+    /// in and out of maintenance mode (`vfabric host maintenance enter|exit HOST`).
     Host(host::HostArgs),
+    /// List the hosts: mode, capacity, reserved memory, load and VMs.
+    Hosts(fleet::HostsArgs),
+    /// Even out the hosts' memory loads by live migration (a DRS-like balancer).
+    Balance(fleet::BalanceArgs),
     /// Create, list, show and destroy VMs.
     Vm(host::VmArgs),
     /// Live-migrate a running VM to another host.
@@ -79,6 +85,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Host(a) => host::run_host(a),
+        Command::Hosts(a) => fleet::run_hosts(a),
+        Command::Balance(a) => fleet::run_balance(a),
         Command::Vm(a) => host::run_vm(a),
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
