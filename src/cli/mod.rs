@@ -7,6 +7,7 @@ mod flood;
 mod host;
 mod measure;
 mod switch;
+mod topology;
 mod udp;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -77,6 +78,8 @@ pub enum Command {
     MacFlood(flood::FloodArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
     Pki(host::PkiArgs),
+    /// Check a topology file, or print the plan netns-scripts/up.sh builds from it.
+    Topology(topology::TopologyArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Events(a) => events::run(a),
         Command::MacFlood(a) => flood::run(a),
         Command::Pki(a) => host::run_pki(a),
+        Command::Topology(a) => topology::run(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

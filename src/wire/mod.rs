@@ -9,6 +9,7 @@ pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
 pub mod udp;
+pub mod vxlan;
 
 use std::fmt;
 use std::str::FromStr;
