@@ -151,7 +151,9 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
         let downtime_us = moves.iter().find(|m| m["vm"] == *vm).unwrap()["downtime_us"]
             .as_u64()
             .unwrap();
-        let allowed = 5 + downtime_us / 10_000;
+        // The hosts' downtime ends at resume; the RARP and the FDB move after it add
+        // a few ms more, one probe at most.
+        let allowed = 6 + downtime_us.div_ceil(10_000);
         assert!(
             lost.len() as u64 <= allowed,
             "{vm} lost {} pings for a {downtime_us} us downtime: {s:?}",
