@@ -686,6 +686,14 @@ fn name_mac_and_ip_are_unique_across_hosts_and_travel_with_their_vm() {
     h.ok(&["vm", "destroy", "vm1"]);
     create(&h, "vm2", "b", "10.0.0.100", &["--mac", &mac1]);
 
+    // A VM destroyed right after it moved can be created again at once, on the host
+    // it left: that host kept none of its claims.
+    for _ in 0..3 {
+        create(&h, "vm5", "a", "10.0.0.105", &[]);
+        h.json(&["migrate", "vm5", "--to", "b", "--json"]);
+        h.ok(&["vm", "destroy", "vm5"]);
+    }
+
     // A crashed host's claims block nobody: the kernel drops its flocks.
     h.crash("b");
     create(&h, "vm4", "a", "10.0.0.100", &["--mac", &mac1]);

@@ -115,6 +115,14 @@ impl Host {
                 // Step 6: the VM runs on the target; free it here.
                 let entry = self.uninstall(&mut inv, &name);
                 drop(inv);
+                // The target holds the VM's claims now. Give up ours at once: a thread
+                // of ours may keep the VM's state alive a little longer, and a claim
+                // still held here would refuse a destroy-and-create on the target.
+                shared
+                    .claims
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
                 drop(shared);
                 drop(entry);
                 self.events.emit_now(Event::MigrationDone {
