@@ -171,24 +171,15 @@ fn expect(f: Fault, p: Phase) -> Expect {
 /// Cells that fail until work not merged yet lands: (fault, phases, the behaviour they
 /// wait for). Remove an entry as soon as its cells pass; the matrix
 /// reports a pending cell that passes when run with `VF_FAULTS_PENDING=1`.
-const PENDING: &[(Fault, &[Phase], &str)] = &[
-    (
-        Fault::InterruptCli,
-        &[Phase::PreCopy, Phase::Quiesce, Phase::Bitmap, Phase::Pull],
-        "Ctrl-C cancels in the daemon, but nothing tells the matrix when the daemon has \
+const PENDING: &[(Fault, &[Phase], &str)] = &[(
+    Fault::InterruptCli,
+    &[Phase::PreCopy, Phase::Quiesce, Phase::Bitmap, Phase::Pull],
+    "Ctrl-C cancels in the daemon, but nothing tells the matrix when the daemon has \
          registered the cancel (no state in `vm show`, no event yet): releasing the \
          pause right after SIGINT races the cancel against a millisecond switch-over, \
          and the bitmap and pull cells lose that race (the VM completes on the target). \
          Needs a cancel event or a `cancelling` state to wait for",
-    ),
-    (
-        Fault::SwitchRestart,
-        &Phase::ALL,
-        "a restarted switch: the hosts re-bind and re-announce, but they look at their \
-         uplink once a second and back off up to 500 ms, so a VM answers again 1.1 to \
-         1.5 s after the restart, not within the matrix's 1 s",
-    ),
-];
+)];
 
 fn pending(f: Fault, p: Phase) -> Option<&'static str> {
     PENDING

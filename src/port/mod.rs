@@ -7,6 +7,7 @@
 pub mod mem;
 pub mod packet;
 pub mod tap;
+pub mod uplink;
 
 use std::time::Duration;
 
