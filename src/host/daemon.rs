@@ -219,7 +219,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     let datastore = Datastore::open(&cfg.datastore)?;
     let uplink = match &cfg.uplink {
         Some(ifname) => Some(Arc::new(
-            Uplink::open(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
+            Uplink::open_filtered(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
         )),
         None => None,
     };
@@ -538,6 +538,7 @@ impl Host {
             reserved_mb: inv.reserved_mb(),
             vms,
             rss_kib: rss_kib(),
+            uplink_frames_read: self.uplink.as_ref().map_or(0, |u| u.frames_read()),
         }
     }
 
@@ -681,6 +682,9 @@ impl Host {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.mac, shared.clone());
+        if let Some(u) = &self.uplink {
+            u.admit(cfg.mac);
+        }
         tokio::spawn(disk_writer(Arc::downgrade(&shared), self.cfg.name.clone()));
         Arc::new(VmEntryHandles {
             shared,
@@ -692,10 +696,14 @@ impl Host {
     fn uninstall(&self, inv: &mut Inventory, name: &str) -> Option<VmEntry> {
         let e = inv.vms.remove(name)?;
         e.shared.alive.store(false, Ordering::Release);
+        let mac = e.shared.vm.config().mac;
         self.by_mac
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&e.shared.vm.config().mac);
+            .remove(&mac);
+        if let Some(u) = &self.uplink {
+            u.release(mac);
+        }
         Some(e)
     }
 
@@ -1163,6 +1171,7 @@ impl Host {
             disk: None,
             claims: None,
             resumed: false,
+            admitted: None,
         };
         let cfg = self.cfg.migration.clone();
         match migration::migrate_in(stream, &cfg, &mut hooks).await {
@@ -1316,6 +1325,26 @@ struct TargetSide {
     /// The incoming VM's claims, shared with the source until the move ends.
     claims: Option<Claims>,
     resumed: bool,
+    /// The incoming VM's MAC, admitted by the uplink's filter from admission on, so
+    /// that its frames reach it the moment it resumes.
+    admitted: Option<MacAdmitted>,
+}
+
+/// Frames for a MAC pass the host's uplink filter while this lives.
+struct MacAdmitted(Arc<Uplink>, MacAddr);
+
+impl MacAdmitted {
+    fn new(host: &Host, mac: MacAddr) -> Option<MacAdmitted> {
+        let u = host.uplink.clone()?;
+        u.admit(mac);
+        Some(MacAdmitted(u, mac))
+    }
+}
+
+impl Drop for MacAdmitted {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
 }
 
 impl Drop for TargetSide {
@@ -1359,6 +1388,7 @@ impl TargetHooks for TargetSide {
         self.claims = Some(claims);
         inv.pending.insert(cfg.name.clone(), need);
         self.name = Some(cfg.name.clone());
+        self.admitted = MacAdmitted::new(&self.host, cfg.mac);
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! runs in tests over [`mem::MemPort`] without root or namespaces, and in production
 //! over [`tap::Tap`].
 
+pub mod bpf;
 pub mod mem;
 pub mod packet;
 pub mod tap;

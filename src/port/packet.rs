@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use super::bpf::Insn;
 use crate::sys::packet as sys;
 use crate::wire::{ethernet, ipv4, EtherType};
 
@@ -26,6 +27,12 @@ pub enum PacketError {
     },
     #[error("open packet socket on {ifname}")]
     Open {
+        ifname: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attach a filter on {ifname}")]
+    Filter {
         ifname: String,
         #[source]
         source: io::Error,
@@ -69,6 +76,15 @@ impl PacketSocket {
     /// Opens a socket on `ifname` in the calling thread's network namespace. Needs
     /// CAP_NET_RAW.
     pub fn open(ifname: &str) -> Result<PacketSocket, PacketError> {
+        PacketSocket::open_filtered(ifname, None)
+    }
+
+    /// [`PacketSocket::open`] with a classic BPF filter in place before any frame is
+    /// queued (see `port::bpf`).
+    pub fn open_filtered(
+        ifname: &str,
+        filter: Option<&[Insn]>,
+    ) -> Result<PacketSocket, PacketError> {
         if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains(['/', '\0']) {
             return Err(PacketError::BadName(ifname.to_string()));
         }
@@ -76,7 +92,7 @@ impl PacketSocket {
             ifname: ifname.to_string(),
             source,
         })?;
-        let fd = sys::open_packet_socket(ifindex).map_err(|source| PacketError::Open {
+        let fd = sys::open_packet_socket(ifindex, filter).map_err(|source| PacketError::Open {
             ifname: ifname.to_string(),
             source,
         })?;
@@ -169,6 +185,14 @@ impl PacketSocket {
                 source,
             }),
         }
+    }
+
+    /// Replaces the socket's filter; frames already queued stay.
+    pub fn set_filter(&self, prog: &[Insn]) -> Result<(), PacketError> {
+        sys::attach_filter(self.fd.as_fd(), prog).map_err(|source| PacketError::Filter {
+            ifname: self.ifname.clone(),
+            source,
+        })
     }
 
     /// The socket's pending error, cleared by reading it (the interface went down or

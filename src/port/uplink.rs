@@ -9,17 +9,19 @@
 //! once-a-second look at the interface, with a backoff while it is gone, as a safety net
 //! for notifications lost to a full queue.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use super::bpf::{self, Insn};
 use super::packet::{PacketError, PacketSocket};
 use crate::clock::unix_micros;
 use crate::sys::{netlink, packet as sys};
 use crate::wire::rtnetlink::{self, LinkChange, LinkMsg, IFF_RUNNING, IFF_UP};
+use crate::wire::MacAddr;
 
 /// A hypervisor's uplink. [`Uplink::socket`] is what senders use; one thread receives
 /// through an [`UplinkRx`], which also re-binds the socket when the interface changes.
@@ -29,6 +31,10 @@ pub struct Uplink {
     sock: RwLock<Option<Arc<PacketSocket>>>,
     /// Frames the receiving thread has read from the socket.
     frames_read: AtomicU64,
+    /// With a filter: the VM MACs it admits, each with its number of holders (a VM
+    /// arriving by migration is admitted before it resumes, and again when it is
+    /// installed). None: every frame is taken.
+    admitted: Option<Mutex<BTreeMap<MacAddr, u32>>>,
 }
 
 /// What [`Uplink::check`] found.
@@ -44,14 +50,83 @@ pub enum UplinkHealth {
 }
 
 impl Uplink {
-    /// Opens the uplink on `ifname`; it must exist now.
+    /// Opens the uplink on `ifname`, taking every frame; it must exist now.
     pub fn open(ifname: &str) -> Result<Uplink, PacketError> {
-        let sock = PacketSocket::open(ifname)?;
+        Uplink::open_with(ifname, None)
+    }
+
+    /// Opens the uplink on `ifname` with a filter that admits broadcast and multicast,
+    /// and the MACs [`Uplink::admit`] adds; it must exist now.
+    pub fn open_filtered(ifname: &str) -> Result<Uplink, PacketError> {
+        Uplink::open_with(ifname, Some(BTreeMap::new()))
+    }
+
+    fn open_with(
+        ifname: &str,
+        admitted: Option<BTreeMap<MacAddr, u32>>,
+    ) -> Result<Uplink, PacketError> {
+        let prog = admitted.as_ref().map(program);
+        let sock = PacketSocket::open_filtered(ifname, prog.as_deref())?;
         Ok(Uplink {
             ifname: ifname.to_string(),
             sock: RwLock::new(Some(Arc::new(sock))),
             frames_read: AtomicU64::new(0),
+            admitted: admitted.map(Mutex::new),
         })
+    }
+
+    /// Admits frames for `mac` (one more holder). Without a filter, nothing to do.
+    pub fn admit(&self, mac: MacAddr) {
+        self.change_admitted(mac, true);
+    }
+
+    /// Drops one holder of `mac`; its frames are refused when none is left.
+    pub fn release(&self, mac: MacAddr) {
+        self.change_admitted(mac, false);
+    }
+
+    /// The MACs the filter admits now (None: no filter).
+    pub fn admitted(&self) -> Option<Vec<MacAddr>> {
+        let m = self.admitted.as_ref()?;
+        Some(
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect(),
+        )
+    }
+
+    fn change_admitted(&self, mac: MacAddr, add: bool) {
+        let Some(m) = &self.admitted else {
+            return;
+        };
+        // Held while the program is attached, so that updates (and a re-bind, which
+        // takes it too) apply in order.
+        let mut map = m.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if add {
+            let n = map.entry(mac).or_insert(0);
+            *n += 1;
+            *n == 1
+        } else {
+            match map.get_mut(&mac) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => map.remove(&mac).is_some(),
+                None => false,
+            }
+        };
+        if !changed {
+            return;
+        }
+        if let Some(s) = self.socket() {
+            if let Err(e) = s.set_filter(&program(&map)) {
+                tracing::warn!(uplink = %self.ifname, %mac, error = %e,
+                    "uplink filter not updated");
+            }
+        }
     }
 
     pub fn ifname(&self) -> &str {
@@ -106,7 +181,12 @@ impl Uplink {
         if self.check() == UplinkHealth::Bound {
             return Ok(true);
         }
-        let sock = match PacketSocket::open(&self.ifname) {
+        let admitted = self
+            .admitted
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        let prog = admitted.as_deref().map(program);
+        let sock = match PacketSocket::open_filtered(&self.ifname, prog.as_deref()) {
             Ok(s) => s,
             Err(PacketError::NoInterface { .. }) => return Ok(false),
             Err(e) => return Err(e),
@@ -121,6 +201,12 @@ impl Uplink {
             .and_then(|s| s.if_flags(&self.ifname).ok())
             .is_some_and(|f| f & (IFF_UP | IFF_RUNNING) == (IFF_UP | IFF_RUNNING))
     }
+}
+
+/// The filter program for the admitted MACs.
+fn program(admitted: &BTreeMap<MacAddr, u32>) -> Vec<Insn> {
+    let macs: Vec<MacAddr> = admitted.keys().copied().collect();
+    bpf::mac_filter(&macs)
 }
 
 /// Retry delays that double from `min` up to `max` (sans-IO: the caller sleeps).
@@ -644,6 +730,73 @@ mod tests {
             ip(&["-n", &name, "link", "set", &a, "up"]);
             next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Back { .. }))
                 .expect("back after down and up");
+        })
+        .join()
+        .expect("namespace thread");
+    }
+
+    /// Through a real socket: a filtered uplink takes frames for the MACs admitted,
+    /// broadcast and multicast, and nothing else; admitting and releasing take effect
+    /// on the live socket and survive a re-bind.
+    #[test]
+    fn a_filtered_uplink_takes_only_admitted_macs() {
+        if skip_unless_root("a_filtered_uplink_takes_only_admitted_macs") {
+            return;
+        }
+        let ns = Netns::new();
+        let (a, b) = (ns.ifname('a'), ns.ifname('b'));
+        let path = PathBuf::from("/run/netns").join(&ns.name);
+        let name = ns.name.clone();
+        std::thread::spawn(move || {
+            sys::enter_netns(&path).expect("enter namespace");
+            let up = Uplink::open_filtered(&a).unwrap();
+            let peer = PacketSocket::open(&b).unwrap();
+            let vm = MacAddr([0x02, 0, 0, 0, 0x01, 0x00]);
+            let foreign = MacAddr([0x02, 0, 0, 0, 0x02, 0x00]);
+            let group = MacAddr([0x01, 0x00, 0x5e, 0, 0, 1]);
+            let mut marker = 0u8;
+            let mut gets = |to: MacAddr| -> bool {
+                marker += 1;
+                peer.send(&test_frame(to, MAC_B, marker)).unwrap();
+                let sock = up.socket().unwrap();
+                wait_for(&sock, marker, Duration::from_millis(300)).is_some()
+            };
+            assert!(gets(MacAddr::BROADCAST));
+            assert!(gets(group));
+            assert!(!gets(vm), "not admitted yet");
+            assert!(!gets(MAC_A), "the interface's own MAC is the kernel's");
+            up.admit(vm);
+            assert!(gets(vm));
+            assert!(!gets(foreign));
+            // Two holders: one release keeps it admitted.
+            up.admit(vm);
+            up.release(vm);
+            assert!(gets(vm));
+            assert_eq!(up.admitted(), Some(vec![vm]));
+
+            // A new interface of the name: the new socket has the same filter.
+            ip(&["-n", &name, "link", "del", &a]);
+            assert_eq!(up.check(), UplinkHealth::JustLost);
+            ip(&[
+                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ]);
+            ip(&["-n", &name, "link", "set", &a, "up"]);
+            ip(&["-n", &name, "link", "set", &b, "up"]);
+            assert!(up.rebind().unwrap());
+            let peer = PacketSocket::open(&b).unwrap();
+            let mut marker = 100u8;
+            let mut gets = |to: MacAddr| -> bool {
+                marker += 1;
+                peer.send(&test_frame(to, MAC_B, marker)).unwrap();
+                let sock = up.socket().unwrap();
+                wait_for(&sock, marker, Duration::from_millis(300)).is_some()
+            };
+            assert!(gets(vm));
+            assert!(!gets(foreign));
+            up.release(vm);
+            assert!(!gets(vm), "released");
+            assert!(gets(MacAddr::BROADCAST));
+            assert_eq!(up.admitted(), Some(vec![]));
         })
         .join()
         .expect("namespace thread");

@@ -3,9 +3,11 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
+
+use crate::port::bpf::Insn;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -49,7 +51,10 @@ fn set_int_opt(
 /// `ifindex` only, with the interface in promiscuous mode for as long as the socket is
 /// open (PACKET_MR_PROMISC) and the interface's outgoing frames not looped back to it
 /// (PACKET_IGNORE_OUTGOING: neither ours nor the kernel's).
-pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+///
+/// With `filter`, the classic BPF program is attached before the socket is bound, so no
+/// frame it would refuse is ever queued.
+pub fn open_packet_socket(ifindex: u32, filter: Option<&[Insn]>) -> io::Result<OwnedFd> {
     // Protocol 0 receives nothing until bind names the interface: no frames from other
     // interfaces slip in between socket() and bind().
     // SAFETY: plain socket(2) call; the result is checked before use.
@@ -59,6 +64,9 @@ pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
     set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+    if let Some(prog) = filter {
+        attach_filter(fd.as_fd(), prog)?;
+    }
     // Ask for each frame's status, to learn which checksums were offloaded.
     set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
 
@@ -91,6 +99,36 @@ pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
         )
     })?;
     Ok(fd)
+}
+
+/// Attaches (or replaces) the socket's classic BPF filter (SO_ATTACH_FILTER): frames
+/// it refuses are dropped by the kernel before they are queued.
+pub fn attach_filter(fd: BorrowedFd<'_>, prog: &[Insn]) -> io::Result<()> {
+    let mut insns: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(insns.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        filter: insns.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `insns`, which outlives the call (the kernel copies the
+    // program), and we pass the exact size of `fprog`.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// Sends one frame on the bound interface; returns the bytes sent.
