@@ -8,6 +8,12 @@
 #                                      # raw throughput: in-process tokio copy
 #   sudo bench/migration.sh --veth     # veth link between two namespaces created
 #                                      # and removed here; raw throughput: iperf3
+#   sudo bench/migration.sh --vmotion-path
+#                                      # only the raw cost of the N-host vMotion
+#                                      # network: iperf3 host to host over the vMotion
+#                                      # switch (up.sh, a two-host topology file with
+#                                      # network = "switch") against a veth pair, in
+#                                      # alternating runs, and their ratio
 #
 # The headline runs do not verify memory; one more run at 1,000 pages/s does, against
 # a verifying target. Last, encrypted vMotion (TLS 1.3, a fabric CA made for the run)
@@ -18,13 +24,85 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 veth=0
+vmotion_path=0
 args=()
 for a in "$@"; do
     case "$a" in
         --veth) veth=1 ;;
+        --vmotion-path) vmotion_path=1 ;;
         *) args+=("$a") ;;
     esac
 done
+
+# iperf3 -c in namespace $1 to $2 for $3 seconds: Gbit/s received.
+iperf_gbps() {
+    ip netns exec "$1" iperf3 -c "$2" -p 5201 -t "$3" -J |
+        python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+}
+
+# The vMotion network's raw throughput: the vMotion switch as up.sh builds it for N
+# hosts, against the veth pair up.sh uses for two.
+vmotion_path_bench() {
+    . netns-scripts/lib.sh
+    need_root
+    ensure_packages ip:iproute2 iperf3:iperf3
+    ensure_bin
+    local best_sw=0 best_veth=0 g i secs=${VF_BENCH_SECS:-3}
+    # Global: the exit trap reads them after this function has returned.
+    p=vb$(printf '%04x' $((RANDOM)))
+    work=$(mktemp -d)
+    cat >"$work/two.toml" <<'TOML'
+[vmotion]
+network = "switch"
+[[host]]
+name = "a"
+ip = "10.10.0.11"
+[[host]]
+name = "b"
+ip = "10.10.0.12"
+TOML
+    veth_a=$p-va veth_b=$p-vb
+    # shellcheck disable=SC2317 # run by the trap
+    cleanup_path() {
+        ip netns pids "$veth_b" 2>/dev/null | xargs -r kill 2>/dev/null || true
+        ip netns pids "$p-b" 2>/dev/null | xargs -r kill 2>/dev/null || true
+        ip netns del "$veth_a" 2>/dev/null || true
+        ip netns del "$veth_b" 2>/dev/null || true
+        VF_PREFIX=$p VFABRIC_RUN_DIR=$work/run netns-scripts/down.sh >/dev/null 2>&1 || true
+        rm -rf "$work"
+    }
+    trap cleanup_path EXIT INT TERM
+    VF_HOSTS=0 VF_PREFIX=$p VFABRIC_RUN_DIR=$work/run VFABRIC_BIN=$VFABRIC_BIN \
+        netns-scripts/up.sh "$work/two.toml" 2>/dev/null
+    ip netns add "$veth_a"
+    ip netns add "$veth_b"
+    ip link add vmk1 netns "$veth_a" type veth peer name vmk1 netns "$veth_b"
+    ip -n "$veth_a" addr add 10.20.0.11/24 dev vmk1
+    ip -n "$veth_b" addr add 10.20.0.12/24 dev vmk1
+    for ns in "$veth_a" "$veth_b"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set vmk1 up
+    done
+    ip netns exec "$p-b" iperf3 -s -p 5201 -D
+    ip netns exec "$veth_b" iperf3 -s -p 5201 -D
+    sleep 0.5
+    # Alternate, so that load from elsewhere falls on both paths alike; best of 3 each.
+    for i in 1 2 3; do
+        g=$(iperf_gbps "$p-a" 10.20.0.12 "$secs")
+        echo "run $i: vMotion switch $g Gbit/s"
+        best_sw=$(python3 -c "print(max($best_sw, $g))")
+        g=$(iperf_gbps "$veth_a" 10.20.0.12 "$secs")
+        echo "run $i: veth pair      $g Gbit/s"
+        best_veth=$(python3 -c "print(max($best_veth, $g))")
+    done
+    echo "iperf3 host to host, best of 3 x ${secs} s: vMotion switch $best_sw Gbit/s," \
+        "veth pair $best_veth Gbit/s, ratio $(python3 -c "print('%.2f' % ($best_sw / $best_veth))")"
+}
+
+if [ "$vmotion_path" = 1 ]; then
+    vmotion_path_bench
+    exit 0
+fi
 
 cargo build --release --example migrate_bench
 bin=target/release/examples/migrate_bench

@@ -3,15 +3,21 @@
 # three namespaces (client, silo104, silo105), each with one interface on the switch.
 # vfabric runs twice: `vfabric` is the switch alone (up.sh --no-hosts), `vfabric-hosts`
 # the user's real fabric, host daemons up with vm1 on silo104 (their uplink sockets sit
-# on the very vmnic0 the stream ends at). All fabrics are built first; then, for BENCH_ROUNDS rounds (default 3), each
+# on the very vmnic0 the stream ends at); the summary gives hosts-up / hosts-down.
+# All three fabrics are built first; then, for BENCH_ROUNDS rounds (default 3), each
 # switch in turn (the order rotates every round) gets one iperf3 TCP stream
 # client -> silo104 for BENCH_SECS (default 10) and BENCH_PINGS (default 200) pings at
 # -i 0.01, of which the median RTT is kept. Interleaving the switches round by round
 # exposes them to the same background load; the summary gives per-switch medians and
 # the median of the per-round ratios to the bridge.
+# Two more rows cross a VXLAN tunnel (VNI 42, UDP 4789) over a veth "underlay" between
+# two namespaces standing for two machines: kernel-vxlan is two kernel bridges joined by
+# kernel vxlan devices (the baseline), vfabric-vxlan two vfabric switches joined by
+# VXLAN ports; client and hosts have MTU 1450 on both (1500 minus VXLAN's 50), and the
+# summary adds vfabric-vxlan's ratio to kernel-vxlan.
 # Cleans up after itself, also on failure or Ctrl-C. Needs root.
 # Usage: bench/switch.sh   (env: BENCH_SECS, BENCH_PINGS, BENCH_ROUNDS, BENCH_PREFIX,
-#        BENCH_SWITCHES: a subset, e.g. "kernel-bridge vfabric vfabric-hosts")
+#        BENCH_SWITCHES: a subset, kernel-bridge first, e.g. "kernel-bridge vfabric vfabric-hosts")
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -22,8 +28,8 @@ P=${BENCH_PREFIX:-vb$$}     # namespace prefix, unique per run
 P=${P:0:8}
 VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-bench.XXXXXX)
-read -ra SWITCHES <<<"${BENCH_SWITCHES:-kernel-bridge vfabric vfabric-hosts vde_switch}"
-declare -A TAG=([kernel-bridge]=b [vfabric]=v [vfabric-hosts]=h [vde_switch]=d)
+read -ra SWITCHES <<<"${BENCH_SWITCHES:-kernel-bridge vfabric vfabric-hosts vde_switch kernel-vxlan vfabric-vxlan}"
+declare -A TAG=([kernel-bridge]=b [vfabric]=v [vfabric-hosts]=h [vde_switch]=d [kernel-vxlan]=kx [vfabric-vxlan]=t)
 for sw in "${SWITCHES[@]}"; do [ -n "${TAG[$sw]:-}" ] || { echo "unknown switch $sw" >&2; exit 1; }; done
 [ "${SWITCHES[0]}" = kernel-bridge ] || { echo "BENCH_SWITCHES must start with kernel-bridge" >&2; exit 1; }
 has() { [[ " ${SWITCHES[*]} " == *" $1 "* ]]; }
@@ -55,6 +61,7 @@ cleanup() {
     VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" "$REPO/netns-scripts/down.sh" >/dev/null 2>&1
     VF_PREFIX="$P-h" VFABRIC_RUN_DIR="$WORK/vfabric-h" "$REPO/netns-scripts/down.sh" >/dev/null 2>&1
     if [ -f "$WORK/vde.pid" ]; then kill "$(cat "$WORK/vde.pid")" 2>/dev/null; fi
+    for f in "$WORK"/sw[ab].pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
     # Whatever still runs in our namespaces (iperf3 servers, tcpdump), then the
     # namespaces themselves (veths and TAPs go with them).
     for ns in $(ip netns list | awk '{print $1}' | grep -E "^$P-" || true); do
@@ -131,6 +138,74 @@ setup_vde() {
     hosts_up d
 }
 
+# underlay TAG A B: namespaces $P-TAG-A and $P-TAG-B joined by a veth (ul0 10.99.0.1,
+# ul1 10.99.0.2): the network between two machines.
+underlay() {
+    local a="$P-$1-$2" b="$P-$1-$3"
+    ip netns add "$a"; ip netns add "$b"
+    ip -n "$a" link set lo up; ip -n "$b" link set lo up
+    ip link add ul0 netns "$a" type veth peer name ul1 netns "$b"
+    ip -n "$a" addr add 10.99.0.1/24 dev ul0; ip -n "$a" link set ul0 up
+    ip -n "$b" addr add 10.99.0.2/24 dev ul1; ip -n "$b" link set ul1 up
+}
+
+# tunnel_mtu TAG: the hosts' interfaces get the MTU a 1500-byte underlay leaves.
+tunnel_mtu() {
+    ip -n "$P-$1-client" link set eth0 mtu 1450
+    ip -n "$P-$1-silo104" link set vmnic0 mtu 1450
+    ip -n "$P-$1-silo105" link set vmnic0 mtu 1450
+}
+
+# Two kernel bridges, one per "machine", each with a kernel vxlan device on the underlay.
+setup_kernel_vxlan() {
+    make_ns kx
+    underlay kx swa swb
+    local side ns local remote dev h ifn
+    for side in a b; do
+        ns="$P-kx-sw$side"
+        if [ $side = a ]; then local=10.99.0.1 remote=10.99.0.2 dev=ul0
+        else local=10.99.0.2 remote=10.99.0.1 dev=ul1; fi
+        ip -n "$ns" link add vx0 type vxlan id 42 dstport 4789 local $local remote $remote dev $dev
+        ip -n "$ns" link add br0 type bridge
+        ip -n "$ns" link set vx0 master br0
+        ip -n "$ns" link set vx0 up
+        ip -n "$ns" link set br0 up
+    done
+    for h in client silo104 silo105; do
+        ifn=vmnic0 ns="$P-kx-swb"; [ $h = client ] && ifn=eth0 ns="$P-kx-swa"
+        ip link add "$ifn" netns "$P-kx-$h" type veth peer name "p-$h" netns "$ns"
+        ip -n "$ns" link set "p-$h" master br0
+        ip -n "$ns" link set "p-$h" up
+    done
+    tunnel_mtu kx
+    hosts_up kx
+}
+
+# Two vfabric switches, one per "machine", joined by VXLAN ports on the underlay.
+setup_vfabric_vxlan() {
+    make_ns t
+    underlay t ula ulb
+    local run="$WORK/vfx"
+    mkdir -p -m 0700 "$run"
+    VFABRIC_RUN_DIR="$run" setsid "$VFABRIC_BIN" switch --name swa \
+        --port "client=$P-t-client:eth0" \
+        --port "wan=vxlan:vni=42,local=$P-t-ula:10.99.0.1,remote=10.99.0.2" \
+        >"$run/swa.log" 2>&1 &
+    echo $! >"$WORK/swa.pid"
+    VFABRIC_RUN_DIR="$run" setsid "$VFABRIC_BIN" switch --name swb \
+        --port "silo104=$P-t-silo104:vmnic0" --port "silo105=$P-t-silo105:vmnic0" \
+        --port "wan=vxlan:vni=42,local=$P-t-ulb:10.99.0.2,remote=10.99.0.1" \
+        >"$run/swb.log" 2>&1 &
+    echo $! >"$WORK/swb.pid"
+    for _ in $(seq 100); do
+        [ -S "$run/swa.sock" ] && [ -S "$run/swb.sock" ] && break
+        sleep 0.1
+    done
+    [ -S "$run/swa.sock" ] && [ -S "$run/swb.sock" ] || die "vfabric-vxlan: switches did not start: $(cat "$run"/sw*.log)"
+    tunnel_mtu t
+    hosts_up t
+}
+
 # ready TAG: waits for client -> silo104 connectivity, starts the iperf3 server.
 ready() {
     local c="$P-$1-client" s="$P-$1-silo104" ok=0
@@ -177,7 +252,8 @@ setup_bridge
 has vfabric && setup_vfabric
 has vfabric-hosts && { [ -x "$VFABRIC_BIN" ] || setup_vfabric; setup_vfabric_hosts; }
 has vde_switch && setup_vde
-N=${#SWITCHES[@]}
+has kernel-vxlan && setup_kernel_vxlan
+has vfabric-vxlan && setup_vfabric_vxlan
 declare -A MAXLEN
 for sw in "${SWITCHES[@]}"; do
     ready "${TAG[$sw]}"
@@ -186,8 +262,8 @@ done
 
 : >"$WORK/results"
 for r in $(seq "$ROUNDS"); do
-    for k in $(seq 0 $((N - 1))); do
-        sw=${SWITCHES[$(( (k + r - 1) % N ))]}
+    for k in $(seq 0 $((${#SWITCHES[@]} - 1))); do
+        sw=${SWITCHES[$(( (k + r - 1) % ${#SWITCHES[@]} ))]}
         read -r g rt < <(measure "${TAG[$sw]}")
         log "round $r $sw: $g Gbit/s, median RTT $rt us"
         echo "$r $sw $g $rt" >>"$WORK/results"
@@ -217,6 +293,14 @@ for sw in "${SWITCHES[@]}"; do
         "$(col "$sw" 3 | paste -sd' ')" "$(col "$sw" 4 | paste -sd' ')"
 done
 echo
+if has vfabric-vxlan && has kernel-vxlan; then
+    tx=$(per_round vfabric-vxlan kernel-vxlan 3 / | median)
+    tr=$(per_round vfabric-vxlan kernel-vxlan 4 / | median)
+    td=$(per_round vfabric-vxlan kernel-vxlan 4 - | median)
+    awk -v x="$tx" -v r="$tr" -v d="$td" 'BEGIN {
+        printf "across a VXLAN tunnel, vfabric-vxlan vs kernel-vxlan: throughput %.2f x, median RTT %.2f x (%+.1f us)\n", x, r, d
+    }'
+fi
 if has vfabric; then
     x=$(per_round vfabric kernel-bridge 3 / | median)
     d=$(per_round vfabric kernel-bridge 4 - | median)

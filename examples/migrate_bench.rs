@@ -204,7 +204,10 @@ async fn run_source_over(
     };
     let (stream, _) = tls::connect(to, DST, mode, tls, Duration::from_secs(10)).await?;
     let cfg = migration_config(args, verify);
+    let (c0, t0) = (cpu_ms(), Instant::now());
     let s = migrate_out(Arc::clone(&vm), stream, &cfg, &mut Hooks, &mut |_| {}).await?;
+    let cores = (cpu_ms() - c0) / (t0.elapsed().as_secs_f64() * 1e3);
+    *LAST_CORES.lock().unwrap_or_else(|e| e.into_inner()) = cores;
     drop(vm);
     Ok(s)
 }
@@ -283,18 +286,26 @@ async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
     }
 }
 
-/// Raw TCP throughput over loopback: `bytes` in 1 MiB writes, read into a 1 MiB buffer.
-async fn raw_loopback(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
+/// Raw TCP throughput over loopback: `bytes` in 1 MiB writes. The reader reads into a
+/// reused 1 MiB buffer, or with `fresh` stores every byte once in a new buffer of
+/// `bytes` (the kernel zeroes each new page on first touch), as a target must: the
+/// ceiling of a copy into a new guest.
+async fn raw_loopback(bytes: u64, fresh: bool) -> Result<f64, Box<dyn std::error::Error>> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let reader = tokio::spawn(async move {
         let (mut s, _) = l.accept().await?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; if fresh { bytes as usize } else { 1 << 20 }];
         let mut n = 0u64;
         loop {
-            let r = s.read(&mut buf).await?;
-            if r == 0 {
+            let at = if fresh { n as usize } else { 0 };
+            let end = (at + (1 << 20)).min(buf.len());
+            if at == end {
                 return Ok::<u64, std::io::Error>(n);
+            }
+            let r = s.read(&mut buf[at..end]).await?;
+            if r == 0 {
+                return Ok(n);
             }
             n += r as u64;
         }
@@ -316,6 +327,33 @@ async fn raw_loopback(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
     Ok(bytes as f64 * 8.0 / secs / 1e9)
 }
 
+/// CPU time over wall time of the last migration run by this process (both ends when
+/// the target runs in-process): 2.0 means both cores of this machine were busy.
+static LAST_CORES: std::sync::Mutex<f64> = std::sync::Mutex::new(f64::NAN);
+
+fn last_cores() -> f64 {
+    *LAST_CORES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// CPU time this process has used so far (user + system, every thread), ms, from
+/// /proc/self/stat (clock ticks of 10 ms: runs here last hundreds of ms).
+fn cpu_ms() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; after the name, field 3 is
+    // index 0. /proc counts in USER_HZ, 100 on Linux.
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 /// Time to fault in fresh guest memory of `bytes` (the kernel zeroes every new page):
 /// work the target does that a raw TCP transfer does not.
 fn fault_in_ms(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
@@ -328,7 +366,14 @@ fn fault_in_ms(bytes: u64) -> Result<f64, Box<dyn std::error::Error>> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
-fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSummary)], how: &str) {
+fn report(
+    args: &Args,
+    raw_gbps: f64,
+    fault_ms: f64,
+    runs: &[(u64, MigrationSummary)],
+    cores: &[f64],
+    how: &str,
+) {
     let bytes = args.memory_mb << 20;
     println!();
     println!(
@@ -344,7 +389,7 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
     );
     println!();
     println!(
-        "{:>12} {:>9} {:>7} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10}",
+        "{:>12} {:>9} {:>7} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>6}",
         "rate pg/s",
         "total ms",
         "ratio",
@@ -353,11 +398,12 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
         "bitmap",
         "pulled",
         "MB sent",
-        "downtime"
+        "downtime",
+        "cores"
     );
-    for (rate, s) in runs {
+    for ((rate, s), cores) in runs.iter().zip(cores) {
         println!(
-            "{:>12} {:>9} {:>7.2} {:>8} {:>7} {:>10} {:>10} {:>9.0} {:>8.2}ms",
+            "{:>12} {:>9} {:>7.2} {:>8} {:>7} {:>10} {:>10} {:>9.0} {:>8.2}ms {:>6.2}",
             rate,
             s.total_ms,
             s.total_ms as f64 / limit_ms,
@@ -366,9 +412,20 @@ fn report(args: &Args, raw_gbps: f64, fault_ms: f64, runs: &[(u64, MigrationSumm
             s.bitmap_bits,
             s.pages_pulled,
             s.bytes_total as f64 / 1e6,
-            s.downtime_us as f64 / 1e3
+            s.downtime_us as f64 / 1e3,
+            cores
         );
     }
+    println!(
+        "cores: CPU time / wall time of the migration in this process ({}); this \
+         machine has {}",
+        if args.connect.is_some() {
+            "the source only"
+        } else {
+            "source, target and its prefault thread"
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!();
     if let Some((_, s)) = runs.iter().find(|(r, _)| *r == 0) {
         let ratio = s.total_ms as f64 / limit_ms;
@@ -422,6 +479,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let mut tls_to = args.tls_connect;
+    let mut raw_fresh = None;
     let (to, verified_to, raw, how) = match args.connect {
         Some(to) => {
             let raw = args
@@ -447,8 +505,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
             for _ in 0..3 {
-                best = best.max(raw_loopback(bytes).await?);
+                best = best.max(raw_loopback(bytes, false).await?);
             }
+            let mut fresh: f64 = 0.0;
+            for _ in 0..3 {
+                fresh = fresh.max(raw_loopback(bytes, true).await?);
+            }
+            raw_fresh = Some(fresh);
             (
                 to,
                 Some(verified_to),
@@ -462,8 +525,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let first = run_source(&args, 0, to, args.verify).await?;
     eprintln!("first run, rate 0: total {} ms", first.total_ms);
     let mut runs = Vec::new();
+    let mut cores = Vec::new();
     for &rate in &args.rates {
         let s = run_source(&args, rate, to, args.verify).await?;
+        cores.push(last_cores());
         eprintln!(
             "rate {rate}: total {} ms, downtime {:.2} ms, rounds {:?}",
             s.total_ms,
@@ -487,7 +552,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let fault_ms = fault_in_ms(bytes)?;
-    report(&args, raw, fault_ms, &runs, how);
+    report(&args, raw, fault_ms, &runs, &cores, how);
     let limit_ms = bytes as f64 * 8.0 / (raw * 1e9) * 1e3;
     println!(
         "first run of this invocation (rate 0, not in the table): total {} ms = {:.2} x \
@@ -495,6 +560,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         first.total_ms,
         first.total_ms as f64 / limit_ms
     );
+    if let (Some(fresh), Some((_, s))) = (raw_fresh, runs.iter().find(|(r, _)| *r == 0)) {
+        let fresh_ms = bytes as f64 * 8.0 / (fresh * 1e9) * 1e3;
+        println!(
+            "raw TCP into fresh memory (the reader stores every byte in a new buffer, as a \
+             target must): {fresh:.2} Gbit/s, {fresh_ms:.0} ms; total at rate 0 = {:.2} x that",
+            s.total_ms as f64 / fresh_ms
+        );
+    }
     if let Some((rate, s)) = verified {
         let limit_ms = bytes as f64 * 8.0 / (raw * 1e9) * 1e3;
         println!(

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Tears the fabric down: stops every daemon with a pid file in the run directory, kills
-# whatever still runs inside the prefix's namespaces, deletes those namespaces (their
-# veth and TAP interfaces go with them) and removes sockets and pid files. Logs stay.
+# Tears the fabric down, whatever topology file up.sh built it from: stops every daemon
+# with a pid file in the run directory (both switches, every host), kills whatever still
+# runs inside the prefix's namespaces, deletes those namespaces (their veth and TAP
+# interfaces go with them) and removes sockets, pid files and the recorded plan
+# (topology.sh). Logs stay.
 # Idempotent and safe after a crash: every step tolerates things already gone.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 stop_daemons() {
-    local f
+    local files=()
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
-    for f in "$VFABRIC_RUN_DIR"/*.pid; do
-        [ -e "$f" ] && kill_pidfile "$f"
-    done
+    shopt -s nullglob
+    files=("$VFABRIC_RUN_DIR"/*.pid)
+    shopt -u nullglob
+    [ ${#files[@]} -eq 0 ] || kill_pidfile "${files[@]}"
     return 0
 }
 
@@ -33,7 +36,8 @@ delete_namespaces() {
 
 remove_leftovers() {
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
-    rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid "$VFABRIC_RUN_DIR/switch.env"
+    rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid "$VFABRIC_RUN_DIR"/*.env
+    rm -f "$VFABRIC_RUN_DIR/topology.sh"    # the plan up.sh built from
     rm -rf "$VF_DATASTORE"
     rm -rf "$VFABRIC_RUN_DIR/pki"       # the fabric's CA and host keys go with it
     rmdir "$VFABRIC_RUN_DIR" 2>/dev/null || true    # only if empty: logs are kept

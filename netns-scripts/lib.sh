@@ -9,9 +9,13 @@
 #   VF_MIRROR        if set, the switch also creates a mirror TAP of that name in the
 #                    root namespace (tcpdump -i "$VF_MIRROR" sees every frame)
 #   VF_SWITCH_ARGS   extra arguments for `vfabric switch` (e.g. --ageing-secs 30)
+#   VF_VMOTION_SWITCH_ARGS  extra arguments for the vMotion network's switch, when the
+#                    topology has one
 #   VF_HOSTS         0: up.sh starts no host daemons (same as up.sh --no-hosts)
-#   VF_HOST_ARGS     extra arguments for both `vfabric host` daemons (e.g. --announce none)
-#   VF_HOST_CAPACITY_MB  memory each host offers to VMs (default 4096)
+#   VF_HOST_ARGS     extra arguments for every `vfabric host` daemon (e.g. --announce none),
+#                    after those the topology file gives
+#   VF_HOST_CAPACITY_MB  memory a host offers to VMs when its topology entry gives no
+#                    capacity_mb (default 4096)
 
 VF_PREFIX=${VF_PREFIX:-vf}
 VFABRIC_RUN_DIR=${VFABRIC_RUN_DIR:-/run/vfabric}
@@ -22,6 +26,11 @@ VF_HOST_CAPACITY_MB=${VF_HOST_CAPACITY_MB:-4096}
 # The shared storage both hosts see (VM disk files and their locks).
 VF_DATASTORE="$VFABRIC_RUN_DIR/datastore"
 
+# The vMotion network's switch, when the topology has one (its socket: vmotion.sock).
+VMOTION_SWITCH=vmotion
+
+# The namespaces of the default topology (up.sh with no file), for the scripts that
+# drive it (demo.sh, benchmarks). up.sh itself builds from the plan of its file.
 NS_CLIENT="$VF_PREFIX-client"
 NS_SILO104="$VF_PREFIX-silo104"
 NS_SILO105="$VF_PREFIX-silo105"
@@ -59,14 +68,16 @@ ensure_packages() {
     fi
 }
 
-# Sets VFABRIC_BIN, building the release binary if it is missing.
+# Sets VFABRIC_BIN, building the release binary if it is missing or older than the
+# sources (the scripts call subcommands an old binary may lack).
 ensure_bin() {
     if [ -n "${VFABRIC_BIN:-}" ]; then
         [ -x "$VFABRIC_BIN" ] || die "VFABRIC_BIN=$VFABRIC_BIN is not an executable"
         return 0
     fi
     VFABRIC_BIN="$VF_REPO/target/release/vfabric"
-    if [ ! -x "$VFABRIC_BIN" ]; then
+    if [ ! -x "$VFABRIC_BIN" ] || [ -n "$(find "$VF_REPO/src" "$VF_REPO/Cargo.toml" \
+        "$VF_REPO/netns-scripts/topologies" -newer "$VFABRIC_BIN" -print -quit 2>/dev/null)" ]; then
         command -v cargo >/dev/null || die "$VFABRIC_BIN missing and cargo not found"
         log "building $VFABRIC_BIN"
         (cd "$VF_REPO" && cargo build --release --quiet) || die "cargo build failed"
@@ -87,24 +98,33 @@ write_pidfile() {
     echo "$2 $(proc_start "$2")" >"$VFABRIC_RUN_DIR/$1.pid"
 }
 
-# kill_pidfile FILE — SIGTERM the process (SIGKILL after 5 s) if it is still the one
-# recorded, then remove FILE.
+# kill_pidfile FILE... — SIGTERM each process (SIGKILL after 5 s) if it is still the one
+# recorded, then remove its FILE. They are signalled together and waited for together:
+# a daemon takes a second or two to stop, and a fabric may have many.
 kill_pidfile() {
-    local pid= start= now i
-    read -r pid start <"$1" 2>/dev/null || true
-    rm -f "$1"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    now=$(proc_start "$pid") || return 0
-    if [ -n "$start" ] && [ "$now" != "$start" ]; then
-        return 0    # the recorded process is gone; this pid belongs to another one
-    fi
-    kill -TERM "$pid" 2>/dev/null || return 0
+    local f pid start now i pids=() left
+    for f in "$@"; do
+        pid= start=
+        read -r pid start <"$f" 2>/dev/null || true
+        rm -f "$f"
+        [[ "$pid" =~ ^[0-9]+$ ]] || continue
+        now=$(proc_start "$pid") || continue
+        if [ -n "$start" ] && [ "$now" != "$start" ]; then
+            continue    # the recorded process is gone; this pid belongs to another one
+        fi
+        kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    done
     for i in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        left=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+        pids=("${left[@]}")
+        [ ${#pids[@]} -eq 0 ] && return 0
         sleep 0.1
     done
-    log "pid $pid ignored SIGTERM; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
+    for pid in "${pids[@]}"; do
+        log "pid $pid ignored SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    done
 }
 
 # wait_for_socket PATH PID LOGFILE — waits up to 10 s for the daemon's control socket.

@@ -1,21 +1,43 @@
 #!/usr/bin/env bash
-# Builds the fabric: three namespaces (client, silo104, silo105), the vMotion veth pair
-# between the hosts, the vfabric switch joining the client's eth0 and the hosts'
-# vmnic0 through TAP ports, and a hypervisor daemon in each host namespace.
-# Settings: see lib.sh. Undo with down.sh.
+# Builds the fabric a topology file describes: one namespace per client and host, the
+# vfabric switch joining the clients' eth0 and the hosts' vmnic0 through TAP ports, the
+# vMotion network joining the hosts' vmk1 (a second switch, "vmotion", or a veth pair
+# between two hosts), a hypervisor daemon in each host namespace and the VMs the file
+# creates at start. With no FILE: the built-in default, netns-scripts/topologies/
+# default.toml (client, silo104, silo105, a veth vMotion link). Settings: see lib.sh.
+# Undo with down.sh.
 #
-# Usage: up.sh [--no-hosts]   (--no-hosts, or VF_HOSTS=0: the switch and namespaces only)
-#        up.sh --restart-switch
-#            Stops the running switch (if any) and starts it again with the same ports,
-#            then re-applies the uplink addresses and links in the namespaces. Host
-#            daemons and their VMs keep running; they re-bind to the new interfaces.
-#        up.sh --restart-host NAME   (NAME: silo104 or silo105) stops that host's daemon
-#                                    if it still runs and starts a new one, as up.sh did
+# Usage: up.sh [--no-hosts] [FILE]
+#            --no-hosts, or VF_HOSTS=0: the switches and namespaces only (no daemons, no VMs)
+#        up.sh --restart-switch [NAME]
+#            Stops the running switch NAME (switch, the default, or vmotion) if any and
+#            starts it again with the same ports, then re-applies the addresses and links
+#            in the namespaces. Host daemons and their VMs keep running; they re-bind to
+#            the new interfaces.
+#        up.sh --restart-host NAME
+#            Stops host NAME's daemon if it still runs and starts a new one, as up.sh did.
 #
-# Steps run in order from main(); each is a function, so more (host daemons, demo
-# traffic) slot in as one more function and one more line in main().
+# The plan comes from `vfabric topology render FILE --format shell` (the binary parses
+# and validates the file; a bad file is one line on stderr and nothing is built) and is
+# kept in $VFABRIC_RUN_DIR/topology.sh, which the restarts and down.sh read.
 set -Eeuo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# Sets the VF_TOPO_* arrays from the plan text in $1 and the namespace names from them.
+use_plan() {
+    # shellcheck disable=SC1090 # the plan: single-quoted bash assignments
+    . /dev/stdin <<<"$1"
+    ALL_NS=()
+    local n
+    for n in "${VF_TOPO_CLIENTS[@]}" "${VF_TOPO_HOSTS[@]}"; do ALL_NS+=("$VF_PREFIX-$n"); done
+}
+
+# The plan of the fabric that is up (restarts).
+load_recorded_plan() {
+    local f="$VFABRIC_RUN_DIR/topology.sh"
+    [ -f "$f" ] || die "no $f: the fabric ($VF_PREFIX) is not up, or was not built by this up.sh"
+    use_plan "$(cat "$f")"
+}
 
 check_not_up() {
     local ns
@@ -36,97 +58,153 @@ create_namespaces() {
     done
 }
 
-# The veth pair is created directly inside the two namespaces, so its ends never exist
-# in the root namespace and parallel topologies cannot collide on names.
-create_vmotion_link() {
-    ip link add vmk1 netns "$NS_SILO104" type veth peer name vmk1 netns "$NS_SILO105"
+# A veth pair between two hosts is created directly inside their namespaces, so its
+# ends never exist in the root namespace and parallel topologies cannot collide on names.
+create_vmotion_veth() {
+    ip link add vmk1 netns "$VF_PREFIX-${VF_TOPO_HOSTS[0]}" type veth \
+        peer name vmk1 netns "$VF_PREFIX-${VF_TOPO_HOSTS[1]}"
 }
 
-# start_switch [append] — starts the switch with the three ports; its options (VF_MIRROR,
-# VF_SWITCH_ARGS) are kept in switch.env so that --restart-switch uses the same ones.
+# switch_ports NAME — the --port arguments of switch NAME, one per line.
+switch_ports() {
+    local n
+    if [ "$1" = "$VMOTION_SWITCH" ]; then
+        for n in "${VF_TOPO_HOSTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:vmk1"; done
+        return 0
+    fi
+    for n in "${VF_TOPO_CLIENTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:eth0"; done
+    for n in "${VF_TOPO_HOSTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:vmnic0"; done
+}
+
+# start_switch NAME [append] — starts switch NAME with its ports. The VM network's
+# switch takes VF_MIRROR and VF_SWITCH_ARGS, the vMotion switch VF_VMOTION_SWITCH_ARGS;
+# they are kept in NAME.env so that --restart-switch uses the same ones.
 start_switch() {
-    local pid mirror=()
+    local name=$1 pid ports=() extra mirror=()
+    mapfile -t ports < <(switch_ports "$name")
     # Born 0700 if we make it; an existing directory keeps its mode (it is not ours).
     [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
-    [ -n "${VF_MIRROR:-}" ] && mirror=(--mirror "$VF_MIRROR")
-    printf 'VF_MIRROR=%q\nVF_SWITCH_ARGS=%q\n' "${VF_MIRROR:-}" "${VF_SWITCH_ARGS:-}" \
-        >"$VFABRIC_RUN_DIR/switch.env"
-    if [ "${1:-}" = append ]; then exec 3>>"$VFABRIC_RUN_DIR/switch.log"; else exec 3>"$VFABRIC_RUN_DIR/switch.log"; fi
-    # shellcheck disable=SC2086 # VF_SWITCH_ARGS is a list of words
-    setsid nohup "$VFABRIC_BIN" switch --name switch \
-        --port "client=$NS_CLIENT:eth0" \
-        --port "silo104=$NS_SILO104:vmnic0" \
-        --port "silo105=$NS_SILO105:vmnic0" \
-        "${mirror[@]}" ${VF_SWITCH_ARGS:-} \
+    if [ "$name" = switch ]; then
+        [ -n "${VF_MIRROR:-}" ] && mirror=(--mirror "$VF_MIRROR")
+        extra=${VF_SWITCH_ARGS:-}
+        printf 'VF_MIRROR=%q\nVF_SWITCH_ARGS=%q\n' "${VF_MIRROR:-}" "${VF_SWITCH_ARGS:-}" \
+            >"$VFABRIC_RUN_DIR/switch.env"
+    else
+        extra=${VF_VMOTION_SWITCH_ARGS:-}
+        printf 'VF_VMOTION_SWITCH_ARGS=%q\n' "$extra" >"$VFABRIC_RUN_DIR/$name.env"
+    fi
+    if [ "${2:-}" = append ]; then exec 3>>"$VFABRIC_RUN_DIR/$name.log"; else exec 3>"$VFABRIC_RUN_DIR/$name.log"; fi
+    # shellcheck disable=SC2086 # the extra arguments are a list of words
+    setsid nohup "$VFABRIC_BIN" switch --name "$name" "${ports[@]}" "${mirror[@]}" $extra \
         >&3 2>&1 </dev/null &
     pid=$!
     exec 3>&-
-    write_pidfile switch "$pid"
-    wait_for_socket "$VFABRIC_RUN_DIR/switch.sock" "$pid" "$VFABRIC_RUN_DIR/switch.log"
+    write_pidfile "$name" "$pid"
+    wait_for_socket "$VFABRIC_RUN_DIR/$name.sock" "$pid" "$VFABRIC_RUN_DIR/$name.log"
 }
 
 # The switch's TAP interfaces: created by the switch, gone when it stops.
 configure_uplinks() {
-    ip -n "$NS_CLIENT" addr add "$CLIENT_IP" dev eth0
-    ip -n "$NS_CLIENT" link set eth0 up
-    ip -n "$NS_SILO104" addr add "$SILO104_IP" dev vmnic0
-    ip -n "$NS_SILO105" addr add "$SILO105_IP" dev vmnic0
-    ip -n "$NS_SILO104" link set vmnic0 up
-    ip -n "$NS_SILO105" link set vmnic0 up
+    local i ns
+    for i in "${!VF_TOPO_CLIENTS[@]}"; do
+        ns=$VF_PREFIX-${VF_TOPO_CLIENTS[$i]}
+        ip -n "$ns" addr add "${VF_TOPO_CLIENT_IPS[$i]}" dev eth0
+        ip -n "$ns" link set eth0 up
+    done
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        ns=$VF_PREFIX-${VF_TOPO_HOSTS[$i]}
+        ip -n "$ns" addr add "${VF_TOPO_HOST_IPS[$i]}" dev vmnic0
+        ip -n "$ns" link set vmnic0 up
+    done
 }
 
 configure_vmotion() {
-    ip -n "$NS_SILO104" addr add "$SILO104_VMK" dev vmk1
-    ip -n "$NS_SILO105" addr add "$SILO105_VMK" dev vmk1
-    ip -n "$NS_SILO104" link set vmk1 up
-    ip -n "$NS_SILO105" link set vmk1 up
+    local i ns
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        ns=$VF_PREFIX-${VF_TOPO_HOSTS[$i]}
+        ip -n "$ns" addr add "${VF_TOPO_HOST_VMKS[$i]}" dev vmk1
+        ip -n "$ns" link set vmk1 up
+    done
+}
+
+# switch_ifaces_gone NAME — true once none of switch NAME's interfaces exists.
+switch_ifaces_gone() {
+    local p spec ns ifname
+    while read -r p; do
+        spec=${p#--port=*=}
+        ns=${spec%%:*} ifname=${spec#*:}
+        ip -n "$ns" link show "$ifname" >/dev/null 2>&1 && return 1
+    done < <(switch_ports "$1")
+    return 0
 }
 
 # The switch's interfaces vanish as its TAP fds close; a new switch cannot name its
 # own the same until they have.
-wait_for_uplinks_gone() {
+wait_for_switch_gone() {
     local i
     for i in $(seq 100); do
-        if ! ip -n "$NS_CLIENT" link show eth0 >/dev/null 2>&1 \
-            && ! ip -n "$NS_SILO104" link show vmnic0 >/dev/null 2>&1 \
-            && ! ip -n "$NS_SILO105" link show vmnic0 >/dev/null 2>&1; then
-            return 0
-        fi
+        switch_ifaces_gone "$1" && return 0
         sleep 0.1
     done
-    die "the old switch's interfaces did not go away"
+    die "the old $1 switch's interfaces did not go away"
 }
 
-# Brings the switch back with the same ports, whether it still runs or died. The host
+# Brings switch NAME back with the same ports, whether it still runs or died. The host
 # daemons notice their uplink return and re-bind their VMs' NICs by themselves.
 restart_switch() {
-    local ns
+    local name=$1 ns
+    load_recorded_plan
+    case "$name" in
+        switch) ;;
+        "$VMOTION_SWITCH")
+            [ "$VF_TOPO_VMOTION" = switch ] \
+                || die "this fabric's vMotion network is a veth pair, not a switch"
+            ;;
+        *) die "unknown switch $name (switch or $VMOTION_SWITCH)" ;;
+    esac
     for ns in "${ALL_NS[@]}"; do
         ns_exists "$ns" || die "namespace $ns does not exist; run up.sh first"
     done
-    if [ -e "$VFABRIC_RUN_DIR/switch.pid" ]; then kill_pidfile "$VFABRIC_RUN_DIR/switch.pid"; fi
-    wait_for_uplinks_gone
+    if [ -e "$VFABRIC_RUN_DIR/$name.pid" ]; then kill_pidfile "$VFABRIC_RUN_DIR/$name.pid"; fi
+    wait_for_switch_gone "$name"
     # The old switch is gone: a socket file left by a crash is stale.
-    rm -f "$VFABRIC_RUN_DIR/switch.sock"
+    rm -f "$VFABRIC_RUN_DIR/$name.sock"
     # The options up.sh used, unless given again.
-    if [ -z "${VF_MIRROR+x}${VF_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/switch.env" ]; then
-        # shellcheck disable=SC1091
-        . "$VFABRIC_RUN_DIR/switch.env"
+    if [ "$name" = switch ]; then
+        if [ -z "${VF_MIRROR+x}${VF_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/switch.env" ]; then
+            # shellcheck disable=SC1091
+            . "$VFABRIC_RUN_DIR/switch.env"
+        fi
+        start_switch switch append
+        configure_uplinks
+    else
+        if [ -z "${VF_VMOTION_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/$name.env" ]; then
+            # shellcheck disable=SC1090
+            . "$VFABRIC_RUN_DIR/$name.env"
+        fi
+        start_switch "$name" append
+        configure_vmotion
     fi
-    start_switch append
-    configure_uplinks
-    log "switch restarted; log in $VFABRIC_RUN_DIR/switch.log"
+    log "$name restarted; log in $VFABRIC_RUN_DIR/$name.log"
 }
 
-# One hypervisor daemon per host namespace: vMotion listener on vmk1, VM NICs on vmnic0,
-# a datastore directory both hosts see.
-start_host() {
-    local host=$1 ns vmk pid
-    case "$host" in
-        silo104) ns=$NS_SILO104 vmk=${SILO104_VMK%/*} ;;
-        silo105) ns=$NS_SILO105 vmk=${SILO105_VMK%/*} ;;
-        *) die "unknown host $host (expected silo104 or silo105)" ;;
-    esac
+# host_index NAME — the host's index in the plan.
+host_index() {
+    local i
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        [ "${VF_TOPO_HOSTS[$i]}" = "$1" ] && { echo "$i"; return 0; }
+    done
+    die "unknown host $1 (the fabric's hosts: ${VF_TOPO_HOSTS[*]})"
+}
+
+# launch_host INDEX — starts one hypervisor daemon in its namespace: vMotion listener on
+# vmk1, VM NICs on vmnic0, a datastore directory every host sees. Sets LAUNCHED_PID.
+launch_host() {
+    local i=$1 host ns vmk
+    host=${VF_TOPO_HOSTS[$i]}
+    ns=$VF_PREFIX-$host
+    vmk=${VF_TOPO_HOST_VMKS[$i]%/*}
+    local -n host_args="VF_TOPO_HOST_ARGS_$i"
     mkdir -p "$VF_DATASTORE"
     # A daemon killed outright leaves its socket behind; the new one must not be
     # mistaken for ready because of it. Its log is appended to, not replaced.
@@ -134,32 +212,52 @@ start_host() {
     # shellcheck disable=SC2086 # VF_HOST_ARGS is a list of words
     setsid nohup ip netns exec "$ns" "$VFABRIC_BIN" host --name "$host" \
         --vmotion-addr "$vmk:8000" --uplink vmnic0 \
-        --capacity-mb "$VF_HOST_CAPACITY_MB" --datastore "$VF_DATASTORE" \
-        ${VF_HOST_ARGS:-} \
+        --capacity-mb "${VF_TOPO_HOST_CAPACITY[$i]}" --datastore "$VF_DATASTORE" \
+        "${host_args[@]}" ${VF_HOST_ARGS:-} \
         >>"$VFABRIC_RUN_DIR/$host.log" 2>&1 </dev/null &
-    pid=$!
-    write_pidfile "$host" "$pid"
-    wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "$pid" "$VFABRIC_RUN_DIR/$host.log"
+    LAUNCHED_PID=$!
+    write_pidfile "$host" "$LAUNCHED_PID"
 }
 
+# The daemons start side by side; then each is waited for.
 start_hosts() {
-    local host
+    local i host pids=()
     # The fabric CA and one certificate per host, for authenticated, encrypted vMotion
     # ($VFABRIC_RUN_DIR/pki, 0700; files 0600). An existing CA is kept.
     "$VFABRIC_BIN" pki init >/dev/null
-    "$VFABRIC_BIN" pki issue silo104 silo105 >/dev/null
-    for host in silo104 silo105; do
-        : >"$VFABRIC_RUN_DIR/$host.log"
-        start_host "$host"
+    "$VFABRIC_BIN" pki issue "${VF_TOPO_HOSTS[@]}" >/dev/null
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        : >"$VFABRIC_RUN_DIR/${VF_TOPO_HOSTS[$i]}.log"
+        launch_host "$i"
+        pids+=("$LAUNCHED_PID")
+    done
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        host=${VF_TOPO_HOSTS[$i]}
+        wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "${pids[$i]}" "$VFABRIC_RUN_DIR/$host.log"
+    done
+}
+
+# The VMs the file creates at start, through the hosts' control API as a user would.
+create_vms() {
+    local i
+    for i in "${!VF_TOPO_VMS[@]}"; do
+        "$VFABRIC_BIN" vm create "${VF_TOPO_VMS[$i]}" --host "${VF_TOPO_VM_HOSTS[$i]}" \
+            --ip "${VF_TOPO_VM_IPS[$i]}" --memory-mb "${VF_TOPO_VM_MEMORY[$i]}" \
+            --vcpus "${VF_TOPO_VM_VCPUS[$i]}" --word-bits "${VF_TOPO_VM_WORD_BITS[$i]}" \
+            --workload "${VF_TOPO_VM_WORKLOADS[$i]}" \
+            --dirty-rate "${VF_TOPO_VM_RATES[$i]}" >/dev/null
     done
 }
 
 # Replaces one host's daemon (a crashed one, or one to restart): the fabric must be up.
 restart_host() {
-    local host=$1
-    ns_exists "$NS_CLIENT" || die "the fabric ($VF_PREFIX) is not up"
+    local host=$1 i
+    load_recorded_plan
+    i=$(host_index "$host")
+    ns_exists "$VF_PREFIX-$host" || die "the fabric ($VF_PREFIX) is not up"
     [ -f "$VFABRIC_RUN_DIR/$host.pid" ] && kill_pidfile "$VFABRIC_RUN_DIR/$host.pid"
-    start_host "$host"
+    launch_host "$i"
+    wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "$LAUNCHED_PID" "$VFABRIC_RUN_DIR/$host.log"
     log "restarted $host; log in $VFABRIC_RUN_DIR/$host.log"
 }
 
@@ -169,48 +267,70 @@ on_error() {
 }
 
 main() {
-    local hosts=${VF_HOSTS:-1}
-    case "${1:-}" in
-        --no-hosts) hosts=0 ;;
-        --restart-switch)
-            need_root
-            ensure_bin
-            restart_switch
-            exit 0
-            ;;
-        --restart-host)
-            [ -n "${2:-}" ] || die "--restart-host needs a host name"
-            need_root
-            ensure_bin
-            restart_host "$2"
-            exit 0
-            ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        "") ;;
-        *) die "unknown option $1 (try --help)" ;;
-    esac
+    local hosts=${VF_HOSTS:-1} file= plan
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --no-hosts) hosts=0 ;;
+            --restart-switch)
+                need_root
+                ensure_bin
+                restart_switch "${2:-switch}"
+                exit 0
+                ;;
+            --restart-host)
+                [ -n "${2:-}" ] || die "--restart-host needs a host name"
+                need_root
+                ensure_bin
+                restart_host "$2"
+                exit 0
+                ;;
+            -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -*) die "unknown option $1 (try --help)" ;;
+            *)
+                [ -z "$file" ] || die "one topology file only (got $file and $1)"
+                file=$1
+                ;;
+        esac
+        shift
+    done
+    ensure_bin
+    # The binary validates the file; on a bad one it has said why, on one line.
+    plan=$("$VFABRIC_BIN" topology render ${file:+"$file"} --format shell \
+        --default-capacity-mb "$VF_HOST_CAPACITY_MB") || exit 1
     need_root
     ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump
-    ensure_bin
+    use_plan "$plan"
     check_not_up
     # From here on, any failure (a failed command or `die`) removes what was created.
     trap 'rc=$?; [ "$rc" -eq 0 ] || on_error' EXIT
+    [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
+    printf '%s\n' "$plan" >"$VFABRIC_RUN_DIR/topology.sh"
     create_namespaces
-    create_vmotion_link
-    start_switch
+    if [ "$VF_TOPO_VMOTION" = veth ]; then
+        create_vmotion_veth
+    else
+        start_switch "$VMOTION_SWITCH"
+    fi
+    start_switch switch
     configure_uplinks
     configure_vmotion
-    if [ "$hosts" = 1 ]; then start_hosts; fi
+    if [ "$hosts" = 1 ]; then
+        start_hosts
+        create_vms
+    fi
     trap - EXIT
     log "up: namespaces ${ALL_NS[*]}; logs in $VFABRIC_RUN_DIR"
     # The CLI finds this fabric through the same variables: say so when they differ
     # from the defaults, so that every hint works when pasted as it is.
-    local env=
+    local env= h0=${VF_TOPO_HOSTS[0]} c0=${VF_TOPO_CLIENTS[0]:-}
     [ "$VF_PREFIX" = vf ] || env+="VF_PREFIX=$VF_PREFIX "
     [ "$VFABRIC_RUN_DIR" = /run/vfabric ] || env+="VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR "
-    log "try: ip netns exec $NS_CLIENT ping ${SILO104_IP%/*}; ${env}$VFABRIC_BIN fdb show"
-    if [ "$hosts" = 1 ]; then
-        log "     ${env}$VFABRIC_BIN vm create vm1 --host silo104 --ip 10.10.0.100; ip netns exec $NS_CLIENT ping 10.10.0.100"
+    [ -n "$c0" ] || return 0
+    log "try: ip netns exec $VF_PREFIX-$c0 ping ${VF_TOPO_HOST_IPS[0]%/*}; ${env}$VFABRIC_BIN fdb show"
+    if [ "$hosts" = 1 ] && [ ${#VF_TOPO_VMS[@]} -gt 0 ]; then
+        log "     ${env}$VFABRIC_BIN vm list; ip netns exec $VF_PREFIX-$c0 ping ${VF_TOPO_VM_IPS[0]}"
+    elif [ "$hosts" = 1 ]; then
+        log "     ${env}$VFABRIC_BIN vm create vm1 --host $h0 --ip 10.10.0.100; ip netns exec $VF_PREFIX-$c0 ping 10.10.0.100"
     fi
 }
 

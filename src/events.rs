@@ -11,6 +11,7 @@
 //! slow the switch's data path or a migration.
 
 use std::fmt;
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,14 +31,25 @@ pub const SUBSCRIBER_QUEUE: usize = 4096;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     // The switch.
-    /// A source MAC seen for the first time, on `port`.
-    MacLearned { mac: MacAddr, port: String },
-    /// A known MAC seen on another port; `ethertype` is that of the frame that moved it.
+    /// A source MAC seen for the first time, on `port` (behind its endpoint `remote`
+    /// when `port` is a tunnel port).
+    MacLearned {
+        mac: MacAddr,
+        port: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote: Option<SocketAddrV4>,
+    },
+    /// A known MAC seen on another port (or behind another endpoint of a tunnel port);
+    /// `ethertype` is that of the frame that moved it.
     MacMoved {
         mac: MacAddr,
         from: String,
         to: String,
         ethertype: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_remote: Option<SocketAddrV4>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_remote: Option<SocketAddrV4>,
     },
     /// An entry not refreshed within the ageing time.
     MacAged { mac: MacAddr, port: String },
@@ -173,6 +185,11 @@ pub enum Event {
         error: String,
         transport: String,
     },
+    /// The host entered maintenance mode: it admits no new VM and no incoming
+    /// migration; `vms` VMs were on it then.
+    MaintenanceEntered { host: String, vms: usize },
+    /// The host left maintenance mode and admits VMs again.
+    MaintenanceExited { host: String, vms: usize },
 }
 
 impl Event {
@@ -242,13 +259,32 @@ impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Event::*;
         match self {
-            MacLearned { mac, port } => write!(f, "{mac} learned on port {port}"),
+            MacLearned { mac, port, remote } => {
+                write!(f, "{mac} learned on port {port}")?;
+                if let Some(r) = remote {
+                    write!(f, " behind {r}")?;
+                }
+                Ok(())
+            }
             MacMoved {
                 mac,
                 from,
                 to,
                 ethertype,
-            } => write!(f, "{mac} moved from port {from} to {to} by a {ethertype} frame"),
+                from_remote,
+                to_remote,
+            } => {
+                let at = |port: &str, r: &Option<SocketAddrV4>| match r {
+                    Some(r) => format!("{port} ({r})"),
+                    None => port.to_string(),
+                };
+                write!(
+                    f,
+                    "{mac} moved from port {} to {} by a {ethertype} frame",
+                    at(from, from_remote),
+                    at(to, to_remote)
+                )
+            }
             MacAged { mac, port } => write!(f, "{mac} aged out of port {port}"),
             MacEvicted { mac, port } => write!(f, "{mac} evicted from port {port}: table full"),
             FdbFlushed { entries } => write!(f, "forwarding table flushed ({entries} entries)"),
@@ -380,6 +416,13 @@ impl fmt::Display for Event {
                 error,
                 transport,
             } => write!(f, "incoming migration to {host} over {transport} failed: {error}"),
+            MaintenanceEntered { host, vms } => write!(
+                f,
+                "{host} entered maintenance mode with {vms} VMs: it admits no VM"
+            ),
+            MaintenanceExited { host, vms } => {
+                write!(f, "{host} left maintenance mode with {vms} VMs: it admits VMs")
+            }
         }
     }
 }
@@ -507,6 +550,8 @@ mod tests {
             from: "silo104".into(),
             to: "silo105".into(),
             ethertype: "rarp".into(),
+            from_remote: None,
+            to_remote: None,
         }
     }
 

@@ -9,10 +9,12 @@
 //! - adapters: [`port`] (TAP with virtio-net header, packet socket, in-memory port),
 //!   [`switchd`] (the switch daemon), [`host`] (the hypervisor daemon), [`control`]
 //!   (the Unix control socket, typed requests), [`events`] (the typed event stream);
-//! - [`guest`]: the emulated VM (vCPU workload, NIC responder).
+//! - [`guest`]: the emulated VM (vCPU workload, NIC responder);
+//! - [`topology`]: the topology file `netns-scripts/up.sh` builds from (pure).
 
 pub mod clock;
 pub mod control;
+pub mod drs;
 pub mod events;
 pub mod guest;
 pub mod host;
@@ -28,4 +30,5 @@ pub mod switch;
 pub mod switchd;
 pub mod sys;
 pub mod timeline;
+pub mod topology;
 pub mod wire;

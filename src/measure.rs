@@ -287,6 +287,7 @@ impl Timeline {
                     from,
                     to,
                     ethertype,
+                    ..
                 } if *m == mac && t.quiesce_t_us.is_some() && t.fdb_move.is_none() => {
                     t.fdb_move = Some(FdbMove {
                         t_us: r.t_us,
@@ -509,6 +510,8 @@ mod tests {
                     from: "silo104".into(),
                     to: "silo105".into(),
                     ethertype: "rarp".into(),
+                    from_remote: None,
+                    to_remote: None,
                 },
             ),
             rec(
@@ -517,6 +520,7 @@ mod tests {
                 Event::MacLearned {
                     mac,
                     port: "silo104".into(),
+                    remote: None,
                 },
             ),
             rec(

@@ -589,8 +589,10 @@ async fn fake_target(fault: Fault, disk: Disk) -> (SocketAddr, tokio::task::Join
             return;
         }
         let reqs = proto::pull_requests(&words);
-        assert!(!reqs.is_empty(), "test VM must dirty pages");
         if let Fault::DuringPull = fault {
+            // Only this fault needs dirty pages; on a loaded machine the workload may
+            // not have run since the last round.
+            assert!(!reqs.is_empty(), "test VM must dirty pages");
             wr.send_flush(&Message::PullRequest {
                 ranges: reqs[0].as_slice().into(),
             })
@@ -989,13 +991,14 @@ async fn auto_converge_brings_a_fast_dirtier_over_a_capped_link_home() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_figures_come_while_a_round_is_sent() {
-    // 16 MiB of used memory over a 4 MiB/s cap: the first round alone lasts 4 s,
-    // however fast the machine, so the 4 Hz reports must come inside it.
-    let vm = Vm::create(config("ticks", 16, 1, Pattern::Uniform, 0)).unwrap();
+    // 4 MiB of used memory over a 1 MiB/s cap: the first round alone lasts 4 s,
+    // however fast the machine, and each 1 MiB batch takes a second of it: the
+    // reports must still come at least twice a second.
+    let vm = Vm::create(config("ticks", 4, 1, Pattern::Uniform, 0)).unwrap();
     fill(&vm);
     vm.start();
     let cfg = MigrationConfig {
-        bandwidth_limit: Some(4 << 20),
+        bandwidth_limit: Some(1 << 20),
         ..mcfg()
     };
     let disk = Disk::owned_by("a");
@@ -1011,17 +1014,19 @@ async fn live_figures_come_while_a_round_is_sent() {
         .collect();
     succeeded(o, vm);
     assert!(
-        ticks.len() >= 4,
+        ticks.len() >= 8,
         "{} live reports in a 4 s round",
         ticks.len()
     );
-    // Each report shows more sent and less left than the one before.
+    // Reports never go back, and the round visibly advances between them (a batch
+    // goes out at once, then the cap holds the next one back).
     for w in ticks.windows(2) {
-        assert!(w[0].transferred_bytes < w[1].transferred_bytes, "{w:?}");
-        assert!(w[0].remaining_pages > w[1].remaining_pages, "{w:?}");
+        assert!(w[0].transferred_bytes <= w[1].transferred_bytes, "{w:?}");
+        assert!(w[0].remaining_pages >= w[1].remaining_pages, "{w:?}");
     }
-    let first = &ticks[0];
-    assert_eq!(first.total_bytes, 16 << 20);
+    let (first, last) = (&ticks[0], &ticks[ticks.len() - 1]);
+    assert!(first.remaining_pages > last.remaining_pages, "{ticks:?}");
+    assert_eq!(first.total_bytes, 4 << 20);
     assert!(first.bandwidth_mbps > 0.0, "{first:?}");
 }
 

@@ -220,6 +220,7 @@ fn moves(records: &[Record], mac: &str) -> Vec<(u64, String, String, String)> {
                 from,
                 to,
                 ethertype,
+                ..
             } if *m == mac_bytes(mac) => {
                 Some((r.t_us, from.clone(), to.clone(), ethertype.clone()))
             }

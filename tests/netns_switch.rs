@@ -97,7 +97,7 @@ fn ping_crosses_the_switch_both_ways_and_the_fdb_learns() {
     );
     let learned = records
         .iter()
-        .find(|r| matches!(&r.event, Event::MacLearned { mac, port } if *mac == client_mac && port == "client"))
+        .find(|r| matches!(&r.event, Event::MacLearned { mac, port, .. } if *mac == client_mac && port == "client"))
         .unwrap_or_else(|| panic!("client not relearned: {records:?}"));
     let now = vfabric::clock::unix_micros();
     assert!(learned.t_us <= now && now - learned.t_us < 60_000_000);
@@ -138,7 +138,9 @@ fn rarp_on_another_port_moves_the_mac_at_once() {
             mac,
             from: "client".into(),
             to: "silo105".into(),
-            ethertype: "rarp".into()
+            ethertype: "rarp".into(),
+            from_remote: None,
+            to_remote: None,
         }
     );
     // The entry's stamp is the move's: the same clock reading as the event's.

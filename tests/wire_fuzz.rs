@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use vfabric::wire::{arp, ethernet, icmp, ipv4, udp, EtherType, MacAddr};
+use vfabric::wire::{arp, ethernet, icmp, ipv4, udp, vxlan, EtherType, MacAddr};
 
 /// xorshift64*: deterministic, dependency-free bytes.
 fn bytes(seed: &mut u64, len: usize) -> Vec<u8> {
@@ -38,6 +38,15 @@ fn parse_all(b: &[u8]) {
         let _ = p.payload();
         let _ = udp::Repr::parse(&p, Ipv4Addr::LOCALHOST, Ipv4Addr::BROADCAST);
     }
+    if let Ok(h) = vxlan::Header::new_checked(b) {
+        let _ = (h.vni(), h.payload(), vxlan::Repr::parse(&h));
+    }
+    for vni in [0, 42] {
+        let vni = vxlan::Vni::new(vni).unwrap();
+        if let Ok(inner) = vxlan::decapsulate(b, vni, 64) {
+            assert!(inner.len() <= 64 && inner.len() >= ethernet::HEADER_LEN);
+        }
+    }
 }
 
 #[test]
@@ -48,6 +57,34 @@ fn random_bytes_of_every_length_never_panic() {
             parse_all(&bytes(&mut seed, len));
         }
     }
+}
+
+#[test]
+fn vxlan_headers_with_random_fields_decapsulate_or_say_why() {
+    // A valid flags byte often, so the VNI and length checks run too.
+    let mut seed = 7u64;
+    let mut ok = 0;
+    for len in 0..120 {
+        for i in 0..200 {
+            let mut b = bytes(&mut seed, len);
+            if i % 2 == 0 && len >= 8 {
+                b[0] = vxlan::FLAG_I;
+                b[1..4].fill(0);
+                b[7] = 0;
+                b[4..7].copy_from_slice(&[0, 0, 42]);
+            }
+            match vxlan::decapsulate(&b, vxlan::Vni::new(42).unwrap(), 100) {
+                Ok(inner) => {
+                    assert_eq!(inner, &b[8..]);
+                    ok += 1;
+                }
+                Err(vxlan::DecapError::Truncated) => assert!(len < 22),
+                Err(vxlan::DecapError::Oversize) => assert!(len > 108),
+                Err(_) => assert_ne!(b[..8], [8, 0, 0, 0, 0, 0, 42, 0]),
+            }
+        }
+    }
+    assert!(ok > 0);
 }
 
 #[test]

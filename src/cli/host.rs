@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use vfabric::control;
 use vfabric::guest::{Pattern, VmConfig, WorkloadConfig};
-use vfabric::host::api::{self, MigrateOptions, VmInfo};
+use vfabric::host::api::{self, HostMode, MigrateOptions, VmInfo};
 use vfabric::host::client::{self, Migrated, MigrationPlan};
 use vfabric::host::daemon::{self, HostConfig, VmotionSecurity};
 use vfabric::migration::announce::{Announce, Schedule};
@@ -26,14 +26,20 @@ use super::CliError;
 
 /// Run the hypervisor daemon of one emulated host.
 #[derive(Debug, Args)]
-#[command(after_help = "Example (in the host's namespace):\n  \
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example (in the host's namespace):\n  \
     ip netns exec vf-silo104 vfabric host --name silo104 --vmotion-addr 10.20.0.104:8000 \\\n    \
-    --uplink vmnic0 --capacity-mb 4096 --datastore /var/lib/vfabric/datastore")]
+    --uplink vmnic0 --capacity-mb 4096 --datastore /var/lib/vfabric/datastore"
+)]
 pub struct HostArgs {
+    #[command(subcommand)]
+    cmd: Option<HostCmd>,
     /// Host name; also names the control socket (<run dir>/<name>.sock): 1 to 31 of
     /// a-z, 0-9 and '-', starting with a letter or digit.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required = true)]
+    name: Option<String>,
     /// Address of the vMotion listener (TCP).
     #[arg(long, default_value = "0.0.0.0:8000")]
     vmotion_addr: SocketAddr,
@@ -133,9 +139,21 @@ fn positive<T: std::str::FromStr + PartialEq + From<u8>>(s: &str) -> Result<T, S
     }
 }
 
-pub fn run_host(a: HostArgs) -> Result<(), CliError> {
+#[derive(Debug, Subcommand)]
+enum HostCmd {
+    /// Enter or leave maintenance mode: entering empties the host by live migration.
+    Maintenance(super::fleet::MaintenanceArgs),
+}
+
+pub fn run_host(mut a: HostArgs) -> Result<(), CliError> {
+    if let Some(HostCmd::Maintenance(m)) = a.cmd.take() {
+        return super::fleet::run_maintenance(m);
+    }
+    let Some(name) = a.name.take() else {
+        return Err("vfabric host needs --name (or a subcommand: maintenance)".into());
+    };
     // The name becomes the control socket's file name: check it before anything else.
-    names::validate("host", &a.name)?;
+    names::validate("host", &name)?;
     vfabric::logging::init();
     vfabric::memory::set_huge_pages(a.huge_pages);
     let migration = MigrationConfig {
@@ -149,7 +167,7 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
         ..MigrationConfig::default()
     };
     let pki_dir = a.pki_dir.clone().unwrap_or_else(pki::default_dir);
-    let tls = match pki::load(&pki_dir, &a.name) {
+    let tls = match pki::load(&pki_dir, &name) {
         Ok(creds) => Some(Arc::new(Tls::new(&creds)?)),
         Err(e) if a.vmotion_encryption == Encryption::Required => {
             return Err(format!("--vmotion-encryption required: {e}").into())
@@ -169,8 +187,8 @@ pub fn run_host(a: HostArgs) -> Result<(), CliError> {
     };
     let cfg = HostConfig {
         vmotion,
-        socket: control::socket_path(&a.name),
-        name: a.name,
+        socket: control::socket_path(&name),
+        name,
         vmotion_addr: a.vmotion_addr,
         uplink: a.uplink,
         capacity_mb: a.capacity_mb,
@@ -359,6 +377,13 @@ pub fn run_vm(a: VmArgs) -> Result<(), CliError> {
                 print_vm_header();
                 for v in &vms {
                     print_vm(v);
+                }
+                for h in hosts.iter().filter(|h| h.mode == HostMode::Maintenance) {
+                    println!(
+                        "host {} is in maintenance mode: it admits no VM ({} left on it)",
+                        h.name,
+                        h.vms.len()
+                    );
                 }
                 for v in vms.iter().filter(|v| v.problem.is_some()) {
                     eprintln!(

@@ -2,10 +2,12 @@
 
 mod docs;
 mod events;
+mod fleet;
 mod flood;
 mod host;
 mod measure;
 mod switch;
+mod topology;
 mod udp;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -44,8 +46,13 @@ pub enum Command {
     Fdb(switch::FdbArgs),
     /// Show the switch's ports and their counters.
     Ports(switch::PortsArgs),
-    /// Run the hypervisor daemon of one emulated host (in its namespace).
+    /// Run the hypervisor daemon of one emulated host (in its namespace), or put a host
+    /// in and out of maintenance mode (`vfabric host maintenance enter|exit HOST`).
     Host(host::HostArgs),
+    /// List the hosts: mode, capacity, reserved memory, load and VMs.
+    Hosts(fleet::HostsArgs),
+    /// Even out the hosts' memory loads by live migration (a DRS-like balancer).
+    Balance(fleet::BalanceArgs),
     /// Create, list, show and destroy VMs.
     Vm(host::VmArgs),
     /// Live-migrate a running VM to another host.
@@ -71,11 +78,15 @@ pub enum Command {
     MacFlood(flood::FloodArgs),
     /// Create the fabric CA and host certificates for authenticated, encrypted vMotion.
     Pki(host::PkiArgs),
+    /// Check a topology file, or print the plan netns-scripts/up.sh builds from it.
+    Topology(topology::TopologyArgs),
 }
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Host(a) => host::run_host(a),
+        Command::Hosts(a) => fleet::run_hosts(a),
+        Command::Balance(a) => fleet::run_balance(a),
         Command::Vm(a) => host::run_vm(a),
         Command::Migrate(a) => host::run_migrate(a),
         Command::Measure(a) => measure::run(a),
@@ -83,6 +94,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Events(a) => events::run(a),
         Command::MacFlood(a) => flood::run(a),
         Command::Pki(a) => host::run_pki(a),
+        Command::Topology(a) => topology::run(a),
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),

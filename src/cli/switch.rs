@@ -22,15 +22,26 @@ use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
         interface in the switch's namespace. The control socket \
         $VFABRIC_RUN_DIR/NAME.sock (default /run/vfabric) appears once every port is \
         ready. Stops on SIGINT/SIGTERM; the TAP devices vanish with it. Needs root.\n\n\
-        Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0"
+        A port NAME=vxlan:vni=VNI,local=[NETNS:]IP[:PORT],remote=IP[:PORT][,remote=...] \
+        is a VXLAN tunnel (RFC 7348) instead: a UDP socket bound to IP:PORT (default \
+        4789) in namespace NETNS (default: the switch's), sending frames of segment VNI \
+        to the remotes (all of them for broadcast and unknown destinations, the one a \
+        MAC was learned behind otherwise) and taking datagrams from them only.\n\n\
+        Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0 \
+        --port wan=vxlan:vni=42,local=vf-ul:10.99.0.1,remote=10.99.0.2"
 )]
 pub struct SwitchArgs {
     /// Switch name; the control socket is $VFABRIC_RUN_DIR/NAME.sock (1 to 31 of a-z,
     /// 0-9 and '-', starting with a letter or digit; port names follow the same rule)
     #[arg(long, default_value = switchd::DEFAULT_NAME)]
     name: String,
-    /// A port, e.g. client=vf-client:eth0 (repeat for each port)
-    #[arg(long = "port", value_name = "NAME=NETNS:IFNAME", required = true)]
+    /// A port, e.g. client=vf-client:eth0, or a VXLAN tunnel
+    /// wan=vxlan:vni=42,local=NETNS:10.99.0.1,remote=10.99.0.2 (repeat for each port)
+    #[arg(
+        long = "port",
+        value_name = "NAME=NETNS:IFNAME|NAME=vxlan:…",
+        required = true
+    )]
     ports: Vec<String>,
     /// Create a mirror TAP named IFNAME in the switch's namespace that gets a copy of
     /// every frame (watch it with tcpdump -i IFNAME)
@@ -65,13 +76,14 @@ pub struct FdbArgs {
 
 #[derive(Debug, Subcommand)]
 enum FdbCmd {
-    /// List learned MACs: one line per entry with MAC, port, age and since when (UTC)
-    /// the MAC is on that port
+    /// List learned MACs: one line per entry with MAC, port (and, behind a VXLAN port,
+    /// the remote endpoint), age and since when (UTC) the MAC is on that port
     Show {
         /// Name of the switch to ask
         #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
         switch: String,
-        /// Print a JSON array of {"mac","port","port_id","age_s","updated_t_us"}
+        /// Print a JSON array of {"mac","port","port_id","remote","age_s","updated_t_us"}
+        /// ("remote" only behind a VXLAN port)
         #[arg(long)]
         json: bool,
     },
@@ -141,8 +153,9 @@ pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 for r in rows {
+                    let remote = r.remote.map(|a| format!(" remote {a}")).unwrap_or_default();
                     println!(
-                        "{} port {} age {:.1}s since {}",
+                        "{} port {}{remote} age {:.1}s since {}",
                         r.mac,
                         r.port,
                         r.age_s,
@@ -215,6 +228,9 @@ pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
                 dropped.join(",")
             }
         );
+        if let Some(v) = &p.vxlan {
+            println!("{:<10} {v}", "");
+        }
     }
     Ok(())
 }

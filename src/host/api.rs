@@ -28,6 +28,8 @@ pub enum HostRequest {
     Migrate(Migrate),
     MigrateCancel(MigrateCancel),
     PrepareIncoming(PrepareIncoming),
+    MaintenanceEnter(MaintenanceEnter),
+    MaintenanceExit(MaintenanceExit),
 }
 
 /// The host's identity and capacity.
@@ -96,6 +98,15 @@ pub struct PrepareIncoming {
     pub announce: Option<Announce>,
 }
 
+/// Put the host in maintenance mode: from the reply on it admits no new VM and no
+/// incoming migration; VMs already here stay until moved away.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MaintenanceEnter {}
+
+/// Take the host out of maintenance mode: it admits VMs again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MaintenanceExit {}
+
 crate::api_requests!(HostRequest:
     Info => HostInfo,
     VmCreate => VmInfo,
@@ -107,7 +118,29 @@ crate::api_requests!(HostRequest:
     Migrate => MigrationSummary,
     MigrateCancel => VmInfo,
     PrepareIncoming => (),
+    MaintenanceEnter => HostInfo,
+    MaintenanceExit => HostInfo,
 );
+
+/// Whether a host admits VMs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostMode {
+    /// Admits new VMs and incoming migrations.
+    #[default]
+    Normal,
+    /// Admits nothing: the host is being emptied (or is empty) for maintenance.
+    Maintenance,
+}
+
+impl std::fmt::Display for HostMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostMode::Normal => "normal",
+            HostMode::Maintenance => "maintenance",
+        })
+    }
+}
 
 /// Per-migration overrides of the host's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -136,6 +169,8 @@ pub enum HostApiError {
     Exists { vm: String, host: String },
     #[error("MAC {mac} is already used by another VM on host {host}")]
     MacInUse { mac: MacAddr, host: String },
+    #[error("host {host} is in maintenance mode and admits no VM ({vm} refused); `vfabric host maintenance exit {host}` re-admits")]
+    InMaintenance { host: String, vm: String },
     #[error("VM {0} is migrating; try again when it ends")]
     Busy(String),
     #[error("VM {0} is already migrating")]
@@ -182,7 +217,14 @@ pub struct HostInfo {
     pub vmotion_addr: SocketAddr,
     pub uplink: Option<String>,
     pub capacity_mb: u64,
+    /// Memory reserved: the VMs here and the arrivals admitted (`incoming_mb`).
     pub reserved_mb: u64,
+    /// The part of `reserved_mb` held by VMs admitted but not running yet (being created
+    /// or migrating in).
+    #[serde(default)]
+    pub incoming_mb: u64,
+    #[serde(default)]
+    pub mode: HostMode,
     pub vms: Vec<String>,
     /// Resident memory of the daemon process, KiB.
     pub rss_kib: u64,
@@ -197,6 +239,9 @@ pub struct HostInfo {
 pub struct VmInfo {
     pub name: String,
     pub host: String,
+    /// The mode of the host it runs on.
+    #[serde(default)]
+    pub host_mode: HostMode,
     pub state: String,
     pub vcpus: u8,
     pub memory_mb: u64,

@@ -6,4 +6,6 @@ pub mod api;
 pub mod client;
 pub mod daemon;
 pub mod datastore;
+pub mod fleet;
 pub mod pause;
+pub mod slot;

@@ -575,10 +575,18 @@ impl Source<'_> {
             let n = enc.finish();
             self.wr.send_encoded(&self.batch[..n]).await?;
             if let Some(progress) = progress.as_deref_mut() {
-                self.pace().await;
-                if self.live.last_tick.elapsed() >= TICK {
-                    self.live.last_tick = Instant::now();
-                    progress(Progress::Tick(self.tick(&mem, count)));
+                // Pace in slices, so that live figures keep coming at TICK even when
+                // one batch takes seconds at the cap.
+                loop {
+                    if self.live.last_tick.elapsed() >= TICK {
+                        self.live.last_tick = Instant::now();
+                        progress(Progress::Tick(self.tick(&mem, count)));
+                    }
+                    let Some(ahead) = self.ahead_of_cap() else {
+                        break;
+                    };
+                    let until_tick = TICK.saturating_sub(self.live.last_tick.elapsed());
+                    tokio::time::sleep(ahead.min(until_tick)).await;
                 }
             }
         }
@@ -617,17 +625,14 @@ impl Source<'_> {
         }
     }
 
-    /// Sleeps as long as pre-copy is ahead of the bandwidth cap.
-    async fn pace(&self) {
-        if let Some(limit) = self.cfg.bandwidth_limit.filter(|&l| l > 0) {
-            let due = Duration::from_secs_f64(
-                (self.wr.sent() - self.precopy_start_sent) as f64 / limit as f64,
-            );
-            let elapsed = self.precopy_started.elapsed();
-            if due > elapsed {
-                tokio::time::sleep(due - elapsed).await;
-            }
-        }
+    /// How far pre-copy is ahead of the bandwidth cap, if it is.
+    fn ahead_of_cap(&self) -> Option<Duration> {
+        let limit = self.cfg.bandwidth_limit.filter(|&l| l > 0)?;
+        let due = Duration::from_secs_f64(
+            (self.wr.sent() - self.precopy_start_sent) as f64 / limit as f64,
+        );
+        due.checked_sub(self.precopy_started.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     /// Stops the VM, gives up its disk and NIC, and takes the final dirty set.

@@ -9,8 +9,12 @@ pub mod mem;
 pub mod packet;
 pub mod tap;
 pub mod uplink;
+pub mod vxlan;
 
+use std::net::SocketAddrV4;
 use std::time::Duration;
+
+use crate::switch::DropReason;
 
 /// Errors of a port.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,23 @@ pub enum PortError {
     /// One operation failed; the port may still work.
     #[error("port I/O failed")]
     Io(#[source] std::io::Error),
+    /// The port refused this one frame for a reason the switch counts (e.g. a frame
+    /// that would not fit the underlay of a tunnel: `oversize`).
+    #[error("frame refused: {0}")]
+    Refused(DropReason),
+}
+
+/// What [`Port::try_recv_from`] took off a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recv {
+    /// A frame of `len` bytes is in the buffer; `from` is the remote endpoint it came
+    /// from when the port is a tunnel.
+    Frame {
+        len: usize,
+        from: Option<SocketAddrV4>,
+    },
+    /// Something arrived that was no frame of ours; it was dropped for this reason.
+    Dropped(DropReason),
 }
 
 /// A place frames come from and go to. Shared by the port's reader thread and every
@@ -50,8 +71,30 @@ pub trait Port: Send + Sync {
         }
     }
 
-    /// Sends one frame (with its virtio-net header when the port uses one).
+    /// [`Port::try_recv`] that also says where the frame came from, or why what came
+    /// was dropped (a tunnel port checks each datagram before it is a frame).
+    fn try_recv_from(&self, buf: &mut [u8]) -> Result<Option<Recv>, PortError> {
+        Ok(self
+            .try_recv(buf)?
+            .map(|len| Recv::Frame { len, from: None }))
+    }
+
+    /// Sends one frame (with its virtio-net header when the port uses one). A tunnel
+    /// port sends it to every remote endpoint.
     fn send(&self, frame: &[u8]) -> Result<(), PortError>;
+
+    /// Sends one frame to one remote endpoint of a tunnel port (`None`: as
+    /// [`Port::send`]). Other ports have no endpoints and send as usual.
+    fn send_to(&self, frame: &[u8], to: Option<SocketAddrV4>) -> Result<(), PortError> {
+        let _ = to;
+        self.send(frame)
+    }
+
+    /// True if the port takes GSO frames although it has no offloads: it segments them
+    /// itself (a tunnel port). Their checksums are then its business too.
+    fn segments_gso(&self) -> bool {
+        false
+    }
 
     /// Length of the virtio-net header in front of every frame (0: none).
     fn vnet_hdr_len(&self) -> usize;
@@ -65,6 +108,11 @@ pub trait Port: Send + Sync {
     /// The MTU of the port's interface as the kernel has it now (None: unknown, or no
     /// limit). Asked about once a second, never per frame.
     fn mtu(&self) -> Option<u32> {
+        None
+    }
+
+    /// The tunnel a VXLAN port stands for (None: not a tunnel).
+    fn tunnel(&self) -> Option<&vxlan::VxlanSpec> {
         None
     }
 

@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use super::PortId;
@@ -41,19 +42,24 @@ impl Default for FdbConfig {
     }
 }
 
-/// What changed in the table; the adapter logs these.
+/// What changed in the table; the adapter logs these. `remote` is the tunnel endpoint
+/// a MAC lives behind on a tunnel port (None on other ports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FdbEvent {
     Learned {
         mac: MacAddr,
         port: PortId,
+        remote: Option<SocketAddrV4>,
     },
-    /// The MAC was seen on another port; `ethertype` is that of the frame that moved it
-    /// (RARP after a migration, typically).
+    /// The MAC was seen on another port, or behind another remote endpoint of the same
+    /// tunnel port; `ethertype` is that of the frame that moved it (RARP after a
+    /// migration, typically).
     Moved {
         mac: MacAddr,
         from: PortId,
         to: PortId,
+        from_remote: Option<SocketAddrV4>,
+        to_remote: Option<SocketAddrV4>,
         ethertype: EtherType,
     },
     Aged {
@@ -71,6 +77,8 @@ pub enum FdbEvent {
 pub struct FdbEntry {
     pub mac: MacAddr,
     pub port: PortId,
+    /// The remote endpoint behind `port` (a tunnel port) the MAC was learned from.
+    pub remote: Option<SocketAddrV4>,
     /// Time since a frame from `mac` was last seen.
     pub age: Duration,
     /// Wall-clock stamp (µs since the epoch, as given by the caller) of the frame that
@@ -89,6 +97,7 @@ const NIL: u32 = u32::MAX;
 struct Node {
     mac: MacAddr,
     port: PortId,
+    remote: Option<SocketAddrV4>,
     last_seen: Instant,
     updated_t_us: u64,
     all: Links,
@@ -201,6 +210,24 @@ impl Fdb {
         t_us: u64,
         events: &mut Vec<FdbEvent>,
     ) {
+        self.learn_from(mac, port, None, ethertype, now, t_us, events);
+    }
+
+    /// [`Fdb::learn`] for a frame that came out of a tunnel port from the endpoint
+    /// `remote` (flood-and-learn, RFC 7348 section 4): the MAC is learned against the
+    /// port and that endpoint, and a MAC seen behind another endpoint of the same port
+    /// moves as it would between ports.
+    #[allow(clippy::too_many_arguments)]
+    pub fn learn_from(
+        &mut self,
+        mac: MacAddr,
+        port: PortId,
+        remote: Option<SocketAddrV4>,
+        ethertype: EtherType,
+        now: Instant,
+        t_us: u64,
+        events: &mut Vec<FdbEvent>,
+    ) {
         if !self.learns() || !mac.is_unicast() {
             return;
         }
@@ -210,7 +237,7 @@ impl Fdb {
                 // Not swept yet: report it as the sweep would have, then learn afresh.
                 self.remove_node(i);
                 events.push(FdbEvent::Aged { mac, port: e.port });
-            } else if e.port == port {
+            } else if e.port == port && e.remote == remote {
                 self.nodes[i as usize].last_seen = now;
                 self.make_youngest(i);
                 return;
@@ -218,20 +245,33 @@ impl Fdb {
                 if now.saturating_duration_since(e.last_seen) < self.cfg.hold_down {
                     return;
                 }
-                self.unlink(i, Which::Port);
-                self.count_changed(e.port, -1);
-                let n = &mut self.nodes[i as usize];
-                n.port = port;
-                n.last_seen = now;
-                n.updated_t_us = t_us;
-                self.push_back(i, Which::Port);
-                self.count_changed(port, 1);
-                self.unlink(i, Which::All);
-                self.push_back(i, Which::All);
+                if e.port == port {
+                    // Another endpoint of the same tunnel port: the port's lists and
+                    // counts stay as they are.
+                    let n = &mut self.nodes[i as usize];
+                    n.remote = remote;
+                    n.last_seen = now;
+                    n.updated_t_us = t_us;
+                    self.make_youngest(i);
+                } else {
+                    self.unlink(i, Which::Port);
+                    self.count_changed(e.port, -1);
+                    let n = &mut self.nodes[i as usize];
+                    n.port = port;
+                    n.remote = remote;
+                    n.last_seen = now;
+                    n.updated_t_us = t_us;
+                    self.push_back(i, Which::Port);
+                    self.count_changed(port, 1);
+                    self.unlink(i, Which::All);
+                    self.push_back(i, Which::All);
+                }
                 events.push(FdbEvent::Moved {
                     mac,
                     from: e.port,
                     to: port,
+                    from_remote: e.remote,
+                    to_remote: remote,
                     ethertype,
                 });
                 return;
@@ -246,6 +286,7 @@ impl Fdb {
         let node = Node {
             mac,
             port,
+            remote,
             last_seen: now,
             updated_t_us: t_us,
             all: Links::NONE,
@@ -265,13 +306,22 @@ impl Fdb {
         self.push_back(i, Which::All);
         self.push_back(i, Which::Port);
         self.count_changed(port, 1);
-        events.push(FdbEvent::Learned { mac, port });
+        events.push(FdbEvent::Learned { mac, port, remote });
     }
 
     /// The port `mac` lives on, unless unknown or expired.
     pub fn lookup(&self, mac: &MacAddr, now: Instant) -> Option<PortId> {
+        self.lookup_remote(mac, now).map(|(p, _)| p)
+    }
+
+    /// The port `mac` lives on and, behind a tunnel port, its remote endpoint.
+    pub fn lookup_remote(
+        &self,
+        mac: &MacAddr,
+        now: Instant,
+    ) -> Option<(PortId, Option<SocketAddrV4>)> {
         let e = &self.nodes[*self.index.get(mac)? as usize];
-        (!self.expired_at(e.last_seen, now)).then_some(e.port)
+        (!self.expired_at(e.last_seen, now)).then_some((e.port, e.remote))
     }
 
     /// Removes expired entries, oldest first. Runs periodically so entries age without
@@ -323,6 +373,7 @@ impl Fdb {
             .map(|e| FdbEntry {
                 mac: e.mac,
                 port: e.port,
+                remote: e.remote,
                 age: now.saturating_duration_since(e.last_seen),
                 updated_t_us: e.updated_t_us,
             })
@@ -470,7 +521,8 @@ mod tests {
             ev,
             vec![FdbEvent::Learned {
                 mac: mac(1),
-                port: P1
+                port: P1,
+                remote: None
             }]
         );
         assert_eq!(fdb.lookup(&mac(1), t0), Some(P1));
@@ -496,6 +548,8 @@ mod tests {
                 mac: mac(1),
                 from: P1,
                 to: P2,
+                from_remote: None,
+                to_remote: None,
                 ethertype: EtherType::Rarp
             }]
         );
@@ -612,7 +666,8 @@ mod tests {
                 },
                 FdbEvent::Learned {
                     mac: mac(1),
-                    port: P2
+                    port: P2,
+                    remote: None
                 }
             ]
         );
@@ -667,7 +722,8 @@ mod tests {
                 },
                 FdbEvent::Learned {
                     mac: mac(5),
-                    port: P3
+                    port: P3,
+                    remote: None
                 }
             ]
         );
@@ -826,6 +882,8 @@ mod tests {
                                 mac: m,
                                 from: e.port,
                                 to: p,
+                                from_remote: None,
+                                to_remote: None,
                                 ethertype: IP,
                             });
                         }
@@ -874,7 +932,11 @@ mod tests {
                                 seq,
                             },
                         );
-                        want.push(FdbEvent::Learned { mac: m, port: p });
+                        want.push(FdbEvent::Learned {
+                            mac: m,
+                            port: p,
+                            remote: None,
+                        });
                     }
                 }
             }

@@ -7,9 +7,11 @@
 //! unicast goes to its one port, and nothing goes back out of its ingress port.
 
 pub mod fdb;
+pub mod gso;
 pub mod vnet;
 
 use std::fmt;
+use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -55,10 +57,18 @@ pub enum DropReason {
     TxError,
     /// The egress port is down.
     PortDown,
+    /// A tunnel datagram shorter than the VXLAN header plus an Ethernet header.
+    VxlanTruncated,
+    /// A VXLAN header without the I flag or with a reserved bit set.
+    VxlanBadFlags,
+    /// A VXLAN header for another segment (VNI).
+    VxlanWrongVni,
+    /// A tunnel datagram from an address that is none of the port's remotes.
+    VxlanUnknownRemote,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Runt,
         DropReason::InvalidSource,
         DropReason::LinkLocal,
@@ -68,6 +78,10 @@ impl DropReason {
         DropReason::GsoUnsupported,
         DropReason::TxError,
         DropReason::PortDown,
+        DropReason::VxlanTruncated,
+        DropReason::VxlanBadFlags,
+        DropReason::VxlanWrongVni,
+        DropReason::VxlanUnknownRemote,
     ];
 
     /// Index into per-reason counter arrays.
@@ -87,6 +101,10 @@ impl DropReason {
             DropReason::GsoUnsupported => "gso_unsupported",
             DropReason::TxError => "tx_error",
             DropReason::PortDown => "port_down",
+            DropReason::VxlanTruncated => "vxlan_truncated",
+            DropReason::VxlanBadFlags => "vxlan_bad_flags",
+            DropReason::VxlanWrongVni => "vxlan_wrong_vni",
+            DropReason::VxlanUnknownRemote => "vxlan_unknown_remote",
         }
     }
 }
@@ -102,6 +120,8 @@ impl fmt::Display for DropReason {
 pub enum Decision {
     /// To exactly this port (never the ingress port).
     Unicast(PortId),
+    /// To one remote endpoint of this tunnel port (never the ingress port).
+    Remote(PortId, SocketAddrV4),
     /// To every port except the ingress port.
     Flood,
     Drop(DropReason),
@@ -138,6 +158,23 @@ impl Switch {
         t_us: u64,
         events: &mut Vec<FdbEvent>,
     ) -> Decision {
+        self.handle_from(ingress, None, frame, now, t_us, events)
+    }
+
+    /// [`Switch::handle`] for a frame that came out of tunnel port `ingress` from the
+    /// endpoint `from`: its source is learned against that endpoint, and a destination
+    /// learned behind a tunnel port goes to its endpoint only. Frames never go back into
+    /// their ingress port, not even towards another endpoint of it (split horizon: the
+    /// endpoints of a tunnel reach each other directly, RFC 7348 section 4).
+    pub fn handle_from(
+        &mut self,
+        ingress: PortId,
+        from: Option<SocketAddrV4>,
+        frame: &[u8],
+        now: Instant,
+        t_us: u64,
+        events: &mut Vec<FdbEvent>,
+    ) -> Decision {
         let Ok(frame) = Frame::new_checked(frame) else {
             return Decision::Drop(DropReason::Runt);
         };
@@ -146,7 +183,7 @@ impl Switch {
             return Decision::Drop(DropReason::InvalidSource);
         }
         self.fdb
-            .learn(src, ingress, frame.ethertype(), now, t_us, events);
+            .learn_from(src, ingress, from, frame.ethertype(), now, t_us, events);
         let dst = frame.dst_addr();
         if is_link_local(&dst) {
             return Decision::Drop(DropReason::LinkLocal);
@@ -154,9 +191,10 @@ impl Switch {
         if dst.is_multicast() {
             return Decision::Flood;
         }
-        match self.fdb.lookup(&dst, now) {
-            Some(p) if p == ingress => Decision::Drop(DropReason::SamePort),
-            Some(p) => Decision::Unicast(p),
+        match self.fdb.lookup_remote(&dst, now) {
+            Some((p, _)) if p == ingress => Decision::Drop(DropReason::SamePort),
+            Some((p, Some(r))) => Decision::Remote(p, r),
+            Some((p, None)) => Decision::Unicast(p),
             None => Decision::Flood,
         }
     }
@@ -201,7 +239,14 @@ mod tests {
             sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Flood
         );
-        assert_eq!(ev, vec![FdbEvent::Learned { mac: A, port: P0 }]);
+        assert_eq!(
+            ev,
+            vec![FdbEvent::Learned {
+                mac: A,
+                port: P0,
+                remote: None
+            }]
+        );
         assert_eq!(
             sw.handle(P1, &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
             Decision::Unicast(P0)
@@ -257,6 +302,8 @@ mod tests {
                 mac: A,
                 from: P1,
                 to: P2,
+                from_remote: None,
+                to_remote: None,
                 ethertype: EtherType::Rarp
             }]
         );
@@ -377,6 +424,73 @@ mod tests {
                 &mut ev
             ),
             Decision::Flood
+        );
+    }
+
+    #[test]
+    fn macs_behind_a_tunnel_are_reached_through_their_endpoint() {
+        let t = Instant::now();
+        let mut sw = Switch::new(FdbConfig::default());
+        let mut ev = vec![];
+        let r1: SocketAddrV4 = "10.99.0.2:4789".parse().unwrap();
+        let r2: SocketAddrV4 = "10.99.0.3:4789".parse().unwrap();
+        // B comes out of tunnel port P2 from r1: learned against r1.
+        assert_eq!(
+            sw.handle_from(P2, Some(r1), &frame(B, A, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Flood
+        );
+        assert_eq!(
+            ev,
+            vec![FdbEvent::Learned {
+                mac: B,
+                port: P2,
+                remote: Some(r1)
+            }]
+        );
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Remote(P2, r1)
+        );
+        // B shows up behind r2: a move within the port, reported with both endpoints.
+        ev.clear();
+        sw.handle_from(P2, Some(r2), &frame(B, A, EtherType::Rarp), t, 0, &mut ev);
+        assert_eq!(
+            ev,
+            vec![FdbEvent::Moved {
+                mac: B,
+                from: P2,
+                to: P2,
+                from_remote: Some(r1),
+                to_remote: Some(r2),
+                ethertype: EtherType::Rarp
+            }]
+        );
+        assert_eq!(sw.fdb().port_entries(P2), 1);
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Remote(P2, r2)
+        );
+        // Split horizon: from one endpoint towards another, never back into the tunnel.
+        let c = MacAddr([0x02, 0, 0, 0, 0, 0xc]);
+        sw.handle_from(P2, Some(r1), &frame(c, A, EtherType::Ipv4), t, 0, &mut ev);
+        assert_eq!(
+            sw.handle_from(P2, Some(r1), &frame(c, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Drop(DropReason::SamePort)
+        );
+        // B moves to a local port: plain unicast again.
+        sw.handle(P1, &frame(B, A, EtherType::Rarp), t, 0, &mut ev);
+        assert_eq!(
+            sw.handle(P0, &frame(A, B, EtherType::Ipv4), t, 0, &mut ev),
+            Decision::Unicast(P1)
+        );
+        assert_eq!(
+            sw.fdb()
+                .entries(t)
+                .iter()
+                .find(|e| e.mac == B)
+                .unwrap()
+                .remote,
+            None
         );
     }
 

@@ -11,19 +11,29 @@ use crate::control::{self, ControlError, Request};
 use crate::events::{Event, EventBus};
 use crate::names::{self, NameError};
 use crate::port::tap::{Tap, TapError};
+use crate::port::vxlan::{VxlanError, VxlanPort, VxlanSpec, VxlanSpecError};
 use crate::port::Port;
+use crate::switch::vnet::VNET_HDR_LEN;
 use crate::switch::{FdbConfig, PortId};
 
 /// Most ports one switch takes.
 pub const MAX_PORTS: usize = 256;
 
-/// `NAME=NETNS:IFNAME`: port NAME, its interface moved into NETNS and renamed IFNAME
-/// there (empty NETNS: the interface stays in the switch's namespace).
+/// `NAME=NETNS:IFNAME` (a TAP) or `NAME=vxlan:KEY=VALUE,…` (a VXLAN tunnel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSpec {
     pub name: String,
-    pub netns: String,
-    pub ifname: String,
+    pub kind: PortKind,
+}
+
+/// What a port is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortKind {
+    /// A TAP whose interface is moved into NETNS and renamed IFNAME there (empty NETNS:
+    /// the interface stays in the switch's namespace).
+    Tap { netns: String, ifname: String },
+    /// A VXLAN tunnel port over a UDP socket.
+    Vxlan(VxlanSpec),
 }
 
 /// A port spec that does not parse.
@@ -35,6 +45,8 @@ pub enum PortSpecError {
     Syntax { spec: String, why: &'static str },
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Vxlan(#[from] VxlanSpecError),
 }
 
 /// A kernel name (namespace, interface): not ours to restrict to the name rule, but it
@@ -55,6 +67,15 @@ impl FromStr for PortSpec {
             why,
         };
         let (name, rest) = s.split_once('=').ok_or_else(|| err("missing '='"))?;
+        // An interface name has no '=': `vxlan:` followed by KEY=VALUE is a tunnel, and
+        // `vxlan:eth0` is still the TAP eth0 in a namespace called vxlan.
+        if let Some(v) = rest.strip_prefix("vxlan:").filter(|v| v.contains('=')) {
+            names::validate("port", name)?;
+            return Ok(PortSpec {
+                name: name.to_string(),
+                kind: PortKind::Vxlan(v.parse()?),
+            });
+        }
         let (netns, ifname) = rest.split_once(':').ok_or_else(|| err("missing ':'"))?;
         names::validate("port", name)?;
         if !valid_token(netns) {
@@ -67,8 +88,10 @@ impl FromStr for PortSpec {
         }
         Ok(PortSpec {
             name: name.to_string(),
-            netns: netns.to_string(),
-            ifname: ifname.to_string(),
+            kind: PortKind::Tap {
+                netns: netns.to_string(),
+                ifname: ifname.to_string(),
+            },
         })
     }
 }
@@ -107,6 +130,12 @@ pub enum SwitchdError {
         #[source]
         source: TapError,
     },
+    #[error("port {port}")]
+    Vxlan {
+        port: String,
+        #[source]
+        source: VxlanError,
+    },
     #[error("cannot start the data path")]
     Fabric(#[from] FabricError),
     #[error("control socket")]
@@ -129,11 +158,20 @@ impl DaemonConfig {
                 if q.name == p.name {
                     return Err(SwitchdError::DuplicatePort(p.name.clone()));
                 }
-                if q.netns == p.netns && q.ifname == p.ifname {
-                    return Err(SwitchdError::DuplicateIfname {
-                        netns: p.netns.clone(),
-                        ifname: p.ifname.clone(),
-                    });
+                if let (
+                    PortKind::Tap { netns, ifname },
+                    PortKind::Tap {
+                        netns: qn,
+                        ifname: qi,
+                    },
+                ) = (&p.kind, &q.kind)
+                {
+                    if qn == netns && qi == ifname {
+                        return Err(SwitchdError::DuplicateIfname {
+                            netns: netns.clone(),
+                            ifname: ifname.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -141,21 +179,43 @@ impl DaemonConfig {
     }
 }
 
-fn create_port(spec: &PortSpec, offload: bool) -> Result<Tap, TapError> {
-    if !spec.netns.is_empty()
-        && !std::path::Path::new("/run/netns")
-            .join(&spec.netns)
-            .exists()
-    {
-        return Err(TapError::NoNetns(spec.netns.clone()));
+fn create_tap(netns: &str, ifname: &str, offload: bool) -> Result<Tap, TapError> {
+    if !netns.is_empty() && !std::path::Path::new("/run/netns").join(netns).exists() {
+        return Err(TapError::NoNetns(netns.to_string()));
     }
     let mut tap = Tap::create("", offload)?;
-    if spec.netns.is_empty() {
-        tap.rename(&spec.ifname)?;
+    if netns.is_empty() {
+        tap.rename(ifname)?;
     } else {
-        tap.move_to_netns(&spec.netns, &spec.ifname)?;
+        tap.move_to_netns(netns, ifname)?;
     }
     Ok(tap)
+}
+
+/// Creates the port `spec` names; returns it with the namespace its interface or
+/// socket lives in.
+fn create_port(
+    spec: &PortSpec,
+    offload: bool,
+) -> Result<(Box<dyn Port>, Option<String>), SwitchdError> {
+    match &spec.kind {
+        PortKind::Tap { netns, ifname } => {
+            let tap = create_tap(netns, ifname, offload).map_err(|source| SwitchdError::Tap {
+                port: spec.name.clone(),
+                source,
+            })?;
+            let ns = tap.netns().map(str::to_string);
+            Ok((Box::new(tap), ns))
+        }
+        PortKind::Vxlan(v) => {
+            let port = VxlanPort::open(v, VNET_HDR_LEN).map_err(|source| SwitchdError::Vxlan {
+                port: spec.name.clone(),
+                source,
+            })?;
+            tracing::info!(port = %spec.name, spec = %port.spec(), "vxlan port ready");
+            Ok((Box::new(port), v.netns.clone()))
+        }
+    }
 }
 
 fn create_mirror(ifname: &str, offload: bool) -> Result<Tap, TapError> {
@@ -178,22 +238,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
     let events = EventBus::new(&cfg.name);
     let mut ports = Vec::with_capacity(cfg.ports.len());
     for (i, spec) in cfg.ports.iter().enumerate() {
-        let tap = create_port(spec, cfg.offload).map_err(|source| SwitchdError::Tap {
-            port: spec.name.clone(),
-            source,
-        })?;
-        tracing::debug!(port = %spec.name, netns = %spec.netns, offload = cfg.offload, "port created");
+        let (port, netns) = create_port(spec, cfg.offload)?;
+        tracing::debug!(port = %spec.name, netns = ?netns, offload = cfg.offload, "port created");
         events.emit_now(Event::PortUp {
             port: spec.name.clone(),
-            ifname: tap.ifname().to_string(),
+            ifname: port.ifname().to_string(),
         });
-        let netns = tap.netns().map(str::to_string);
-        ports.push(SwitchPort::new(
-            PortId(i as u16),
-            &spec.name,
-            netns,
-            Box::new(tap),
-        ));
+        ports.push(SwitchPort::new(PortId(i as u16), &spec.name, netns, port));
     }
     let mirror = match &cfg.mirror {
         Some(name) => {
@@ -305,12 +356,34 @@ mod tests {
             p,
             PortSpec {
                 name: "client".into(),
-                netns: "vf-client".into(),
-                ifname: "eth0".into()
+                kind: PortKind::Tap {
+                    netns: "vf-client".into(),
+                    ifname: "eth0".into()
+                }
             }
         );
         let p: PortSpec = "up=:uplink0".parse().unwrap();
-        assert!(p.netns.is_empty());
+        assert!(matches!(p.kind, PortKind::Tap { netns, .. } if netns.is_empty()));
+        // A namespace may be called vxlan: without KEY=VALUE it is a TAP.
+        let p: PortSpec = "t=vxlan:eth0".parse().unwrap();
+        assert!(matches!(p.kind, PortKind::Tap { netns, .. } if netns == "vxlan"));
+        let p: PortSpec = "wan=vxlan:vni=42,local=vf-ul:10.99.0.1,remote=10.99.0.2"
+            .parse()
+            .unwrap();
+        let PortKind::Vxlan(v) = p.kind else {
+            panic!("not a tunnel")
+        };
+        assert_eq!((v.vni.get(), v.remotes.len()), (42, 1));
+        let e = "wan=vxlan:vni=42"
+            .parse::<PortSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("bad VXLAN port spec"), "{e}");
+        let e = "../x=vxlan:vni=42,local=10.0.0.1,remote=10.0.0.2"
+            .parse::<PortSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid port name"), "{e}");
         for bad in [
             "client",
             "client=vf-client",

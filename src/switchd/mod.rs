@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventBus};
-use crate::port::{Port, PortError};
+use crate::port::{Port, PortError, Recv};
 use crate::switch::vnet::{self, VnetHdr};
 use crate::switch::{Decision, DropReason, FdbConfig, FdbEvent, PortId, Switch};
 use crate::wire::ethernet::HEADER_LEN;
@@ -133,6 +133,9 @@ pub struct PortStats {
     pub rx_errors: u64,
     /// Dropped frames by reason (only reasons seen).
     pub dropped: std::collections::BTreeMap<String, u64>,
+    /// The VXLAN segment, socket and remote endpoints of a tunnel port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::port::vxlan::VxlanSpec>,
 }
 
 /// One FDB entry as shown by `vfabric fdb show`.
@@ -141,6 +144,9 @@ pub struct FdbRow {
     pub mac: crate::wire::MacAddr,
     pub port: String,
     pub port_id: PortId,
+    /// The remote endpoint `mac` was learned behind, on a tunnel port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<std::net::SocketAddrV4>,
     /// Seconds since a frame from `mac` was last seen.
     pub age_s: f64,
     /// When `mac` was learned on `port` or last moved there: µs since the epoch, taken
@@ -346,6 +352,7 @@ impl Fabric {
                 mac: e.mac,
                 port: self.shared.port_name(e.port).to_string(),
                 port_id: e.port,
+                remote: e.remote,
                 age_s: (e.age.as_secs_f64() * 1000.0).round() / 1000.0,
                 updated_t_us: e.updated_t_us,
             })
@@ -451,6 +458,7 @@ impl Fabric {
                             (n > 0).then(|| (r.as_str().to_string(), n))
                         })
                         .collect(),
+                    vxlan: p.port.tunnel().cloned(),
                 }
             })
             .collect()
@@ -495,17 +503,20 @@ impl Shared {
         let a = &self.fdb_activity;
         for ev in events {
             let (counter, ev) = match *ev {
-                FdbEvent::Learned { mac, port } => (
+                FdbEvent::Learned { mac, port, remote } => (
                     &a.learned,
                     Event::MacLearned {
                         mac,
                         port: self.port_name(port).to_string(),
+                        remote,
                     },
                 ),
                 FdbEvent::Moved {
                     mac,
                     from,
                     to,
+                    from_remote,
+                    to_remote,
                     ethertype,
                 } => (
                     &a.moved,
@@ -514,6 +525,8 @@ impl Shared {
                         from: self.port_name(from).to_string(),
                         to: self.port_name(to).to_string(),
                         ethertype: ethertype.to_string(),
+                        from_remote,
+                        to_remote,
                     },
                 ),
                 FdbEvent::Aged { mac, port } => (
@@ -560,8 +573,9 @@ impl Shared {
 
     /// Sends `frame` (virtio-net header + Ethernet) out of `out`, adapting it to a port
     /// without offloads: partial checksums are completed in place (valid for every
-    /// later receiver too); GSO frames are dropped and counted, never cut or corrupted.
-    fn transmit(&self, out: &SwitchPort, frame: &mut [u8]) {
+    /// later receiver too); GSO frames are dropped and counted, never cut or corrupted,
+    /// unless the port segments them itself. `to`: one remote endpoint of a tunnel port.
+    fn transmit(&self, out: &SwitchPort, frame: &mut [u8], to: Option<std::net::SocketAddrV4>) {
         if !out.is_up() {
             out.counters.drop(DropReason::PortDown);
             return;
@@ -579,23 +593,24 @@ impl Shared {
         }
         if hdr > 0 && !out.port.offload() {
             let (vh, eth) = frame.split_at_mut(hdr);
-            match VnetHdr::new_checked(&*vh) {
-                Ok(h) if h.is_gso() => {
+            let gso = match VnetHdr::new_checked(&*vh) {
+                Ok(h) if h.is_gso() && !out.port.segments_gso() => {
                     out.counters.drop(DropReason::GsoUnsupported);
                     return;
                 }
-                Ok(_) => {}
+                Ok(h) => h.is_gso(),
                 Err(_) => {
                     out.counters.drop(DropReason::BadVnetHeader);
                     return;
                 }
-            }
-            if vnet::complete_checksum(vh, eth).is_err() {
+            };
+            // A port that segments computes each segment's checksums itself.
+            if !gso && vnet::complete_checksum(vh, eth).is_err() {
                 out.counters.drop(DropReason::BadVnetHeader);
                 return;
             }
         }
-        match out.port.send(frame) {
+        match out.port.send_to(frame, to) {
             Ok(()) => {
                 out.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
                 out.counters
@@ -607,6 +622,7 @@ impl Shared {
                 self.mark_down(out);
             }
             Err(PortError::Io(_)) => out.counters.drop(DropReason::TxError),
+            Err(PortError::Refused(r)) => out.counters.drop(r),
         }
     }
 }
@@ -642,6 +658,7 @@ fn port_loop(s: &Shared, index: usize) {
                     tracing::warn!(port = %me.name, error = %e, "poll failed");
                     std::thread::sleep(POLL_INTERVAL);
                 }
+                Err(PortError::Refused(_)) => {}
             },
             Received::Gone => break,
         }
@@ -713,18 +730,28 @@ fn receive_one(
     buf: &mut [u8],
     events: &mut Vec<FdbEvent>,
 ) -> Received {
-    match me.port.try_recv(buf) {
-        Ok(Some(n)) => {
+    match me.port.try_recv_from(buf) {
+        Ok(Some(Recv::Frame { len, from })) => {
             let t_us = crate::clock::unix_micros();
             let now = Instant::now();
             let cap = buf.len();
-            Received::Forwarded(forward(s, me, &mut buf[..n], cap, now, t_us, events))
+            let frame = &mut buf[..len];
+            Received::Forwarded(forward(s, me, frame, from, cap, now, t_us, events))
+        }
+        Ok(Some(Recv::Dropped(r))) => {
+            me.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            me.counters.drop(r);
+            Received::Forwarded(None)
         }
         Ok(None) => Received::Nothing,
         Err(PortError::Gone) => {
             me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
             s.mark_down(me);
             Received::Gone
+        }
+        Err(PortError::Refused(r)) => {
+            me.counters.drop(r);
+            Received::Nothing
         }
         Err(PortError::Io(e)) => {
             let errors = me.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
@@ -759,11 +786,14 @@ fn steal(s: &Shared, egress: PortId, buf: &mut [u8], events: &mut Vec<FdbEvent>)
     }
 }
 
-/// Handles one frame received on `me`. `cap` is the size of the read buffer.
+/// Handles one frame received on `me` (from its remote endpoint `from`, on a tunnel
+/// port). `cap` is the size of the read buffer.
+#[allow(clippy::too_many_arguments)]
 fn forward(
     s: &Shared,
     me: &SwitchPort,
     frame: &mut [u8],
+    from: Option<std::net::SocketAddrV4>,
     cap: usize,
     now: Instant,
     t_us: u64,
@@ -783,23 +813,30 @@ fn forward(
         return None;
     }
     events.clear();
-    let decision = s.core().handle(me.id, &frame[hdr..], now, t_us, events);
+    let decision = s
+        .core()
+        .handle_from(me.id, from, &frame[hdr..], now, t_us, events);
     if !events.is_empty() {
         s.emit_events(events, t_us);
     }
     if let Some(m) = &s.mirror {
-        s.transmit(m, frame);
+        s.transmit(m, frame, None);
     }
     match decision {
         Decision::Unicast(p) => {
             let out = s.ports.get(usize::from(p.0))?;
-            s.transmit(out, frame);
+            s.transmit(out, frame, None);
+            Some(p)
+        }
+        Decision::Remote(p, r) => {
+            let out = s.ports.get(usize::from(p.0))?;
+            s.transmit(out, frame, Some(r));
             Some(p)
         }
         Decision::Flood => {
             c.flooded.fetch_add(1, Ordering::Relaxed);
             for out in s.ports.iter().filter(|p| p.id != me.id && p.is_up()) {
-                s.transmit(out, frame);
+                s.transmit(out, frame, None);
             }
             None
         }
@@ -950,6 +987,128 @@ mod tests {
         peers[0].inject(&plain);
         assert_eq!(peers[1].recv(T).unwrap(), plain);
         assert_eq!(f.stats()[1].dropped.get("gso_unsupported"), Some(&1));
+        f.stop();
+    }
+
+    /// Two TAP-like ports and a VXLAN port on loopback whose remotes are two sockets.
+    fn fabric_with_tunnel() -> (Fabric, Vec<MemPeer>, [std::net::UdpSocket; 2]) {
+        use crate::port::vxlan::{VxlanPort, VxlanSpec};
+        use std::net::{SocketAddr, UdpSocket};
+        let remotes = [
+            UdpSocket::bind("127.0.0.2:0").unwrap(),
+            UdpSocket::bind("127.0.0.3:0").unwrap(),
+        ];
+        let addr = |s: &UdpSocket| match s.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        for r in &remotes {
+            r.set_read_timeout(Some(SHORT)).unwrap();
+        }
+        let spec = VxlanSpec {
+            vni: crate::wire::vxlan::Vni::new(42).unwrap(),
+            netns: None,
+            local: "127.0.0.1:0".parse().unwrap(),
+            remotes: remotes.iter().map(addr).collect(),
+        };
+        let vx = VxlanPort::open(&spec, 12).unwrap();
+        let mut ports = vec![];
+        let mut peers = vec![];
+        for i in 0..2 {
+            let (p, peer) = mem::pair(&format!("p{i}"), 12, true);
+            ports.push(SwitchPort::new(
+                PortId(i),
+                &format!("p{i}"),
+                None,
+                Box::new(p),
+            ));
+            peers.push(peer);
+        }
+        ports.push(SwitchPort::new(PortId(2), "wan", None, Box::new(vx)));
+        let f = Fabric::start(ports, None, FdbConfig::default()).unwrap();
+        (f, peers, remotes)
+    }
+
+    fn from_tunnel(r: &std::net::UdpSocket, f: &Fabric, vni: u8, frame: &[u8]) {
+        let mut d = vec![0x08, 0, 0, 0, 0, 0, vni, 0];
+        d.extend_from_slice(frame);
+        let to = f.stats()[2].vxlan.as_ref().unwrap().local;
+        r.send_to(&d, to).unwrap();
+    }
+
+    fn datagram(r: &std::net::UdpSocket) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        r.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    }
+
+    #[test]
+    fn a_tunnel_floods_to_every_remote_and_unicasts_to_the_learned_one() {
+        let (f, peers, remotes) = fabric_with_tunnel();
+        let mut sub = f.events().subscribe(64);
+        // Unknown destination: one datagram to each remote (head-end replication).
+        let ab = eth(12, A, B, 60);
+        peers[0].inject(&ab);
+        assert!(peers[1].recv(T).is_some());
+        for r in &remotes {
+            let d = datagram(r).expect("flooded to every remote");
+            assert_eq!(&d[..8], &[0x08, 0, 0, 0, 0, 0, 42, 0]);
+            assert_eq!(&d[8..], &ab[12..]);
+        }
+        // B answers from the second remote: learned behind it, with the remote.
+        let ba = eth(0, B, A, 60);
+        from_tunnel(&remotes[1], &f, 42, &ba);
+        let got = peers[0].recv(T).expect("decapsulated to A");
+        assert_eq!(&got[..12], &[0u8; 12], "a zero virtio-net header");
+        assert_eq!(&got[12..], &ba[..]);
+        let rows = f.fdb();
+        let b = rows.iter().find(|r| r.mac == B).unwrap();
+        assert_eq!(b.port, "wan");
+        assert_eq!(
+            b.remote,
+            Some(f.stats()[2].vxlan.as_ref().unwrap().remotes[1])
+        );
+        let remote = b.remote;
+        let learned: Vec<Event> = std::iter::from_fn(|| sub.rx.try_recv().ok())
+            .map(|r| r.event)
+            .filter(|e| matches!(e, Event::MacLearned { mac, .. } if *mac == B))
+            .collect();
+        assert_eq!(
+            learned,
+            vec![Event::MacLearned {
+                mac: B,
+                port: "wan".into(),
+                remote
+            }]
+        );
+        // Now A -> B goes to that remote only.
+        peers[0].inject(&ab);
+        assert!(datagram(&remotes[1]).is_some());
+        assert!(
+            datagram(&remotes[0]).is_none(),
+            "unicast goes to one remote"
+        );
+        assert!(peers[1].recv(SHORT).is_none());
+        // Another segment's frame is dropped and counted; forwarding goes on.
+        from_tunnel(&remotes[0], &f, 43, &ba);
+        from_tunnel(&remotes[1], &f, 42, &ba);
+        assert!(peers[0].recv(T).is_some());
+        assert_eq!(f.stats()[2].dropped.get("vxlan_wrong_vni"), Some(&1));
+        f.stop();
+    }
+
+    #[test]
+    fn a_frame_too_big_for_the_underlay_is_counted_not_cut() {
+        let (f, peers, remotes) = fabric_with_tunnel();
+        // Loopback's MTU is 65536: a frame whose datagram exceeds it cannot leave.
+        let big = eth(12, A, B, 65_500);
+        peers[0].inject(&big);
+        assert!(peers[1].recv(T).is_some());
+        assert!(datagram(&remotes[0]).is_none());
+        let deadline = Instant::now() + T;
+        while !f.stats()[2].dropped.contains_key("oversize") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(f.stats()[2].dropped.get("oversize"), Some(&1));
         f.stop();
     }
 

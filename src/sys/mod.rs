@@ -7,6 +7,7 @@ pub mod mem;
 pub mod netlink;
 pub mod packet;
 pub mod tap;
+pub mod udp;
 
 use std::sync::atomic::AtomicU64;
 

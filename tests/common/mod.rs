@@ -1,6 +1,7 @@
 //! Helpers of the namespace tests: a root check and a topology guard that builds the
-//! fabric with netns-scripts/up.sh under a unique prefix and run directory, and tears it
-//! down with down.sh when dropped (also when the test panics).
+//! fabric with netns-scripts/up.sh (the default one, or a topology file's) under a unique
+//! prefix and run directory, and tears it down with down.sh when dropped (also when the
+//! test panics).
 
 #![allow(dead_code)]
 
@@ -56,15 +57,37 @@ fn unique_prefix() -> String {
     }
 }
 
-/// The three-namespace fabric of one test.
+/// A shipped topology file: `netns-scripts/topologies/NAME` (e.g. "four-hosts.toml").
+pub fn topology_file(name: &str) -> PathBuf {
+    repo().join("netns-scripts/topologies").join(name)
+}
+
+/// The fabric of one test: the default three namespaces, or what a topology file says.
 pub struct Topology {
     pub prefix: String,
     pub run_dir: tempfile::TempDir,
+    /// What up.sh built, as the binary validated it: hosts, clients, VMs created at
+    /// start, addresses and capacities (for the default fabric: the built-in default).
+    pub spec: vfabric::topology::Topology,
     /// The extra environment up.sh ran with; later script runs get it too.
     env: Vec<(String, String)>,
     /// What up.sh printed on stderr (its progress and hints).
     pub up_stderr: String,
     downed: bool,
+}
+
+/// An up.sh run that failed (see [`Topology::try_up_file`]): nothing was torn down
+/// after it, so a test can check what it left.
+pub struct FailedUp {
+    pub prefix: String,
+    pub run_dir: tempfile::TempDir,
+    pub output: Output,
+}
+
+impl FailedUp {
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
 }
 
 impl Topology {
@@ -81,20 +104,77 @@ impl Topology {
     /// Runs up.sh with extra environment after `prepare` has seen the (empty) run
     /// directory, e.g. to mount the datastore's file system there.
     pub fn up_prepared(env: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Topology {
-        let mut t = Topology {
+        Self::up_inner(None, env, prepare)
+    }
+
+    /// Runs `up.sh FILE`: the fabric a topology file describes, VMs created at start
+    /// included; panics with up.sh's output if it fails.
+    pub fn up_file(file: impl AsRef<Path>) -> Topology {
+        Self::up_file_with(file, &[])
+    }
+
+    /// Runs `up.sh FILE` with extra environment (e.g. VF_HOST_ARGS).
+    pub fn up_file_with(file: impl AsRef<Path>, env: &[(&str, &str)]) -> Topology {
+        Self::up_inner(Some(file.as_ref()), env, |_| {})
+    }
+
+    /// Runs `up.sh FILE` and hands back the failure instead of panicking; on success,
+    /// the fabric.
+    pub fn try_up_file(file: impl AsRef<Path>) -> Result<Topology, FailedUp> {
+        let mut t = Self::new_guard(env_vec(&[]), Some(file.as_ref()));
+        let out = t.script("up.sh", &[file.as_ref().to_str().expect("utf-8 path")]);
+        t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            return Ok(t);
+        }
+        t.downed = true;
+        let run_dir = std::mem::replace(&mut t.run_dir, tempfile::tempdir().expect("temp dir"));
+        Err(FailedUp {
+            prefix: t.prefix.clone(),
+            run_dir,
+            output: out,
+        })
+    }
+
+    fn new_guard(env: Vec<(String, String)>, file: Option<&Path>) -> Topology {
+        // What up.sh will read: the same defaults it gets from the environment.
+        let capacity = env
+            .iter()
+            .find(|(k, _)| k == "VF_HOST_CAPACITY_MB")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(vfabric::topology::DEFAULT_CAPACITY_MB);
+        let spec = match file {
+            None => vfabric::topology::Topology::builtin(capacity),
+            // A file up.sh will refuse gets an empty spec; up.sh says why.
+            Some(f) => vfabric::topology::load(f, capacity).unwrap_or_else(|_| {
+                vfabric::topology::Topology {
+                    vmotion: vfabric::topology::VmotionNetwork::Switch,
+                    clients: vec![],
+                    hosts: vec![],
+                    vms: vec![],
+                }
+            }),
+        };
+        Topology {
             prefix: unique_prefix(),
             run_dir: tempfile::Builder::new()
                 .prefix("vfabric-test-")
                 .tempdir()
                 .expect("temp dir"),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            spec,
+            env,
             up_stderr: String::new(),
             downed: false,
-        };
-        prepare(t.run_dir.path());
+        }
+    }
+
+    /// Runs up.sh (the default fabric) after `prepare` has seen the topology-to-be (its
+    /// prefix and run directory) and returned extra environment. Namespaces `prepare`
+    /// makes under the prefix (`<prefix>-NAME`) are removed with the rest, also when
+    /// up.sh fails.
+    pub fn up_around(prepare: impl FnOnce(&Topology) -> Vec<(String, String)>) -> Topology {
+        let mut t = Self::new_guard(vec![], None);
+        t.env = prepare(&t);
         let out = t.script("up.sh", &[]);
         t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
@@ -105,6 +185,80 @@ impl Topology {
             t.switch_log()
         );
         t
+    }
+
+    fn up_inner(
+        file: Option<&Path>,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Topology {
+        let mut t = Self::new_guard(env_vec(env), file);
+        prepare(t.run_dir.path());
+        let args: Vec<&str> = file
+            .map(|f| f.to_str().expect("utf-8 path"))
+            .into_iter()
+            .collect();
+        let out = t.script("up.sh", &args);
+        t.up_stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "up.sh failed:\n{}\n{}\nswitch log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            t.switch_log()
+        );
+        t
+    }
+
+    /// Host names, in the topology's order.
+    pub fn hosts(&self) -> Vec<String> {
+        self.spec.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
+    /// The first client's name (the default fabric's: "client").
+    pub fn client(&self) -> &str {
+        &self
+            .spec
+            .clients
+            .first()
+            .expect("the topology has a client")
+            .name
+    }
+
+    /// Host `name` as the topology gives it (IP, vMotion IP, capacity, extra args).
+    pub fn host_spec(&self, name: &str) -> &vfabric::topology::HostSpec {
+        self.spec
+            .host(name)
+            .unwrap_or_else(|| panic!("no host {name} in the topology"))
+    }
+
+    /// Host `name`'s vmk1 address (its vMotion listener is on port 8000 there).
+    pub fn vmotion_ip(&self, host: &str) -> String {
+        self.host_spec(host).vmotion_ip.to_string()
+    }
+
+    /// The VMs the topology creates at start.
+    pub fn vms(&self) -> &[vfabric::topology::VmSpec] {
+        &self.spec.vms
+    }
+
+    /// VM `name`'s IP as the topology gives it.
+    pub fn vm_ip(&self, name: &str) -> String {
+        self.spec
+            .vm(name)
+            .unwrap_or_else(|| panic!("no VM {name} in the topology"))
+            .ip
+            .to_string()
+    }
+
+    /// Where VM `name` runs now, asking the hosts (`vfabric vm show`).
+    pub fn vm_host(&self, name: &str) -> Option<String> {
+        let out = self.vfabric(&["vm", "show", name, "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["host"].as_str().map(str::to_string)
     }
 
     fn script(&self, name: &str, args: &[&str]) -> Output {
@@ -132,7 +286,7 @@ impl Topology {
         self.script("up.sh", args)
     }
 
-    /// The pid of a daemon as recorded by up.sh (`switch`, `silo104`, `silo105`).
+    /// The pid of a daemon as recorded by up.sh (`switch`, `vmotion`, a host's name).
     pub fn daemon_pid(&self, name: &str) -> Option<u32> {
         let s = std::fs::read_to_string(self.run_dir.path().join(format!("{name}.pid"))).ok()?;
         s.split_whitespace().next()?.parse().ok()
@@ -144,7 +298,7 @@ impl Topology {
         self.script("down.sh", &[])
     }
 
-    /// Namespace of `host` (client, silo104, silo105).
+    /// Namespace of `host` (a client's or host's name: client, silo104, …).
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.prefix)
     }
@@ -235,6 +389,12 @@ impl Drop for Topology {
             let _ = self.script("down.sh", &[]);
         }
     }
+}
+
+fn env_vec(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// `vfabric events --json` running against a topology, as a user would run it in another
