@@ -6,6 +6,8 @@
 #
 # Usage: demo.sh [--keep] [--json] [--interval S] [--memory-mb N] [--dirty-rate N]
 #                [--announce rarp|garp|none]
+#        demo.sh --scenario evacuate [--keep] [--parallel N]
+#                 maintenance mode on four hosts instead (demo-evacuate.sh)
 #   --keep         leave the topology up afterwards to try things by hand
 #   --json         print one JSON object of the figures on stdout (the story goes to stderr)
 #   --interval S   seconds between pings (default 0.01; the book's `ping -t` is 1)
@@ -21,7 +23,12 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 KEEP=0 JSON=0 INTERVAL=0.01 MEMORY=256 RATE=1000 ANNOUNCE=rarp
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+case "${1:-}:${2:-}" in
+    --scenario:evacuate) shift 2; exec "$here/demo-evacuate.sh" "$@" ;;
+    --scenario:migrate) shift 2 ;;
+    --scenario:*) echo "demo.sh: unknown scenario ${2:-} (migrate or evacuate)" >&2; exit 2 ;;
+esac
 while [ $# -gt 0 ]; do
     case "$1" in
         --keep) KEEP=1 ;;

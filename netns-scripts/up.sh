@@ -19,7 +19,7 @@
 #
 # The plan comes from `vfabric topology render FILE --format shell` (the binary parses
 # and validates the file; a bad file is one line on stderr and nothing is built) and is
-# kept in $VFABRIC_RUN_DIR/topology.sh, which the restarts and down.sh read.
+# kept in $VFABRIC_RUN_DIR/topology.sh, which the restarts read and down.sh removes.
 set -Eeuo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -44,9 +44,12 @@ check_not_up() {
     for ns in "${ALL_NS[@]}"; do
         ns_exists "$ns" && die "namespace $ns exists already; run down.sh first"
     done
-    if [ -S "$VFABRIC_RUN_DIR/switch.sock" ]; then
-        die "$VFABRIC_RUN_DIR/switch.sock exists; run down.sh first"
-    fi
+    local sock
+    for sock in switch "$VMOTION_SWITCH"; do
+        if [ -S "$VFABRIC_RUN_DIR/$sock.sock" ]; then
+            die "$VFABRIC_RUN_DIR/$sock.sock exists; run down.sh first"
+        fi
+    done
     return 0
 }
 

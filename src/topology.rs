@@ -113,7 +113,8 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// The VM's configuration as `vfabric vm create` would build it (MAC from the name).
+    /// The VM's configuration as `vfabric vm create` would check it. The MAC is a
+    /// stand-in: the CLI derives the VM's own from its name.
     pub fn config(&self) -> VmConfig {
         VmConfig {
             name: self.name.clone(),

@@ -105,6 +105,7 @@ fn four_hosts_come_up_migrate_over_the_vmotion_switch_and_go_away() {
     // The switch forgets what it learned, so that it reports learning vmk1 again: the
     // events of every daemon, both switches included, reach `vfabric events`.
     let watch = EventWatch::start(&t, &[]);
+    let vmotion_watch = EventWatch::start(&t, &["--switch", "vmotion"]);
     t.vfabric(&["fdb", "flush", "--switch", "vmotion"]);
     let vm = "vm5";
     assert_eq!(t.vm_host(vm).as_deref(), Some("silo106"));
@@ -135,6 +136,13 @@ fn four_hosts_come_up_migrate_over_the_vmotion_switch_and_go_away() {
     assert!(
         vmotion_learned.contains("silo106") && vmotion_learned.contains("silo107"),
         "the vmotion switch's events: {vmotion_learned:?}"
+    );
+    let only = vmotion_watch.stop();
+    assert!(!only.is_empty(), "events --switch vmotion printed nothing");
+    assert!(
+        only.iter().all(|r| r.source == "vmotion"),
+        "events --switch vmotion: {:?}",
+        only.iter().map(|r| &r.source).collect::<BTreeSet<_>>()
     );
 
     // The restarts work for any host set: the vMotion switch, a host the default

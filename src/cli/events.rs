@@ -23,7 +23,8 @@ use super::CliError;
     after_help = "Examples:\n  \
         vfabric events                      # everything, one line each\n  \
         vfabric events --json               # one JSON object per line (t_us, source, event, …)\n  \
-        vfabric events --switch --count 1   # the switch's next event"
+        vfabric events --switch --count 1   # the switch's next event\n  \
+        vfabric events --switch vmotion     # the vMotion network's switch only"
 )]
 pub struct EventsArgs {
     /// One JSON object per line: {"t_us", "source", "event": KIND, …its fields}.
@@ -32,9 +33,11 @@ pub struct EventsArgs {
     /// Only this host's events.
     #[arg(long, conflicts_with = "switch")]
     host: Option<String>,
-    /// Only the switch's events.
-    #[arg(long)]
-    switch: bool,
+    /// Only a switch's events: the VM network's (no NAME, or "switch") or another one,
+    /// e.g. "vmotion" (a topology's vMotion network).
+    #[arg(long, value_name = "NAME", num_args = 0..=1,
+          default_missing_value = vfabric::switchd::DEFAULT_NAME)]
+    switch: Option<String>,
     /// Stop after this many events.
     #[arg(long, value_name = "N")]
     count: Option<u64>,
@@ -49,8 +52,9 @@ pub fn run(a: EventsArgs) -> Result<(), CliError> {
             return Err(format!("--duration {d} is not a positive number of seconds").into());
         }
     }
-    let mut mon = if a.switch {
-        Monitor::open_one(&control::socket_path(vfabric::switchd::DEFAULT_NAME))?
+    let mut mon = if let Some(sw) = &a.switch {
+        vfabric::names::validate("switch", sw)?;
+        Monitor::open_one(&control::socket_path(sw))?
     } else if let Some(h) = &a.host {
         // Unknown hosts are named as such, with the known ones.
         vfabric::host::client::host_info(h)?;

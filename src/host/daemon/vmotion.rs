@@ -127,6 +127,9 @@ impl Host {
                     pages_pulled: summary.pages_pulled,
                     converged: summary.converged,
                 });
+                // The migration's buffers went back to the allocator; give them back
+                // to the kernel too, so the daemon's size shows what it holds.
+                crate::sys::trim_heap();
                 self.events.emit_now(Event::VmMemoryFreed {
                     vm: name,
                     host: self.cfg.name.clone(),
