@@ -15,7 +15,9 @@
 //! Each fault lands in its phase through the host daemons' test pause points
 //! (`vfabric host --test-pause-dir`, src/host/pause.rs): the migration stops where the
 //! phase begins, the fault strikes, the migration goes on and meets it. No sleep decides
-//! where a fault lands, and no log is read.
+//! where a fault lands, and no log is read. A Ctrl-C (SIGINT of `vfabric migrate`)
+//! counts as struck once the source has published the typed `migration_cancel_requested`
+//! event (`vfabric events --json`): only then does the held phase go on.
 //!
 //! Where each point is: `precopy` (source: the target admitted the VM, before round 1),
 //! `quiesce` (source: the VM just stopped, its disk lock still held), `bitmap` (source:
@@ -39,8 +41,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, require_root, Topology};
+use common::{bin, require_root, EventWatch, Topology};
 use serde_json::Value;
+use vfabric::events::Event;
 use vfabric::host::api::{self, HostInfo, VmInfo};
 
 const VM: &str = "vm1";
@@ -171,24 +174,7 @@ fn expect(f: Fault, p: Phase) -> Expect {
 /// Cells that fail until work not merged yet lands: (fault, phases, the behaviour they
 /// wait for). Remove an entry as soon as its cells pass; the matrix
 /// reports a pending cell that passes when run with `VF_FAULTS_PENDING=1`.
-const PENDING: &[(Fault, &[Phase], &str)] = &[
-    (
-        Fault::InterruptCli,
-        &[Phase::PreCopy, Phase::Quiesce, Phase::Bitmap, Phase::Pull],
-        "Ctrl-C cancels in the daemon, but nothing tells the matrix when the daemon has \
-         registered the cancel (no state in `vm show`, no event yet): releasing the \
-         pause right after SIGINT races the cancel against a millisecond switch-over, \
-         and the bitmap and pull cells lose that race (the VM completes on the target). \
-         Needs a cancel event or a `cancelling` state to wait for",
-    ),
-    (
-        Fault::SwitchRestart,
-        &Phase::ALL,
-        "a restarted switch: the hosts re-bind and re-announce, but they look at their \
-         uplink once a second and back off up to 500 ms, so a VM answers again 1.1 to \
-         1.5 s after the restart, not within the matrix's 1 s",
-    ),
-];
+const PENDING: &[(Fault, &[Phase], &str)] = &[];
 
 fn pending(f: Fault, p: Phase) -> Option<&'static str> {
     PENDING
@@ -549,7 +535,13 @@ impl Fabric {
     }
 
     /// Strikes `f`; the migration of the case is paused meanwhile.
-    fn strike(&mut self, f: Fault, src: &str, dst: &str, cli: &mut Child) -> Result<Undo, String> {
+    fn strike(
+        &mut self,
+        f: Fault,
+        (src, dst): (&str, &str),
+        cli: &mut Child,
+        watch: Option<&EventWatch>,
+    ) -> Result<Undo, String> {
         let pid = |h: &str| {
             self.t
                 .daemon_pid(h)
@@ -607,6 +599,19 @@ impl Fabric {
             }
             Fault::InterruptCli => {
                 signal(cli.id(), "-INT")?;
+                // The migration goes on only once the source has the cancel: Ctrl-C
+                // lands in the phase, not wherever the CLI's request happens to reach
+                // the daemon.
+                let watch = watch.ok_or("no event watch")?;
+                let asked = watch.wait_for(Duration::from_secs(10), |r| {
+                    matches!(&r.event, Event::MigrationCancelRequested { vm, host }
+                        if vm == VM && host == src)
+                });
+                if asked.is_none() {
+                    return Err(format!(
+                        "no migration_cancel_requested event from {src} within 10 s of SIGINT"
+                    ));
+                }
                 Ok(Undo::Nothing)
             }
             Fault::SwitchRestart => {
@@ -664,6 +669,9 @@ impl Fabric {
             .pause_dir
             .path()
             .join(format!("{point_host}.{}.paused", p.name()));
+        // Started before the migration, so that subscribing costs nothing while a phase
+        // is held.
+        let watch = (f == Fault::InterruptCli).then(|| EventWatch::start(&self.t, &[]));
         std::fs::write(&armed, b"").map_err(|e| format!("arm: {e}"))?;
         let mut cli = Command::new(bin())
             .args(["migrate", VM, "--to", &dst, "--json"])
@@ -687,7 +695,7 @@ impl Fabric {
             ));
         }
         let held = Instant::now();
-        let struck = self.strike(f, &src, &dst, &mut cli);
+        let struck = self.strike(f, (&src, &dst), &mut cli, watch.as_ref());
         let _ = std::fs::remove_file(&paused);
         let held = held.elapsed();
         let released = Instant::now();

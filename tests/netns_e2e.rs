@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{bin, require_root, EventWatch, Topology};
+use common::{bin, require_root, send_raw, EventWatch, Topology};
 use serde_json::Value;
 use vfabric::events::{Event, Record};
 use vfabric::measure::{parse_ping_line, ping_stats, PingLine};
@@ -785,5 +785,104 @@ fn a_restarted_switch_finds_every_vm_again() {
     // And a migration over the new switch still works.
     migrate(t, "silo105");
     assert_eq!(t.vfabric_json(&["vm", "show", "vm1"])["host"], "silo105");
+    assert!(t.ping("client", VM_IP, 2));
+}
+
+/// Frames each host daemon has read from its uplink (its Info).
+fn uplink_reads(t: &Topology) -> [u64; 2] {
+    ["silo104", "silo105"].map(|h| {
+        let sock = t.run_dir.path().join(format!("{h}.sock"));
+        vfabric::control::request(&sock, vfabric::host::api::Info {})
+            .unwrap_or_else(|e| panic!("info of {h}: {e}"))
+            .uplink_frames_read
+    })
+}
+
+/// Frames the switch has sent into each host's port.
+fn switch_tx(t: &Topology) -> [u64; 2] {
+    let ports = vfabric::control::request(
+        &t.run_dir.path().join("switch.sock"),
+        vfabric::switchd::api::Ports {},
+    )
+    .expect("switch ports");
+    ["silo104", "silo105"].map(|h| {
+        ports
+            .iter()
+            .find(|p| p.port == h)
+            .map(|p| p.tx_frames)
+            .expect("host port")
+    })
+}
+
+/// Floods `n` frames for `dst` from the client, which the switch sends to both host
+/// ports (the FDB is flushed first, so `dst` is unknown unless something relearns it),
+/// and returns how many more frames each host daemon read meanwhile.
+fn flood_hosts(t: &Topology, dst: vfabric::wire::MacAddr, n: usize) -> [u64; 2] {
+    let src: vfabric::wire::MacAddr = t.mac("client", "eth0").parse().unwrap();
+    let mut frame = vec![0u8; 60];
+    frame[..6].copy_from_slice(dst.as_bytes());
+    frame[6..12].copy_from_slice(src.as_bytes());
+    // IEEE local experimental EtherType: the VM ignores it.
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    ok(t.vfabric(&["fdb", "flush"]), "fdb flush");
+    let (read0, tx0) = (uplink_reads(t), switch_tx(t));
+    // In batches, so that no socket queue overflows on a loaded machine.
+    for _ in 0..n / 100 {
+        assert_eq!(
+            send_raw(t, "client", "eth0", &vec![frame.clone(); 100]),
+            100
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let delivered = t.wait_for(Duration::from_secs(10), || {
+        let tx = switch_tx(t);
+        (0..2).all(|i| tx[i] - tx0[i] >= n as u64)
+    });
+    assert!(
+        delivered,
+        "the switch did not send the frames to both hosts"
+    );
+    // Whatever the daemons would read, they have read by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let read = uplink_reads(t);
+    [read[0] - read0[0], read[1] - read0[1]]
+}
+
+/// A host's uplink takes only frames for its own VMs, broadcast and multicast: frames
+/// to a foreign unicast MAC, flooded by the switch to every port, never reach a host
+/// daemon; frames to the VM reach only the host that runs it, before a migration and
+/// after it (the target admits the VM's MAC, the source lets it go). The VM answers
+/// ping throughout. Counts come from the hosts' Info, not from logs.
+#[test]
+fn host_uplinks_take_only_frames_for_their_own_vms() {
+    let Some(s) = setup(32) else { return };
+    let t = &s.t;
+    let vm = mac_bytes(&s.mac);
+    let foreign: vfabric::wire::MacAddr = "02:ee:00:00:00:01".parse().unwrap();
+    let n = 1000;
+    // A few frames of background chatter (ARP, IPv6 multicast) may come along.
+    let chatter = 50;
+    assert!(t.ping("client", VM_IP, 2));
+
+    let got = flood_hosts(t, foreign, n);
+    assert!(got.iter().all(|&g| g < chatter), "foreign MAC: {got:?}");
+    let got = flood_hosts(t, vm, n);
+    assert!(
+        got[0] >= n as u64 / 2 && got[1] < chatter,
+        "vm1 on silo104: {got:?}"
+    );
+    assert!(t.ping("client", VM_IP, 2));
+
+    migrate(t, "silo105");
+    assert!(t.ping("client", VM_IP, 2), "vm1 unreachable after the move");
+    // The announces after the resume end within 800 ms.
+    std::thread::sleep(Duration::from_secs(1));
+    let got = flood_hosts(t, vm, n);
+    assert!(
+        got[1] >= n as u64 / 2 && got[0] < chatter,
+        "vm1 on silo105: {got:?}"
+    );
+    let got = flood_hosts(t, foreign, n);
+    assert!(got.iter().all(|&g| g < chatter), "foreign MAC: {got:?}");
     assert!(t.ping("client", VM_IP, 2));
 }

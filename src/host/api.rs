@@ -228,6 +228,10 @@ pub struct HostInfo {
     pub vms: Vec<String>,
     /// Resident memory of the daemon process, KiB.
     pub rss_kib: u64,
+    /// Frames the host has read from its uplink: only its VMs' MACs, broadcast and
+    /// multicast pass the uplink's filter.
+    #[serde(default)]
+    pub uplink_frames_read: u64,
 }
 
 /// One VM as the host sees it.

@@ -29,7 +29,7 @@ use crate::host::slot::{self, Slot};
 use crate::migration::announce::{Announce, Schedule};
 use crate::migration::tls::{Encryption, Rejection, Rejections, Tls};
 use crate::migration::MigrationConfig;
-use crate::port::packet::{Backoff, Uplink, UplinkHealth};
+use crate::port::uplink::{Uplink, UplinkEvent, UplinkRx};
 use crate::wire::ethernet::Frame;
 use crate::wire::MacAddr;
 
@@ -195,7 +195,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     let datastore = Datastore::open(&cfg.datastore)?;
     let uplink = match &cfg.uplink {
         Some(ifname) => Some(Arc::new(
-            Uplink::open(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
+            Uplink::open_filtered(ifname).map_err(|e| HostError::Uplink(ifname.clone(), e))?,
         )),
         None => None,
     };
@@ -309,90 +309,34 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
     Ok(())
 }
 
-/// How often the NIC thread checks that its socket is still bound to the interface
-/// named like the uplink, traffic or not (one ioctl).
-const UPLINK_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Re-bind attempts while the uplink is gone: 50 ms doubling up to 500 ms (one ioctl
-/// each), so a switch that comes back is found within half a second.
-const UPLINK_RETRY_MIN: Duration = Duration::from_millis(50);
-const UPLINK_RETRY_MAX: Duration = Duration::from_millis(500);
-/// At most one WARN about receive errors on a still-bound uplink per this period.
-const UPLINK_WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// The VMs' NIC: frames from the uplink go to the VM whose MAC they are for (broadcast
 /// and multicast to every VM); a VM that is not running neither answers nor forwards.
 ///
 /// The uplink is the kernel side of a TAP whose other end the switch holds: when the
 /// switch dies the interface vanishes, and a restarted switch makes a new one under
-/// the same name. The thread notices (an error, or the periodic check), says so once,
-/// re-binds with backoff when the interface is back, and announces every running VM
-/// so the new switch learns where they are. VMs keep running meanwhile.
+/// the same name. The uplink's receiver hears of both from the kernel at once and
+/// re-binds; the thread says so, and announces every running VM as soon as frames
+/// flow again, so the new switch learns where they are. VMs keep running meanwhile.
 fn nic_loop(host: Arc<Host>, uplink: Arc<Uplink>) {
     let mut buf = vec![0u8; 65536 + 64];
     let mut out = Vec::new();
-    let mut backoff = Backoff::new(UPLINK_RETRY_MIN, UPLINK_RETRY_MAX);
-    let mut next_check = Instant::now() + UPLINK_CHECK_EVERY;
-    let mut lost_at: Option<(Instant, u64)> = None;
-    let mut last_warn: Option<Instant> = None;
-    let mut errors_unlogged = 0u64;
+    let mut rx = UplinkRx::new(uplink.clone());
     while !host.stop.load(Ordering::Relaxed) {
-        let Some(sock) = uplink.socket() else {
-            match uplink.rebind() {
-                Ok(true) => {
-                    backoff.reset();
-                    let (since, lost_t_us) = lost_at.take().unwrap_or((Instant::now(), 0));
-                    tracing::info!(host = %host.cfg.name, uplink = %uplink.ifname(),
-                        lost_t_us, down_ms = since.elapsed().as_millis() as u64,
-                        t_us = unix_micros(), "uplink back: VM NICs re-bound");
-                    host.reannounce();
-                }
-                Ok(false) => std::thread::sleep(backoff.next_delay()),
-                Err(e) => {
-                    tracing::debug!(error = %e, "uplink re-bind failed");
-                    std::thread::sleep(backoff.next_delay());
-                }
+        let n = match rx.next(&mut buf, Duration::from_millis(200)) {
+            UplinkEvent::Frame(n) => n,
+            UplinkEvent::Idle => continue,
+            UplinkEvent::Lost { error } => {
+                uplink_lost(&host, &uplink, error);
+                continue;
             }
-            continue;
-        };
-        let received = sock.recv(&mut buf, Duration::from_millis(200));
-        drop(sock);
-        let n = match received {
-            Ok(Some(n)) => Some(n),
-            Ok(None) => None,
-            Err(e) => {
-                // Gone for good, or a passing error (the link is down, a full buffer)?
-                if uplink.check() == UplinkHealth::Bound {
-                    errors_unlogged += 1;
-                    let link_down = matches!(&e, crate::port::packet::PacketError::Recv { source, .. }
-                        if source.raw_os_error() == Some(libc::ENETDOWN));
-                    if link_down {
-                        // Bound to an interface that is down (as a re-made uplink is
-                        // until its namespace sets it up): frames flow once it is up.
-                        tracing::debug!(uplink = %uplink.ifname(), "uplink is down");
-                    } else if last_warn.is_none_or(|t| t.elapsed() >= UPLINK_WARN_EVERY) {
-                        tracing::warn!(uplink = %uplink.ifname(), error = %e,
-                            errors = errors_unlogged, "uplink receive failed");
-                        last_warn = Some(Instant::now());
-                        errors_unlogged = 0;
-                    }
-                    std::thread::sleep(backoff.next_delay());
-                } else {
-                    lost_at = lost_at.or(Some((Instant::now(), unix_micros())));
-                    uplink_lost(&host, &uplink, Some(&e));
-                }
+            UplinkEvent::Back { down, since_t_us } => {
+                tracing::info!(host = %host.cfg.name, uplink = %uplink.ifname(),
+                    since_t_us, down_ms = down.as_millis() as u64,
+                    t_us = unix_micros(), "uplink back: VM NICs re-bound");
+                host.reannounce();
                 continue;
             }
         };
-        if Instant::now() >= next_check {
-            next_check = Instant::now() + UPLINK_CHECK_EVERY;
-            if uplink.check() == UplinkHealth::JustLost {
-                lost_at = lost_at.or(Some((Instant::now(), unix_micros())));
-                uplink_lost(&host, &uplink, None);
-                continue;
-            }
-        }
-        let Some(n) = n else { continue };
-        backoff.reset();
         let frame = &buf[..n];
         let Ok(eth) = Frame::new_checked(frame) else {
             continue;
@@ -430,23 +374,11 @@ fn nic_loop(host: Arc<Host>, uplink: Arc<Uplink>) {
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &crate::port::packet::PacketError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// Says once that the uplink went away (the switch stopped, most likely).
-fn uplink_lost(host: &Host, uplink: &Uplink, error: Option<&crate::port::packet::PacketError>) {
+fn uplink_lost(host: &Host, uplink: &Uplink, error: Option<String>) {
     let vms = host.lock_inv().vms().count();
     tracing::warn!(host = %host.cfg.name, uplink = %uplink.ifname(),
-        error = error.map(error_chain).unwrap_or_else(|| "interface gone".into()),
+        error = error.unwrap_or_else(|| "interface gone".into()),
         vms, t_us = unix_micros(),
         "uplink lost: its interface is gone (switch stopped?); VMs keep running, unreachable until it is back");
 }
@@ -578,6 +510,7 @@ impl Host {
             mode: inv.mode(),
             vms: inv.vms().map(|(n, _)| n.clone()).collect(),
             rss_kib: rss_kib(),
+            uplink_frames_read: self.uplink.as_ref().map_or(0, |u| u.frames_read()),
         }
     }
 
@@ -723,6 +656,9 @@ impl Host {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(cfg.mac, shared.clone());
+        if let Some(u) = &self.uplink {
+            u.admit(cfg.mac);
+        }
         tokio::spawn(disk_writer(Arc::downgrade(&shared), self.cfg.name.clone()));
         Ok((
             Arc::new(VmEntryHandles {
@@ -737,10 +673,14 @@ impl Host {
     /// The caller has quiesced it (or it never ran here again after a quiesce).
     fn uninstall(&self, inv: &mut Inventory, name: &str) -> Option<VmEntry> {
         let e = inv.remove(name)?;
+        let mac = e.shared.vm.config().mac;
         self.by_mac
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&e.shared.vm.config().mac);
+            .remove(&mac);
+        if let Some(u) = &self.uplink {
+            u.release(mac);
+        }
         Some(e)
     }
 

@@ -4,9 +4,11 @@
 //! runs in tests over [`mem::MemPort`] without root or namespaces, and in production
 //! over [`tap::Tap`].
 
+pub mod bpf;
 pub mod mem;
 pub mod packet;
 pub mod tap;
+pub mod uplink;
 pub mod vxlan;
 
 use std::net::SocketAddrV4;

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use super::bpf::Insn;
 use crate::sys::packet as sys;
 use crate::wire::{ethernet, ipv4, EtherType};
 
@@ -26,6 +27,12 @@ pub enum PacketError {
     },
     #[error("open packet socket on {ifname}")]
     Open {
+        ifname: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("attach a filter on {ifname}")]
+    Filter {
         ifname: String,
         #[source]
         source: io::Error,
@@ -69,6 +76,15 @@ impl PacketSocket {
     /// Opens a socket on `ifname` in the calling thread's network namespace. Needs
     /// CAP_NET_RAW.
     pub fn open(ifname: &str) -> Result<PacketSocket, PacketError> {
+        PacketSocket::open_filtered(ifname, None)
+    }
+
+    /// [`PacketSocket::open`] with a classic BPF filter in place before any frame is
+    /// queued (see `port::bpf`).
+    pub fn open_filtered(
+        ifname: &str,
+        filter: Option<&[Insn]>,
+    ) -> Result<PacketSocket, PacketError> {
         if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains(['/', '\0']) {
             return Err(PacketError::BadName(ifname.to_string()));
         }
@@ -76,7 +92,7 @@ impl PacketSocket {
             ifname: ifname.to_string(),
             source,
         })?;
-        let fd = sys::open_packet_socket(ifindex).map_err(|source| PacketError::Open {
+        let fd = sys::open_packet_socket(ifindex, filter).map_err(|source| PacketError::Open {
             ifname: ifname.to_string(),
             source,
         })?;
@@ -130,32 +146,9 @@ impl PacketSocket {
                 source,
             })?;
             if ready {
-                match sys::recv(&self.fd, buf) {
-                    Ok(info) if info.len > buf.len() => {
-                        return Err(PacketError::Oversize {
-                            ifname: self.ifname.clone(),
-                            len: info.len,
-                            cap: buf.len(),
-                        })
-                    }
-                    Ok(info) => {
-                        if info.csum_not_ready {
-                            complete_checksum(&mut buf[..info.len]);
-                        }
-                        return Ok(Some(info.len));
-                    }
-                    // Another thread took the frame, or a signal: wait again.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(source) => {
-                        return Err(PacketError::Recv {
-                            ifname: self.ifname.clone(),
-                            source,
-                        })
-                    }
+                // None: another thread took the frame, or a signal: wait again.
+                if let Some(n) = self.try_recv(buf)? {
+                    return Ok(Some(n));
                 }
             }
             if Instant::now() >= deadline {
@@ -163,122 +156,55 @@ impl PacketSocket {
             }
         }
     }
-}
 
-/// A hypervisor's uplink that survives its interface vanishing and coming back (the
-/// switch that holds the other end of the TAP restarted): the socket is bound to an
-/// interface *index*, which dies with the interface; a new interface of the same name
-/// gets a new index, so the socket is opened again.
-///
-/// [`Uplink::socket`] is what the NIC thread receives on and what senders use; the
-/// NIC thread calls [`Uplink::check`] after an error and about once a second, and
-/// [`Uplink::rebind`] on a [`Backoff`] schedule while the interface is gone.
-#[derive(Debug)]
-pub struct Uplink {
-    ifname: String,
-    sock: std::sync::RwLock<Option<std::sync::Arc<PacketSocket>>>,
-}
-
-/// What [`Uplink::check`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UplinkHealth {
-    /// Bound to the interface that has the name now.
-    Bound,
-    /// No socket: the interface went away and has not been re-bound yet.
-    Lost,
-    /// The socket's interface is gone (the name is free or names another index): the
-    /// socket was dropped, the uplink is [`UplinkHealth::Lost`] from now on.
-    JustLost,
-}
-
-impl Uplink {
-    /// Opens the uplink on `ifname`; it must exist now.
-    pub fn open(ifname: &str) -> Result<Uplink, PacketError> {
-        let sock = PacketSocket::open(ifname)?;
-        Ok(Uplink {
-            ifname: ifname.to_string(),
-            sock: std::sync::RwLock::new(Some(std::sync::Arc::new(sock))),
-        })
-    }
-
-    pub fn ifname(&self) -> &str {
-        &self.ifname
-    }
-
-    /// The socket, unless the interface is gone.
-    pub fn socket(&self) -> Option<std::sync::Arc<PacketSocket>> {
-        self.sock.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Sends one frame on the current socket.
-    pub fn send(&self, frame: &[u8]) -> Result<(), PacketError> {
-        match self.socket() {
-            Some(s) => s.send(frame),
-            None => Err(PacketError::Send {
+    /// Receives one frame into `buf` if one is queued, without waiting. A frame longer
+    /// than `buf` is consumed and reported as [`PacketError::Oversize`].
+    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PacketError> {
+        match sys::recv(&self.fd, buf) {
+            Ok(info) if info.len > buf.len() => Err(PacketError::Oversize {
                 ifname: self.ifname.clone(),
-                source: io::Error::from_raw_os_error(libc::ENODEV),
+                len: info.len,
+                cap: buf.len(),
+            }),
+            Ok(info) => {
+                if info.csum_not_ready {
+                    complete_checksum(&mut buf[..info.len]);
+                }
+                Ok(Some(info.len))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(PacketError::Recv {
+                ifname: self.ifname.clone(),
+                source,
             }),
         }
     }
 
-    /// Is the socket still bound to the interface named `ifname`? One ioctl.
-    pub fn check(&self) -> UplinkHealth {
-        let Some(s) = self.socket() else {
-            return UplinkHealth::Lost;
-        };
-        if sys::if_index(&self.ifname).ok() == Some(s.ifindex()) {
-            return UplinkHealth::Bound;
-        }
-        let mut g = self.sock.write().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref().is_some_and(|cur| cur.ifindex() == s.ifindex()) {
-            *g = None;
-        }
-        UplinkHealth::JustLost
+    /// Replaces the socket's filter; frames already queued stay.
+    pub fn set_filter(&self, prog: &[Insn]) -> Result<(), PacketError> {
+        sys::attach_filter(self.fd.as_fd(), prog).map_err(|source| PacketError::Filter {
+            ifname: self.ifname.clone(),
+            source,
+        })
     }
 
-    /// Opens a socket on the interface named `ifname` again, if it exists now. True if
-    /// the uplink is bound afterwards.
-    pub fn rebind(&self) -> Result<bool, PacketError> {
-        if self.check() == UplinkHealth::Bound {
-            return Ok(true);
-        }
-        let sock = match PacketSocket::open(&self.ifname) {
-            Ok(s) => s,
-            Err(PacketError::NoInterface { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        *self.sock.write().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(sock));
-        Ok(true)
-    }
-}
-
-/// Retry delays that double from `min` up to `max` (sans-IO: the caller sleeps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            next: min,
-        }
+    /// The socket's pending error, cleared by reading it (the interface went down or
+    /// away). None if there is none.
+    pub fn take_error(&self) -> Option<io::Error> {
+        sys::take_error(self.fd.as_fd()).unwrap_or_else(Some)
     }
 
-    /// The delay before the next attempt; each call doubles the following one.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    /// After a success: the next failure waits `min` again.
-    pub fn reset(&mut self) {
-        self.next = self.min;
+    /// The interface's `IFF_*` flags as the kernel has them now, looked up by name in
+    /// the socket's namespace.
+    pub fn if_flags(&self, ifname: &str) -> io::Result<u32> {
+        sys::if_flags(self.fd.as_fd(), ifname)
     }
 }
 
@@ -301,7 +227,7 @@ impl AsFd for PacketSocket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::process::Command;
@@ -309,12 +235,12 @@ mod tests {
 
     use crate::wire::MacAddr;
 
-    const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0xaa, 0x01]);
-    const MAC_B: MacAddr = MacAddr([0x02, 0, 0, 0, 0xbb, 0x01]);
+    pub(crate) const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0xaa, 0x01]);
+    pub(crate) const MAC_B: MacAddr = MacAddr([0x02, 0, 0, 0, 0xbb, 0x01]);
     /// IEEE local experimental EtherType: nothing else on the link uses it.
     const TEST_ETHERTYPE: u16 = 0x88b5;
 
-    fn ip(args: &[&str]) {
+    pub(crate) fn ip(args: &[&str]) {
         let out = Command::new("ip").args(args).output().expect("run ip");
         assert!(
             out.status.success(),
@@ -324,12 +250,12 @@ mod tests {
     }
 
     /// A network namespace with a veth pair `<ns>a` / `<ns>b`, deleted on drop.
-    struct Netns {
-        name: String,
+    pub(crate) struct Netns {
+        pub(crate) name: String,
     }
 
     impl Netns {
-        fn new() -> Netns {
+        pub(crate) fn new() -> Netns {
             let tag = (std::process::id() as u64 ^ crate::clock::unix_micros()) & 0xffff;
             let name = format!("vt{tag:04x}");
             ip(&["netns", "add", &name]);
@@ -361,7 +287,7 @@ mod tests {
             ns
         }
 
-        fn ifname(&self, end: char) -> String {
+        pub(crate) fn ifname(&self, end: char) -> String {
             format!("{}{end}", self.name)
         }
 
@@ -401,7 +327,7 @@ mod tests {
         }
     }
 
-    fn test_frame(dst: MacAddr, src: MacAddr, marker: u8) -> Vec<u8> {
+    pub(crate) fn test_frame(dst: MacAddr, src: MacAddr, marker: u8) -> Vec<u8> {
         let mut f = vec![0u8; 60];
         let repr = ethernet::Repr {
             src,
@@ -415,7 +341,7 @@ mod tests {
 
     /// Waits up to `timeout` for the test frame with `marker`, skipping the link's own
     /// chatter (IPv6 neighbour discovery and the like).
-    fn wait_for(sock: &PacketSocket, marker: u8, timeout: Duration) -> Option<Vec<u8>> {
+    pub(crate) fn wait_for(sock: &PacketSocket, marker: u8, timeout: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
@@ -427,16 +353,6 @@ mod tests {
             }
         }
         None
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_resets() {
-        let ms = Duration::from_millis;
-        let mut b = Backoff::new(ms(50), ms(1000));
-        let got: Vec<u128> = (0..7).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, vec![50, 100, 200, 400, 800, 1000, 1000]);
-        b.reset();
-        assert_eq!(b.next_delay(), ms(50));
     }
 
     #[test]
@@ -520,47 +436,5 @@ mod tests {
 
         drop((a, b));
         assert_eq!(ns.promiscuity(&a_name), "0");
-    }
-    #[test]
-    fn an_uplink_rebinds_when_its_interface_comes_back() {
-        if !crate::sys::tap::is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "namespace test needs root when CI=true"
-            );
-            eprintln!("SKIPPED an_uplink_rebinds_when_its_interface_comes_back: needs root");
-            return;
-        }
-        let ns = Netns::new();
-        let (a, b) = (ns.ifname('a'), ns.ifname('b'));
-        let path = PathBuf::from("/run/netns").join(&ns.name);
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            // Uplink::check resolves the name in the calling thread's namespace.
-            sys::enter_netns(&path).expect("enter namespace");
-            let up = Uplink::open(&a).unwrap();
-            assert_eq!(up.check(), UplinkHealth::Bound);
-            let old_index = up.socket().unwrap().ifindex();
-            ip(&["-n", &name, "link", "del", &a]);
-            assert_eq!(up.check(), UplinkHealth::JustLost);
-            assert_eq!(up.check(), UplinkHealth::Lost);
-            assert!(up.socket().is_none());
-            assert!(up.send(&test_frame(MAC_B, MAC_A, 1)).is_err());
-            assert!(!up.rebind().unwrap(), "nothing to bind to yet");
-            ip(&[
-                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
-            ]);
-            ip(&["-n", &name, "link", "set", &a, "up"]);
-            ip(&["-n", &name, "link", "set", &b, "up"]);
-            assert!(up.rebind().unwrap());
-            assert_eq!(up.check(), UplinkHealth::Bound);
-            assert_ne!(up.socket().unwrap().ifindex(), old_index);
-            // And it carries frames again.
-            let peer = PacketSocket::open(&b).unwrap();
-            up.send(&test_frame(MAC_B, MAC_A, 7)).unwrap();
-            assert!(wait_for(&peer, 7, Duration::from_secs(3)).is_some());
-        })
-        .join()
-        .expect("namespace thread");
     }
 }

@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 pub mod mem;
+pub mod netlink;
 pub mod packet;
 pub mod tap;
 pub mod udp;

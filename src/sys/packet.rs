@@ -3,9 +3,11 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
+
+use crate::port::bpf::Insn;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -49,7 +51,10 @@ fn set_int_opt(
 /// `ifindex` only, with the interface in promiscuous mode for as long as the socket is
 /// open (PACKET_MR_PROMISC) and the interface's outgoing frames not looped back to it
 /// (PACKET_IGNORE_OUTGOING: neither ours nor the kernel's).
-pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+///
+/// With `filter`, the classic BPF program is attached before the socket is bound, so no
+/// frame it would refuse is ever queued.
+pub fn open_packet_socket(ifindex: u32, filter: Option<&[Insn]>) -> io::Result<OwnedFd> {
     // Protocol 0 receives nothing until bind names the interface: no frames from other
     // interfaces slip in between socket() and bind().
     // SAFETY: plain socket(2) call; the result is checked before use.
@@ -59,6 +64,9 @@ pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
 
     set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+    if let Some(prog) = filter {
+        attach_filter(fd.as_fd(), prog)?;
+    }
     // Ask for each frame's status, to learn which checksums were offloaded.
     set_int_opt(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
 
@@ -91,6 +99,36 @@ pub fn open_packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
         )
     })?;
     Ok(fd)
+}
+
+/// Attaches (or replaces) the socket's classic BPF filter (SO_ATTACH_FILTER): frames
+/// it refuses are dropped by the kernel before they are queued.
+pub fn attach_filter(fd: BorrowedFd<'_>, prog: &[Insn]) -> io::Result<()> {
+    let mut insns: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(insns.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        filter: insns.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `insns`, which outlives the call (the kernel copies the
+    // program), and we pass the exact size of `fprog`.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// Sends one frame on the bound interface; returns the bytes sent.
@@ -127,6 +165,69 @@ pub fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
         return Err(io::Error::other("socket error reported by poll"));
     }
     Ok(r > 0)
+}
+
+/// Waits up to `timeout` until one of `fds` (None entries are ignored) has an event;
+/// returns each one's `revents` (POLLIN, POLLERR, ...). EINTR returns all zero.
+pub fn poll_fds<const N: usize>(
+    fds: [Option<BorrowedFd<'_>>; N],
+    timeout: Duration,
+) -> io::Result<[i16; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        // poll(2) skips negative descriptors.
+        fd: fd.map_or(-1, |f| f.as_raw_fd()),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfds` is an array of N valid pollfd and we pass exactly N.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok([0; N]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.map(|p| p.revents))
+}
+
+/// Takes the socket's pending error (SO_ERROR), clearing it: a packet socket reports
+/// its interface going down or away once, this way.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live and describe a c_int; fd is an open socket.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((value != 0).then(|| io::Error::from_raw_os_error(value)))
+}
+
+/// The `IFF_*` flags of interface `name` (SIOCGIFFLAGS), asked through any socket `fd`
+/// of the namespace the interface is in.
+pub fn if_flags(fd: BorrowedFd<'_>, name: &str) -> io::Result<u32> {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq holding a NUL-terminated name; SIOCGIFFLAGS only
+    // writes its flags member.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
+    // SAFETY: the kernel filled the union's flags member for SIOCGIFFLAGS.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(flags as u16 as u32)
 }
 
 /// What the kernel says about a received frame.

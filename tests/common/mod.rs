@@ -438,6 +438,29 @@ impl EventWatch {
         EventWatch { child, out }
     }
 
+    /// Waits up to `timeout` for a record `want` accepts (the records printed so far
+    /// included), and returns it.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        want: impl Fn(&vfabric::events::Record) -> bool,
+    ) -> Option<vfabric::events::Record> {
+        let end = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+            // Only whole lines: the last one may be half written.
+            let found = text
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .filter_map(|l| serde_json::from_str::<vfabric::events::Record>(l).ok())
+                .find(|r| want(r));
+            if found.is_some() || Instant::now() > end {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the watch (after the merge delay has let the last events out) and returns
     /// every record it printed.
     pub fn stop(mut self) -> Vec<vfabric::events::Record> {

@@ -12,6 +12,8 @@ use crate::guest::{Vm, VmConfig};
 use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
 use crate::migration::{self, PhaseWait, SourceHooks, Step, TargetHooks};
+use crate::port::uplink::Uplink;
+use crate::wire::MacAddr;
 
 /// Publishes the engine's progress reports as events, stamped where they were made.
 pub(super) fn publish_progress(events: &EventBus, host: &str, vm: &str, p: &migration::Progress) {
@@ -127,6 +129,26 @@ pub(super) struct TargetSide {
     /// The incoming VM's claims, shared with the source until the move ends.
     pub(super) claims: Option<Claims>,
     pub(super) resumed: bool,
+    /// The incoming VM's MAC, admitted by the uplink's filter from admission on, so
+    /// that its frames reach it the moment it resumes.
+    pub(super) admitted: Option<MacAdmitted>,
+}
+
+/// Frames for a MAC pass the host's uplink filter while this lives.
+pub(super) struct MacAdmitted(Arc<Uplink>, MacAddr);
+
+impl MacAdmitted {
+    fn new(host: &Host, mac: MacAddr) -> Option<MacAdmitted> {
+        let u = host.uplink.clone()?;
+        u.admit(mac);
+        Some(MacAdmitted(u, mac))
+    }
+}
+
+impl Drop for MacAdmitted {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
 }
 
 impl Drop for TargetSide {
@@ -170,6 +192,7 @@ impl TargetHooks for TargetSide {
             })?;
         self.claims = Some(claims);
         self.name = Some(cfg.name.clone());
+        self.admitted = MacAdmitted::new(&self.host, cfg.mac);
         Ok(())
     }
 

@@ -260,6 +260,7 @@ impl Host {
             disk: None,
             claims: None,
             resumed: false,
+            admitted: None,
         };
         let cfg = self.cfg.migration.clone();
         match migration::migrate_in(stream, &cfg, &mut hooks).await {
