@@ -16,7 +16,6 @@ PINGS=${BENCH_PINGS:-1000}
 RATE=${BENCH_FLOOD_RATE:-20000}
 P=${BENCH_PREFIX:-vf$$}
 P=${P:0:8}
-export VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-flood.XXXXXX)
 export VF_PREFIX=$P VFABRIC_RUN_DIR=$WORK/run
 VM_IP=10.10.0.100
@@ -27,9 +26,13 @@ die() { log "error: $*"; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root"
 [[ "$P" =~ ^[a-z0-9]+$ ]] || die "BENCH_PREFIX must be lower-case letters and digits"
 [[ "$PINGS" =~ ^[0-9]+$ && "$RATE" =~ ^[0-9]+$ ]] || die "BENCH_PINGS and BENCH_FLOOD_RATE are numbers"
-if [ ! -x "$VFABRIC_BIN" ]; then
+# A binary of this tree, rebuilt if the sources changed: an older one may lack what
+# up.sh calls.
+if [ -z "${VFABRIC_BIN:-}" ]; then
     (cd "$REPO" && cargo build --release --quiet) || die "cargo build failed"
+    VFABRIC_BIN=$REPO/target/release/vfabric
 fi
+export VFABRIC_BIN
 
 cleanup() {
     set +e

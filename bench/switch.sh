@@ -26,6 +26,7 @@ PINGS=${BENCH_PINGS:-200}
 ROUNDS=${BENCH_ROUNDS:-3}
 P=${BENCH_PREFIX:-vb$$}     # namespace prefix, unique per run
 P=${P:0:8}
+BUILD_BIN=${VFABRIC_BIN:+no}
 VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-bench.XXXXXX)
 read -ra SWITCHES <<<"${BENCH_SWITCHES:-kernel-bridge vfabric vfabric-hosts vde_switch kernel-vxlan vfabric-vxlan}"
@@ -108,7 +109,9 @@ setup_bridge() {
 }
 
 setup_vfabric() {
-    if [ ! -x "$VFABRIC_BIN" ]; then
+    # A binary of this tree, rebuilt if the sources changed (cargo does nothing if
+    # not), unless VFABRIC_BIN named one.
+    if [ "${BUILD_BIN:-}" != no ]; then
         log "building the release binary"
         (cd "$REPO" && cargo build --release --quiet)
     fi
