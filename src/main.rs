@@ -30,10 +30,19 @@ fn main() {
     };
     if let Err(e) = cli::run(args) {
         let mut msg = e.to_string();
+        let mut last = msg.clone();
         let mut src = e.source();
         while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
+            let text = s.to_string();
+            // A daemon's answer often names what the context named ("host silo104" and
+            // "host silo104 is in maintenance mode …"): say it once.
+            if text.starts_with(&last) {
+                msg.truncate(msg.len() - last.len());
+            } else {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+            last = text;
             src = s.source();
         }
         eprintln!("vfabric: error: {msg}");

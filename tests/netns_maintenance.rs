@@ -229,6 +229,8 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
         "create on a host in maintenance",
     );
     assert!(err.contains("silo104 is in maintenance mode"), "{err}");
+    // One line that names the host once, not once per layer it crossed.
+    assert_eq!(err.matches("host silo104").count(), 1, "{err}");
     let err = refused(
         t.vfabric(&["migrate", "vm1", "--to", "silo104", "--quiet"]),
         "migrate into a host in maintenance",
