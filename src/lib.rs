@@ -15,6 +15,7 @@
 pub mod clock;
 pub mod control;
 pub mod drs;
+pub mod errors;
 pub mod events;
 pub mod guest;
 pub mod host;

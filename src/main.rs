@@ -29,22 +29,7 @@ fn main() {
         }
     };
     if let Err(e) = cli::run(args) {
-        let mut msg = e.to_string();
-        let mut last = msg.clone();
-        let mut src = e.source();
-        while let Some(s) = src {
-            let text = s.to_string();
-            // A daemon's answer often names what the context named ("host silo104" and
-            // "host silo104 is in maintenance mode …"): say it once.
-            if text.starts_with(&last) {
-                msg.truncate(msg.len() - last.len());
-            } else {
-                msg.push_str(": ");
-            }
-            msg.push_str(&text);
-            last = text;
-            src = s.source();
-        }
+        let msg = vfabric::errors::chain(&*e);
         eprintln!("vfabric: error: {msg}");
         std::process::exit(1);
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::fleet::{hosts, lost, ok, udp, vm_host, CapacityWatch, Pinger};
+use common::fleet::{create_vm, hosts, lost, ok, udp, vm_host, CapacityWatch, Pinger};
 use common::{require_root, Topology};
 use vfabric::measure::PingStats;
 
@@ -53,25 +53,7 @@ fn vm_table(name: &str, host: &str, ip: &str, memory_mb: u64, workload: &str) ->
 }
 
 fn create(t: &Topology, name: &str, host: &str, ip: &str, memory_mb: u64, workload: &str) {
-    ok(
-        t.vfabric(&[
-            "vm",
-            "create",
-            name,
-            "--host",
-            host,
-            "--memory-mb",
-            &memory_mb.to_string(),
-            "--ip",
-            ip,
-            "--workload",
-            workload,
-            "--dirty-rate",
-            "500",
-        ]),
-        "vm create",
-    );
-    assert!(t.ping("client", ip, 2), "{name} does not answer ping");
+    create_vm(t, name, host, ip, memory_mb, workload, 500);
 }
 
 /// Each VM lost its pings in one window as long as its downtime plus at most five

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::fleet::{hosts, lost, ok, refused, text, udp, vm_host, CapacityWatch, Pinger};
+use common::fleet::{
+    create_vm, hosts, lost, ok, refused, text, udp, vm_host, CapacityWatch, Pinger,
+};
 use common::{bin, require_root, EventWatch, Topology};
 use vfabric::events::Event;
 use vfabric::measure::PingStats;
@@ -25,25 +27,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn create(t: &Topology, name: &str, host: &str, ip: &str, memory_mb: u32) {
-    ok(
-        t.vfabric(&[
-            "vm",
-            "create",
-            name,
-            "--host",
-            host,
-            "--memory-mb",
-            &memory_mb.to_string(),
-            "--ip",
-            ip,
-            "--workload",
-            "sweep",
-            "--dirty-rate",
-            "1000",
-        ]),
-        "vm create",
-    );
-    assert!(t.ping("client", ip, 2), "{name} does not answer ping");
+    create_vm(t, name, host, ip, memory_mb.into(), "sweep", 1000);
 }
 
 const VMS: [(&str, &str); 3] = [

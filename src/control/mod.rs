@@ -72,16 +72,7 @@ macro_rules! api_requests {
 }
 
 /// An error and its causes on one line, as it crosses the socket.
-pub fn error_line(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
+pub use crate::errors::chain as error_line;
 
 /// The request line that opens an event stream (any daemon).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -115,16 +115,7 @@ const REFUSALS_EVERY: Duration = Duration::from_secs(10);
 
 /// An error with its causes, on one line (the OS error of a failed file operation
 /// included: "write claim …: No space left on device (os error 28)").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
+use crate::errors::chain;
 
 /// What the NIC thread, the announcer and the disk writer share about one VM.
 ///

@@ -212,20 +212,9 @@ fn migrate_one(m: &Move, options: &MigrateOptions, tx: &mpsc::Sender<Live>) -> M
             downtime_us: None,
             total_ms,
             digests_equal: None,
-            error: Some(error_line(&e)),
+            error: Some(crate::errors::chain(&e)),
         },
     }
-}
-
-fn error_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// The moves not yet taken, and which are running: a worker takes the first move whose

@@ -23,6 +23,38 @@ pub fn ok(out: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Creates VM `name` on `host` with a workload dirtying `rate` pages/s, and checks that
+/// it answers ping from the client.
+pub fn create_vm(
+    t: &Topology,
+    name: &str,
+    host: &str,
+    ip: &str,
+    memory_mb: u64,
+    workload: &str,
+    rate: u32,
+) {
+    ok(
+        t.vfabric(&[
+            "vm",
+            "create",
+            name,
+            "--host",
+            host,
+            "--memory-mb",
+            &memory_mb.to_string(),
+            "--ip",
+            ip,
+            "--workload",
+            workload,
+            "--dirty-rate",
+            &rate.to_string(),
+        ]),
+        "vm create",
+    );
+    assert!(t.ping("client", ip, 2), "{name} does not answer ping");
+}
+
 /// The one line the binary prints for a refused command.
 pub fn refused(out: std::process::Output, what: &str) -> String {
     assert!(
