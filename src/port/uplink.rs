@@ -616,9 +616,11 @@ mod tests {
         true
     }
 
-    #[test]
-    fn an_uplink_rebinds_when_its_interface_comes_back() {
-        if skip_unless_root("an_uplink_rebinds_when_its_interface_comes_back") {
+    /// Runs `body(a, b, netns)` on a thread inside a fresh namespace holding nothing
+    /// yet, with `a` and `b` the names of a veth pair for it to make; the namespace
+    /// goes when the body returns or panics. Skips without root (not under CI).
+    fn in_netns(test: &str, body: impl FnOnce(String, String, String) + Send + 'static) {
+        if skip_unless_root(test) {
             return;
         }
         let ns = Netns::new();
@@ -626,32 +628,42 @@ mod tests {
         let path = PathBuf::from("/run/netns").join(&ns.name);
         let name = ns.name.clone();
         std::thread::spawn(move || {
-            // Uplink::check resolves the name in the calling thread's namespace.
+            // Uplinks resolve names in the calling thread's namespace.
             sys::enter_netns(&path).expect("enter namespace");
-            let up = Uplink::open(&a).unwrap();
-            assert_eq!(up.check(), UplinkHealth::Bound);
-            let old_index = up.socket().unwrap().ifindex();
-            ip(&["-n", &name, "link", "del", &a]);
-            assert_eq!(up.check(), UplinkHealth::JustLost);
-            assert_eq!(up.check(), UplinkHealth::Lost);
-            assert!(up.socket().is_none());
-            assert!(up.send(&test_frame(MAC_B, MAC_A, 1)).is_err());
-            assert!(!up.rebind().unwrap(), "nothing to bind to yet");
-            ip(&[
-                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
-            ]);
-            ip(&["-n", &name, "link", "set", &a, "up"]);
-            ip(&["-n", &name, "link", "set", &b, "up"]);
-            assert!(up.rebind().unwrap());
-            assert_eq!(up.check(), UplinkHealth::Bound);
-            assert_ne!(up.socket().unwrap().ifindex(), old_index);
-            // And it carries frames again.
-            let peer = PacketSocket::open(&b).unwrap();
-            up.send(&test_frame(MAC_B, MAC_A, 7)).unwrap();
-            assert!(wait_for(&peer, 7, Duration::from_secs(3)).is_some());
+            body(a, b, name)
         })
         .join()
         .expect("namespace thread");
+    }
+
+    #[test]
+    fn an_uplink_rebinds_when_its_interface_comes_back() {
+        in_netns(
+            "an_uplink_rebinds_when_its_interface_comes_back",
+            |a, b, name| {
+                let up = Uplink::open(&a).unwrap();
+                assert_eq!(up.check(), UplinkHealth::Bound);
+                let old_index = up.socket().unwrap().ifindex();
+                ip(&["-n", &name, "link", "del", &a]);
+                assert_eq!(up.check(), UplinkHealth::JustLost);
+                assert_eq!(up.check(), UplinkHealth::Lost);
+                assert!(up.socket().is_none());
+                assert!(up.send(&test_frame(MAC_B, MAC_A, 1)).is_err());
+                assert!(!up.rebind().unwrap(), "nothing to bind to yet");
+                ip(&[
+                    "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
+                ]);
+                ip(&["-n", &name, "link", "set", &a, "up"]);
+                ip(&["-n", &name, "link", "set", &b, "up"]);
+                assert!(up.rebind().unwrap());
+                assert_eq!(up.check(), UplinkHealth::Bound);
+                assert_ne!(up.socket().unwrap().ifindex(), old_index);
+                // And it carries frames again.
+                let peer = PacketSocket::open(&b).unwrap();
+                up.send(&test_frame(MAC_B, MAC_A, 7)).unwrap();
+                assert!(wait_for(&peer, 7, Duration::from_secs(3)).is_some());
+            },
+        );
     }
 
     /// Calls `rx.next` until `want` says yes or `timeout` passes; returns what matched.
@@ -676,63 +688,59 @@ mod tests {
     /// an hour apart here, so nothing else could find the new interface.
     #[test]
     fn the_receiver_follows_the_interface_as_the_kernel_announces_it() {
-        if skip_unless_root("the_receiver_follows_the_interface_as_the_kernel_announces_it") {
-            return;
-        }
-        let ns = Netns::new();
-        let (a, b) = (ns.ifname('a'), ns.ifname('b'));
-        let path = PathBuf::from("/run/netns").join(&ns.name);
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            sys::enter_netns(&path).expect("enter namespace");
-            let up = Arc::new(Uplink::open(&a).unwrap());
-            let hour = Duration::from_secs(3600);
-            let mut rx = UplinkRx::with_schedule(up.clone(), hour, Backoff::new(hour, hour));
-            assert!(rx.notified());
-            let within = Duration::from_secs(5);
-            // Whatever the setup left queued.
-            next_until(&mut rx, Duration::from_millis(100), |_| false);
+        in_netns(
+            "the_receiver_follows_the_interface_as_the_kernel_announces_it",
+            |a, b, name| {
+                let up = Arc::new(Uplink::open(&a).unwrap());
+                let hour = Duration::from_secs(3600);
+                let mut rx = UplinkRx::with_schedule(up.clone(), hour, Backoff::new(hour, hour));
+                assert!(rx.notified());
+                let within = Duration::from_secs(5);
+                // Whatever the setup left queued.
+                next_until(&mut rx, Duration::from_millis(100), |_| false);
 
-            ip(&["-n", &name, "link", "del", &a]);
-            next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Lost { .. }))
-                .expect("the loss is noticed");
-            assert!(up.socket().is_none());
-            // The first retry (at once) found nothing; the next is an hour away.
-            next_until(&mut rx, Duration::from_millis(100), |_| false);
+                ip(&["-n", &name, "link", "del", &a]);
+                next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Lost { .. }))
+                    .expect("the loss is noticed");
+                assert!(up.socket().is_none());
+                // The first retry (at once) found nothing; the next is an hour away.
+                next_until(&mut rx, Duration::from_millis(100), |_| false);
 
-            // Back, but down: bound at once, no Back yet.
-            ip(&[
-                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
-            ]);
-            let bound = next_until(&mut rx, within, |_| up.socket().is_some()).expect("re-bound");
-            assert!(!matches!(bound.0, UplinkEvent::Back { .. }));
-            // Up (both ends, for carrier): Back.
-            ip(&["-n", &name, "link", "set", &b, "up"]);
-            ip(&["-n", &name, "link", "set", &a, "up"]);
-            let (e, at) = next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Back { .. }))
-                .expect("back");
-            let UplinkEvent::Back { down, .. } = e else {
-                unreachable!()
-            };
-            assert!(down >= at - bound.1, "{down:?}");
+                // Back, but down: bound at once, no Back yet.
+                ip(&[
+                    "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
+                ]);
+                let bound =
+                    next_until(&mut rx, within, |_| up.socket().is_some()).expect("re-bound");
+                assert!(!matches!(bound.0, UplinkEvent::Back { .. }));
+                // Up (both ends, for carrier): Back.
+                ip(&["-n", &name, "link", "set", &b, "up"]);
+                ip(&["-n", &name, "link", "set", &a, "up"]);
+                let (e, at) =
+                    next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Back { .. }))
+                        .expect("back");
+                let UplinkEvent::Back { down, .. } = e else {
+                    unreachable!()
+                };
+                assert!(down >= at - bound.1, "{down:?}");
 
-            // Frames flow on the new socket, and are counted.
-            let peer = PacketSocket::open(&b).unwrap();
-            let before = up.frames_read();
-            peer.send(&test_frame(MAC_A, MAC_B, 9)).unwrap();
-            next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Frame(_))).expect("a frame");
-            assert!(up.frames_read() > before);
+                // Frames flow on the new socket, and are counted.
+                let peer = PacketSocket::open(&b).unwrap();
+                let before = up.frames_read();
+                peer.send(&test_frame(MAC_A, MAC_B, 9)).unwrap();
+                next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Frame(_)))
+                    .expect("a frame");
+                assert!(up.frames_read() > before);
 
-            // Down and up again, same interface: Back once more.
-            ip(&["-n", &name, "link", "set", &a, "down"]);
-            next_until(&mut rx, Duration::from_millis(200), |_| false);
-            assert!(!rx.running);
-            ip(&["-n", &name, "link", "set", &a, "up"]);
-            next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Back { .. }))
-                .expect("back after down and up");
-        })
-        .join()
-        .expect("namespace thread");
+                // Down and up again, same interface: Back once more.
+                ip(&["-n", &name, "link", "set", &a, "down"]);
+                next_until(&mut rx, Duration::from_millis(200), |_| false);
+                assert!(!rx.running);
+                ip(&["-n", &name, "link", "set", &a, "up"]);
+                next_until(&mut rx, within, |e| matches!(e, UplinkEvent::Back { .. }))
+                    .expect("back after down and up");
+            },
+        );
     }
 
     /// Through a real socket: a filtered uplink takes frames for the MACs admitted,
@@ -740,65 +748,58 @@ mod tests {
     /// on the live socket and survive a re-bind.
     #[test]
     fn a_filtered_uplink_takes_only_admitted_macs() {
-        if skip_unless_root("a_filtered_uplink_takes_only_admitted_macs") {
-            return;
-        }
-        let ns = Netns::new();
-        let (a, b) = (ns.ifname('a'), ns.ifname('b'));
-        let path = PathBuf::from("/run/netns").join(&ns.name);
-        let name = ns.name.clone();
-        std::thread::spawn(move || {
-            sys::enter_netns(&path).expect("enter namespace");
-            let up = Uplink::open_filtered(&a).unwrap();
-            let peer = PacketSocket::open(&b).unwrap();
-            let vm = MacAddr([0x02, 0, 0, 0, 0x01, 0x00]);
-            let foreign = MacAddr([0x02, 0, 0, 0, 0x02, 0x00]);
-            let group = MacAddr([0x01, 0x00, 0x5e, 0, 0, 1]);
-            let mut marker = 0u8;
-            let mut gets = |to: MacAddr| -> bool {
-                marker += 1;
-                peer.send(&test_frame(to, MAC_B, marker)).unwrap();
-                let sock = up.socket().unwrap();
-                wait_for(&sock, marker, Duration::from_millis(300)).is_some()
-            };
-            assert!(gets(MacAddr::BROADCAST));
-            assert!(gets(group));
-            assert!(!gets(vm), "not admitted yet");
-            assert!(!gets(MAC_A), "the interface's own MAC is the kernel's");
-            up.admit(vm);
-            assert!(gets(vm));
-            assert!(!gets(foreign));
-            // Two holders: one release keeps it admitted.
-            up.admit(vm);
-            up.release(vm);
-            assert!(gets(vm));
-            assert_eq!(up.admitted(), Some(vec![vm]));
+        in_netns(
+            "a_filtered_uplink_takes_only_admitted_macs",
+            |a, b, name| {
+                let up = Uplink::open_filtered(&a).unwrap();
+                let peer = PacketSocket::open(&b).unwrap();
+                let vm = MacAddr([0x02, 0, 0, 0, 0x01, 0x00]);
+                let foreign = MacAddr([0x02, 0, 0, 0, 0x02, 0x00]);
+                let group = MacAddr([0x01, 0x00, 0x5e, 0, 0, 1]);
+                let mut marker = 0u8;
+                let mut gets = |to: MacAddr| -> bool {
+                    marker += 1;
+                    peer.send(&test_frame(to, MAC_B, marker)).unwrap();
+                    let sock = up.socket().unwrap();
+                    wait_for(&sock, marker, Duration::from_millis(300)).is_some()
+                };
+                assert!(gets(MacAddr::BROADCAST));
+                assert!(gets(group));
+                assert!(!gets(vm), "not admitted yet");
+                assert!(!gets(MAC_A), "the interface's own MAC is the kernel's");
+                up.admit(vm);
+                assert!(gets(vm));
+                assert!(!gets(foreign));
+                // Two holders: one release keeps it admitted.
+                up.admit(vm);
+                up.release(vm);
+                assert!(gets(vm));
+                assert_eq!(up.admitted(), Some(vec![vm]));
 
-            // A new interface of the name: the new socket has the same filter.
-            ip(&["-n", &name, "link", "del", &a]);
-            assert_eq!(up.check(), UplinkHealth::JustLost);
-            ip(&[
-                "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
-            ]);
-            ip(&["-n", &name, "link", "set", &a, "up"]);
-            ip(&["-n", &name, "link", "set", &b, "up"]);
-            assert!(up.rebind().unwrap());
-            let peer = PacketSocket::open(&b).unwrap();
-            let mut marker = 100u8;
-            let mut gets = |to: MacAddr| -> bool {
-                marker += 1;
-                peer.send(&test_frame(to, MAC_B, marker)).unwrap();
-                let sock = up.socket().unwrap();
-                wait_for(&sock, marker, Duration::from_millis(300)).is_some()
-            };
-            assert!(gets(vm));
-            assert!(!gets(foreign));
-            up.release(vm);
-            assert!(!gets(vm), "released");
-            assert!(gets(MacAddr::BROADCAST));
-            assert_eq!(up.admitted(), Some(vec![]));
-        })
-        .join()
-        .expect("namespace thread");
+                // A new interface of the name: the new socket has the same filter.
+                ip(&["-n", &name, "link", "del", &a]);
+                assert_eq!(up.check(), UplinkHealth::JustLost);
+                ip(&[
+                    "-n", &name, "link", "add", &a, "type", "veth", "peer", "name", &b,
+                ]);
+                ip(&["-n", &name, "link", "set", &a, "up"]);
+                ip(&["-n", &name, "link", "set", &b, "up"]);
+                assert!(up.rebind().unwrap());
+                let peer = PacketSocket::open(&b).unwrap();
+                let mut marker = 100u8;
+                let mut gets = |to: MacAddr| -> bool {
+                    marker += 1;
+                    peer.send(&test_frame(to, MAC_B, marker)).unwrap();
+                    let sock = up.socket().unwrap();
+                    wait_for(&sock, marker, Duration::from_millis(300)).is_some()
+                };
+                assert!(gets(vm));
+                assert!(!gets(foreign));
+                up.release(vm);
+                assert!(!gets(vm), "released");
+                assert!(gets(MacAddr::BROADCAST));
+                assert_eq!(up.admitted(), Some(vec![]));
+            },
+        );
     }
 }
