@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use vfabric::guest::{Pattern, Vm, VmConfig, WorkloadConfig};
 use vfabric::memory::PAGE_SIZE;
 use vfabric::migration::{
-    human_us, migrate_in, migrate_out, ErrorKind, MigrationConfig, MigrationSummary, NoConvergence,
-    SourceHooks, TargetHooks,
+    human_us, migrate_in, migrate_out, BareHooks, ErrorKind, MigrationConfig, MigrationSummary,
+    NoConvergence,
 };
 
 #[derive(Parser, Debug)]
@@ -41,27 +41,6 @@ struct Args {
     /// Only workloads whose name contains this.
     #[arg(long)]
     only: Option<String>,
-}
-
-struct Hooks;
-
-impl SourceHooks for Hooks {
-    fn quiesced(&mut self, _: &Arc<Vm>) -> Result<(), String> {
-        Ok(())
-    }
-    fn reclaim(&mut self, _: &Arc<Vm>) -> bool {
-        true
-    }
-}
-
-impl TargetHooks for Hooks {
-    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
-        cfg.validate().map_err(|e| e.to_string())
-    }
-    fn before_resume(&mut self, _: &Arc<Vm>) -> Result<(), String> {
-        Ok(())
-    }
-    fn resumed(&mut self, _: &Arc<Vm>) {}
 }
 
 struct Workload {
@@ -170,12 +149,12 @@ async fn run(
     let target = tokio::spawn(async move {
         let (s, _) = l.accept().await.ok()?;
         let _ = s.set_nodelay(true);
-        migrate_in(s, &tcfg, &mut Hooks).await.ok()
+        migrate_in(s, &tcfg, &mut BareHooks).await.ok()
     });
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let t = Instant::now();
-    let result = migrate_out(Arc::clone(&vm), stream, &cfg, &mut Hooks, &mut |_| {}).await;
+    let result = migrate_out(Arc::clone(&vm), stream, &cfg, &mut BareHooks, &mut |_| {}).await;
     let elapsed = t.elapsed();
     let on_target = target.await?;
     let outcome = match result {

@@ -26,9 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use vfabric::guest::{Pattern, Vm, VmConfig, WorkloadConfig};
 use vfabric::memory::PAGE_SIZE;
 use vfabric::migration::tls::{self, Encryption, Tls};
-use vfabric::migration::{
-    migrate_in, migrate_out, MigrationConfig, MigrationSummary, SourceHooks, TargetHooks,
-};
+use vfabric::migration::{migrate_in, migrate_out, BareHooks, MigrationConfig, MigrationSummary};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark live migration of a VM full of non-zero data")]
@@ -109,27 +107,6 @@ fn load_tls(dir: &std::path::Path, name: &str) -> Result<Arc<Tls>, Box<dyn std::
     Ok(Arc::new(Tls::new(&vfabric::pki::load(dir, name)?)?))
 }
 
-struct Hooks;
-
-impl SourceHooks for Hooks {
-    fn quiesced(&mut self, _: &Arc<Vm>) -> Result<(), String> {
-        Ok(())
-    }
-    fn reclaim(&mut self, _: &Arc<Vm>) -> bool {
-        true
-    }
-}
-
-impl TargetHooks for Hooks {
-    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
-        cfg.validate().map_err(|e| e.to_string())
-    }
-    fn before_resume(&mut self, _: &Arc<Vm>) -> Result<(), String> {
-        Ok(())
-    }
-    fn resumed(&mut self, _: &Arc<Vm>) {}
-}
-
 fn vm_config(args: &Args, rate: u64) -> VmConfig {
     VmConfig {
         name: "bench".into(),
@@ -205,7 +182,7 @@ async fn run_source_over(
     let (stream, _) = tls::connect(to, DST, mode, tls, Duration::from_secs(10)).await?;
     let cfg = migration_config(args, verify);
     let (c0, t0) = (cpu_ms(), Instant::now());
-    let s = migrate_out(Arc::clone(&vm), stream, &cfg, &mut Hooks, &mut |_| {}).await?;
+    let s = migrate_out(Arc::clone(&vm), stream, &cfg, &mut BareHooks, &mut |_| {}).await?;
     let cores = (cpu_ms() - c0) / (t0.elapsed().as_secs_f64() * 1e3);
     *LAST_CORES.lock().unwrap_or_else(|e| e.into_inner()) = cores;
     drop(vm);
@@ -224,7 +201,7 @@ async fn serve_target_tls(l: TcpListener, cfg: MigrationConfig, tls: Arc<Tls>) {
                 continue;
             }
         };
-        match migrate_in(s, &cfg, &mut Hooks).await {
+        match migrate_in(s, &cfg, &mut BareHooks).await {
             Ok((vm, _)) => drop(vm),
             Err(e) => eprintln!("target: {e}"),
         }
@@ -273,7 +250,7 @@ async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
         let Ok((s, peer)) = l.accept().await else {
             continue;
         };
-        match migrate_in(s, &cfg, &mut Hooks).await {
+        match migrate_in(s, &cfg, &mut BareHooks).await {
             Ok((vm, s)) => {
                 eprintln!(
                     "target: VM from {peer} resumed, downtime {:.2} ms",

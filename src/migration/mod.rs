@@ -242,6 +242,30 @@ pub trait TargetHooks: Send {
     }
 }
 
+/// The hooks of a migration with no host around it (benchmarks, experiments): any
+/// valid configuration is admitted, there is no disk lock to hand over, and the
+/// source always takes a VM back.
+pub struct BareHooks;
+
+impl SourceHooks for BareHooks {
+    fn quiesced(&mut self, _: &Arc<Vm>) -> Result<(), String> {
+        Ok(())
+    }
+    fn reclaim(&mut self, _: &Arc<Vm>) -> bool {
+        true
+    }
+}
+
+impl TargetHooks for BareHooks {
+    fn admit(&mut self, cfg: &VmConfig) -> Result<(), String> {
+        cfg.validate().map_err(|e| e.to_string())
+    }
+    fn before_resume(&mut self, _: &Arc<Vm>) -> Result<(), String> {
+        Ok(())
+    }
+    fn resumed(&mut self, _: &Arc<Vm>) {}
+}
+
 /// Events of a running migration, for the caller (source side).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Progress {
