@@ -13,7 +13,6 @@
 //! VM never runs on both hosts, and runs on one of them once the migration has ended.
 
 pub mod announce;
-mod bufio;
 pub mod conn;
 pub mod policy;
 pub mod proto;

@@ -33,7 +33,6 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::bufio::LateBuffer;
 use super::conn::MigrationStream;
 use crate::pki::HostCredentials;
 
@@ -297,16 +296,8 @@ async fn tls_connect(
         ))
     })?;
     let tcp = tcp_connect(addr, target, timeout).await?;
-    match tokio::time::timeout(
-        timeout,
-        tls.client.connect(server_name, LateBuffer::new(tcp)),
-    )
-    .await
-    {
-        Ok(Ok(mut s)) => {
-            s.get_mut().0.enable();
-            Ok(Box::new(s))
-        }
+    match tokio::time::timeout(timeout, tls.client.connect(server_name, tcp)).await {
+        Ok(Ok(s)) => Ok(Box::new(s)),
         Ok(Err(e)) => Err(auth(e)),
         Err(_) => Err(auth(std::io::ErrorKind::TimedOut.into())),
     }
@@ -373,9 +364,9 @@ pub async fn accept(
             }
             (_, Some(t)) => t,
         };
-        let mut s = tls
+        let s = tls
             .server
-            .accept(LateBuffer::new(tcp))
+            .accept(tcp)
             .await
             .map_err(|e| (Rejection::Handshake, e.to_string()))?;
         let peer = s
@@ -390,11 +381,7 @@ pub async fn accept(
                 Some(name)
             });
         return match peer {
-            Some(peer) => {
-                // Authenticated: large reads from here on.
-                s.get_mut().0.enable();
-                Ok((Box::new(s), Protection::Tls { peer }))
-            }
+            Some(peer) => Ok((Box::new(s), Protection::Tls { peer })),
             None => Err((
                 Rejection::Handshake,
                 "client certificate names no valid host".into(),
