@@ -10,6 +10,7 @@ pub mod icmp;
 pub mod ipv4;
 pub mod rtnetlink;
 pub mod udp;
+pub mod vnet;
 pub mod vxlan;
 
 use std::fmt;
