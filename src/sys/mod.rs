@@ -6,6 +6,7 @@
 pub mod mem;
 pub mod netlink;
 pub mod packet;
+pub mod poll;
 pub mod tap;
 pub mod udp;
 

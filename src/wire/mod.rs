@@ -11,6 +11,7 @@ pub mod ipv4;
 pub mod rtnetlink;
 pub mod tls_record;
 pub mod udp;
+pub mod vnet;
 pub mod vxlan;
 
 use std::fmt;
