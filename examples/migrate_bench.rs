@@ -67,6 +67,11 @@ struct Args {
     /// of on a thread of its own ahead of the stream (to measure what the prefault buys).
     #[arg(long)]
     no_prefault: bool,
+    /// The target makes each incoming VM's memory ready (mapped and faulted in) before
+    /// the source starts, as a QEMU started with `-incoming` and `-mem-prealloc` has it
+    /// before `migrate` is issued (loopback only: the headline runs).
+    #[arg(long, conflicts_with_all = ["listen", "connect"])]
+    prepared: bool,
     /// Be a target on this address, forever.
     #[arg(long, conflicts_with = "connect")]
     listen: Option<SocketAddr>,
@@ -170,6 +175,9 @@ async fn run_source_over(
     tls: Option<&Tls>,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+    if let (Some(ready), false, None) = (PREPARED_READY.get(), verify, tls) {
+        ready.notified().await;
+    }
     let vm = filled_vm(args, rate)?;
     vm.start();
     // Let the workload reach its pace before the migration starts.
@@ -245,12 +253,61 @@ async fn compare_encryption(
     Ok(())
 }
 
+/// Target hooks with memory made ready before the stream.
+struct Prepared(Option<Arc<vfabric::memory::GuestMemory>>);
+
+impl vfabric::migration::TargetHooks for Prepared {
+    fn admit(&mut self, cfg: &vfabric::guest::VmConfig) -> Result<(), String> {
+        BareHooks.admit(cfg)
+    }
+    fn prepared_memory(
+        &mut self,
+        _: &vfabric::guest::VmConfig,
+    ) -> Option<Arc<vfabric::memory::GuestMemory>> {
+        self.0.take()
+    }
+    fn before_resume(&mut self, vm: &Arc<vfabric::guest::Vm>) -> Result<(), String> {
+        BareHooks.before_resume(vm)
+    }
+    fn resumed(&mut self, vm: &Arc<vfabric::guest::Vm>) {
+        BareHooks.resumed(vm)
+    }
+}
+
+/// Set when the target prepares memory: it signals each time the next VM's is ready.
+static PREPARED_READY: std::sync::OnceLock<Arc<tokio::sync::Notify>> = std::sync::OnceLock::new();
+
+/// Maps and faults in `bytes` of guest memory; the time it took.
+fn prepare_memory(bytes: u64) -> Result<(Arc<vfabric::memory::GuestMemory>, Duration), String> {
+    let t = Instant::now();
+    let m = vfabric::memory::GuestMemory::new(bytes).map_err(|e| e.to_string())?;
+    m.prefault(&std::sync::atomic::AtomicBool::new(false))
+        .map_err(|e| e.to_string())?;
+    Ok((Arc::new(m), t.elapsed()))
+}
+
 async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
+    serve_target_prepared(l, cfg, None).await
+}
+
+async fn serve_target_prepared(l: TcpListener, cfg: MigrationConfig, prepare: Option<u64>) {
     loop {
+        let mut hooks = Prepared(None);
+        if let (Some(bytes), Some(ready)) = (prepare, PREPARED_READY.get()) {
+            match tokio::task::spawn_blocking(move || prepare_memory(bytes)).await {
+                Ok(Ok((m, took))) => {
+                    eprintln!("target: memory prepared in {} ms", took.as_millis());
+                    hooks.0 = Some(m);
+                }
+                Ok(Err(e)) => eprintln!("target: no memory prepared: {e}"),
+                Err(e) => eprintln!("target: no memory prepared: {e}"),
+            }
+            ready.notify_one();
+        }
         let Ok((s, peer)) = l.accept().await else {
             continue;
         };
-        match migrate_in(s, &cfg, &mut BareHooks).await {
+        match migrate_in(s, &cfg, &mut hooks).await {
             Ok((vm, s)) => {
                 eprintln!(
                     "target: VM from {peer} resumed, downtime {:.2} ms",
@@ -467,7 +524,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => {
             let l = TcpListener::bind("127.0.0.1:0").await?;
             let to = l.local_addr()?;
-            tokio::spawn(serve_target(l, migration_config(&args, args.verify)));
+            let prepare = if args.prepared {
+                let _ = PREPARED_READY.set(Arc::new(tokio::sync::Notify::new()));
+                Some(bytes)
+            } else {
+                None
+            };
+            tokio::spawn(serve_target_prepared(
+                l,
+                migration_config(&args, args.verify),
+                prepare,
+            ));
             let lv = TcpListener::bind("127.0.0.1:0").await?;
             let verified_to = lv.local_addr()?;
             tokio::spawn(serve_target(lv, migration_config(&args, true)));

@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::{Vm, VmConfig};
-use crate::memory::hex;
+use crate::memory::{hex, GuestMemory};
 
 pub use conn::ConnError;
 pub use source::{migrate_out, migrate_out_cancellable};
@@ -230,6 +230,13 @@ pub trait TargetHooks: Send {
     }
     /// Is there room, and is the name free? Runs before any page moves.
     fn admit(&mut self, cfg: &VmConfig) -> Result<(), String>;
+    /// Guest memory made ready for this VM before its stream began (allocated, faulted
+    /// in and zero, as QEMU's `-incoming` with `-mem-prealloc` has it at start-up), if
+    /// any; called once after `admit`. Memory of another size is not used. Without it
+    /// the target maps fresh memory and faults it in on a thread ahead of the stream.
+    fn prepared_memory(&mut self, _cfg: &VmConfig) -> Option<Arc<GuestMemory>> {
+        None
+    }
     /// Take the disk lock; an error stops the resume and the source takes the VM back.
     fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String>;
     /// The VM runs here: add it to the inventory, announce its MAC.

@@ -66,6 +66,8 @@ struct Target<'c> {
     stats: Stats,
     /// One digest per page as the pages arrive (when memory is verified).
     digests: Option<PageDigests>,
+    /// The hooks gave memory made ready before the stream: no prefault thread.
+    prepared: bool,
 }
 
 /// What the pre-copy and bitmap phases leave for the switch-over.
@@ -136,6 +138,7 @@ pub async fn migrate_in(
         started: Instant::now(),
         stats: Stats::default(),
         digests: None,
+        prepared: false,
     };
     match t.run(hooks).await {
         Ok(r) => Ok(r),
@@ -184,7 +187,7 @@ impl Target<'_> {
         if self.cfg.verify_memory {
             self.digests = Some(PageDigests::new(mem.page_count()));
         }
-        let prefault = if self.cfg.prefault {
+        let prefault = if self.cfg.prefault && !self.prepared {
             Prefault::start(&self.name, &mem)
         } else {
             None
@@ -253,8 +256,14 @@ impl Target<'_> {
                 "migration phase"
             );
             hooks.admit(&c)?;
-            let mem = GuestMemory::new(c.memory_bytes()).map_err(|e| e.to_string())?;
-            Ok((c, Arc::new(mem)))
+            let mem = match hooks.prepared_memory(&c) {
+                Some(m) if m.size() == c.memory_bytes() => {
+                    self.prepared = true;
+                    m
+                }
+                _ => Arc::new(GuestMemory::new(c.memory_bytes()).map_err(|e| e.to_string())?),
+            };
+            Ok((c, mem))
         });
         match admitted {
             Ok((c, mem)) => {
