@@ -327,7 +327,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
 mod tests {
     use super::*;
     use crate::migration::tls::{self, Encryption, Protection, Tls};
-    use crate::wire::tls_record::APPLICATION_DATA;
     use std::io::{Read, Write};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -424,44 +423,47 @@ mod tests {
         assert!(rd.is_empty());
         assert_eq!(back, data, "rustls read our records and our close_notify");
         assert_eq!(tx.seq(), 5, "four data records and the alert");
-        let _ = APPLICATION_DATA;
     }
 
-    #[tokio::test]
-    async fn a_migration_stream_carries_every_byte_sent_right_after_the_handshake() {
+    /// Both ends of an authenticated migration stream over loopback: (source, target).
+    async fn connected() -> (tls::Stream, tls::Stream) {
         let dir = tempfile::tempdir().unwrap();
         let (src, dst) = creds(dir.path());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-        let expect = data.clone();
-        let server = tokio::spawn(async move {
+        let target = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            let (mut s, p) = tls::accept(s, Encryption::Required, Some(&dst))
+            let (s, p) = tls::accept(s, Encryption::Required, Some(&dst))
                 .await
                 .unwrap();
             assert_eq!(p, Protection::Tls { peer: "src".into() });
+            s
+        });
+        let t = Duration::from_secs(5);
+        let (s, p) = tls::connect(addr, "dst", Encryption::Required, Some(&src), t)
+            .await
+            .unwrap();
+        assert!(p.is_encrypted());
+        (s, target.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_migration_stream_carries_every_byte_sent_right_after_the_handshake() {
+        let (mut s, mut t) = connected().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let expect = data.clone();
+        let target = tokio::spawn(async move {
             let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
+            t.read_to_end(&mut got).await.unwrap();
             assert!(
                 got == expect,
                 "{} of {} bytes, or other bytes",
                 got.len(),
                 expect.len()
             );
-            s.write_all(b"ok").await.unwrap();
-            s.shutdown().await.unwrap();
+            t.write_all(b"ok").await.unwrap();
+            t.shutdown().await.unwrap();
         });
-        let (mut s, p) = tls::connect(
-            addr,
-            "dst",
-            Encryption::Required,
-            Some(&src),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert!(p.is_encrypted());
         // The first bytes leave at once, in small and large writes: the target reads the
         // records that arrived with the end of its handshake, too.
         s.write_all(&data[..10]).await.unwrap();
@@ -471,37 +473,19 @@ mod tests {
         let mut back = Vec::new();
         s.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"ok");
-        server.await.unwrap();
+        target.await.unwrap();
     }
 
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let (src, dst) = creds(dir.path());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let (mut s, _) = tls::accept(s, Encryption::Required, Some(&dst))
-                .await
-                .unwrap();
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).await.map(|_| got)
-        });
-        let (mut s, _) = tls::connect(
-            addr,
-            "dst",
-            Encryption::Required,
-            Some(&src),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let (mut s, mut t) = connected().await;
         s.write_all(b"half").await.unwrap();
         s.flush().await.unwrap();
         drop(s); // TCP FIN, no alert: a truncation, not an end
-        let e = server.await.unwrap().unwrap_err();
+        let mut got = Vec::new();
+        let e = t.read_to_end(&mut got).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert_eq!(got, b"half");
     }
 
     #[tokio::test]
