@@ -280,10 +280,10 @@ mod tests {
             assert_eq!(rx.open(&mut bad), Err(RecordError::Auth), "{i}");
         }
         // So does a record cut short with its length to match: the header is the AAD.
-        let (_, mut rx) = pair(Suite::Aes128Gcm);
+        let (_, mut other) = pair(Suite::Aes128Gcm);
         let mut short = wire[..wire.len() - 1].to_vec();
         short[4] -= 1;
-        assert_eq!(rx.open(&mut short), Err(RecordError::Auth));
+        assert_eq!(other.open(&mut short), Err(RecordError::Auth));
         // Replayed or reordered: the sequence number differs, so does the nonce.
         let mut again = wire.clone();
         rx.open(&mut wire).unwrap().unwrap();
