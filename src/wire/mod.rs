@@ -9,6 +9,7 @@ pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
 pub mod rtnetlink;
+pub mod qemu;
 pub mod udp;
 pub mod vxlan;
 
