@@ -8,8 +8,8 @@ pub mod arp;
 pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
-pub mod rtnetlink;
 pub mod qemu;
+pub mod rtnetlink;
 pub mod udp;
 pub mod vxlan;
 

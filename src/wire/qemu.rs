@@ -182,7 +182,11 @@ mod tests {
         for chunk in [1, 2, 3, 5, 64, 1000, 70_000] {
             let mut d = StreamDecoder::new(9000);
             let got = decode(&mut d, &bytes, chunk);
-            assert_eq!(got, vec![a.clone(), b.clone(), vec![], c.clone()], "{chunk}");
+            assert_eq!(
+                got,
+                vec![a.clone(), b.clone(), vec![], c.clone()],
+                "{chunk}"
+            );
             assert_eq!(d.buffered(), 0);
         }
     }
