@@ -48,6 +48,8 @@ pub struct Qemu {
     /// QMP events seen while waiting for replies.
     pub events: Vec<Value>,
     pub log: PathBuf,
+    /// The guest's serial console.
+    pub console: PathBuf,
 }
 
 impl Qemu {
@@ -64,7 +66,23 @@ impl Qemu {
         incoming: Option<&Path>,
         extra: &[&str],
     ) -> Qemu {
+        Self::start_accel(dir, name, mac, net, incoming, extra, &["kvm", "tcg"])
+    }
+
+    /// [`Qemu::start`] with the accelerators to try, in order (QEMU takes the first
+    /// that opens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_accel(
+        dir: &Path,
+        name: &str,
+        mac: &str,
+        net: Netdev<'_>,
+        incoming: Option<&Path>,
+        extra: &[&str],
+        accel: &[&str],
+    ) -> Qemu {
         let qmp_path = dir.join(format!("{name}.qmp"));
+        let console = dir.join(format!("{name}.console"));
         let log = dir.join(format!("{name}.log"));
         let netdev = match net {
             Netdev::Stream(p) => format!(
@@ -79,7 +97,7 @@ impl Qemu {
         };
         let mut cmd = Command::new(QEMU);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-accel", "kvm", "-accel", "tcg"])
+            .args(accel.iter().flat_map(|a| ["-accel", a]))
             .args(["-netdev", &netdev])
             .args([
                 "-device",
@@ -122,6 +140,7 @@ impl Qemu {
             qmp: BufReader::new(stream),
             events: vec![],
             log,
+            console,
         };
         let greeting = q.line();
         assert!(greeting.get("QMP").is_some(), "not QMP: {greeting}");
@@ -184,6 +203,11 @@ impl Qemu {
             assert!(Instant::now() < end, "migration did not finish: {r}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The pid of the QEMU process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// µs since the epoch of a QMP event's timestamp.
