@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::fleet::{create_vm, hosts, lost, ok, udp, vm_host, CapacityWatch, Pinger};
+use common::fleet::{
+    check_losses, create_vm, hosts, lost, ok, udp, vm_host, CapacityWatch, Pinger,
+};
 use common::{require_root, Topology};
 use vfabric::measure::PingStats;
 
@@ -54,31 +56,6 @@ fn vm_table(name: &str, host: &str, ip: &str, memory_mb: u64, workload: &str) ->
 
 fn create(t: &Topology, name: &str, host: &str, ip: &str, memory_mb: u64, workload: &str) {
     create_vm(t, name, host, ip, memory_mb, workload, 500);
-}
-
-/// Each VM lost its pings in one window as long as its downtime plus at most five
-/// probes (the book's "on a bad day, one packet", at 100 probes a second).
-fn check_losses(losses: &[(String, PingStats)], moves: &[serde_json::Value]) {
-    for (vm, s) in losses {
-        let lost = lost(s);
-        assert!(s.pings_sent >= 50, "{vm}: {s:?}");
-        let downtime_us = moves
-            .iter()
-            .find(|m| m["vm"] == vm.as_str())
-            .map_or(0, |m| m["downtime_us"].as_u64().unwrap());
-        // The hosts' downtime ends at resume; the RARP and the FDB move after it add
-        // a few ms more, one probe at most.
-        let allowed = 6 + downtime_us.div_ceil(10_000);
-        assert!(
-            lost.len() as u64 <= allowed,
-            "{vm} lost {} pings for a {downtime_us} us downtime: {s:?}",
-            lost.len()
-        );
-        assert!(
-            lost.windows(2).all(|w| w[1] - w[0] <= 5),
-            "{vm} lost pings apart from its switch-over: {lost:?}"
-        );
-    }
 }
 
 #[test]
@@ -171,7 +148,7 @@ fn maintenance_empties_one_of_four_hosts_under_ping() {
         assert_eq!(m["digests_equal"], true, "{m}");
         assert_ne!(m["to"], "silo104");
     }
-    check_losses(&losses, moves);
+    check_losses(losses.iter().map(|(vm, s)| (vm.as_str(), s)));
     assert!(samples >= 1, "capacity never sampled");
     assert!(over.is_empty(), "a host went over capacity: {over:?}");
     // Every VM, moved or not, runs with its counter intact and counting.
@@ -190,10 +167,8 @@ fn maintenance_empties_one_of_four_hosts_under_ping() {
         );
     }
     let back = t.wait_for(Duration::from_secs(10), || {
-        // Within 25 % of idle: the 10 % asked for is not met yet (the daemon
-        // keeps 1–1.5 MB after VMs leave, more on some runs); a VM's memory that
-        // stayed (64 MB and up) is far above either.
-        hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap() * 4 <= idle_rss * 5
+        // Within 10 % of idle; a VM's memory that stayed (64 MB and up) is far above.
+        hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap() * 10 <= idle_rss * 11
     });
     let h = hosts(&t);
     assert!(
@@ -261,7 +236,7 @@ fn balance_spreads_six_vms_from_one_host_over_four_under_ping() {
     assert!(over.is_empty(), "a host went over capacity: {over:?}");
     let now = out["imbalance_now"].as_f64().unwrap();
     assert!(now <= 0.1, "imbalance {before} -> {now}");
-    check_losses(&losses, moves);
+    check_losses(losses.iter().map(|(vm, s)| (vm.as_str(), s)));
     // Every host took some.
     let h = hosts(&t);
     for name in ["silo104", "silo105", "silo106", "silo107"] {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::fleet::{
-    create_vm, hosts, lost, ok, refused, text, udp, vm_host, CapacityWatch, Pinger,
+    check_losses, create_vm, hosts, ok, refused, text, udp, vm_host, CapacityWatch, Pinger,
 };
 use common::{bin, require_root, EventWatch, Topology};
 use vfabric::events::Event;
@@ -43,11 +43,13 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
     }
     let _serial = serial();
     let t = Topology::up();
+    std::thread::sleep(Duration::from_millis(500));
+    let fresh_rss = hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap();
     // The idle figure is that of a daemon that has been emptied once before in the
-    // same way and holds no VM: the first evacuation pages in code and grows the
-    // allocator's arenas and the runtime's pools to their high-water mark for two
-    // migrations at once, for good. That is not memory a VM holds; a VM's memory not
-    // given back (64 MB each) would show on top.
+    // same way and holds no VM: the first evacuation pages in the code of migrations
+    // and grows the runtime's pools for two migrations at once, for good (about 1 MB
+    // over the fresh daemon's figure, printed). That is not memory a VM holds; a VM's
+    // memory not given back (64 MB each) would show on top.
     for (vm, ip) in [
         ("hot1", "10.10.0.130"),
         ("hot2", "10.10.0.131"),
@@ -62,6 +64,7 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
     }
     std::thread::sleep(Duration::from_millis(1000));
     let idle_rss = hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap();
+    eprintln!("silo104 RSS: fresh {fresh_rss} KiB, idle after a first evacuation {idle_rss} KiB");
     let mut macs = BTreeMap::new();
     let mut counters = BTreeMap::new();
     for (i, (vm, ip)) in VMS.iter().enumerate() {
@@ -124,30 +127,7 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
             Some(c + 1)
         );
     }
-    for (vm, s) in &losses {
-        assert!(s.pings_sent >= 50, "{vm}: {s:?}");
-        // The last probe was still in flight when ping was stopped: not lost.
-        let lost = lost(s);
-        // The VM is unreachable only while it is stunned: one window, as long as its
-        // downtime (the hosts' figure) plus at most five probes. On a quiet machine
-        // the downtime is a few ms; on a loaded one two switch-overs at once can take
-        // 100 ms, which the probes then show.
-        let downtime_us = moves.iter().find(|m| m["vm"] == *vm).unwrap()["downtime_us"]
-            .as_u64()
-            .unwrap();
-        // The hosts' downtime ends at resume; the RARP and the FDB move after it add
-        // a few ms more, one probe at most.
-        let allowed = 6 + downtime_us.div_ceil(10_000);
-        assert!(
-            lost.len() as u64 <= allowed,
-            "{vm} lost {} pings for a {downtime_us} us downtime: {s:?}",
-            lost.len()
-        );
-        assert!(
-            lost.windows(2).all(|w| w[1] - w[0] <= 5),
-            "{vm} lost pings apart from its switch-over: {lost:?}"
-        );
-    }
+    check_losses(losses.iter().map(|(vm, s)| (*vm, s)));
     assert!(samples >= 1, "capacity never sampled");
     assert!(over.is_empty(), "a host went over capacity: {over:?}");
 
@@ -187,12 +167,11 @@ fn maintenance_empties_silo104_under_ping_and_refuses_vms_until_exit() {
 
     // Memory went back: the emptied daemon is near its idle size again.
     let back = t.wait_for(Duration::from_secs(10), || {
-        // Within 25 % of idle: the 10 % asked for is not met yet (the daemon
-        // keeps 1–1.5 MB after VMs leave, more on some runs); a VM's memory that
-        // stayed (64 MB and up) is far above either.
-        hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap() * 4 <= idle_rss * 5
+        // Within 10 % of idle; a VM's memory that stayed (64 MB and up) is far above.
+        hosts(&t)["silo104"]["rss_kib"].as_u64().unwrap() * 10 <= idle_rss * 11
     });
     let h = hosts(&t);
+    eprintln!("silo104 RSS after: {} KiB", h["silo104"]["rss_kib"]);
     assert!(
         back,
         "silo104 holds {} KiB, idle was {idle_rss} KiB",

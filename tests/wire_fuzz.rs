@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use vfabric::wire::tls_record::{self, Direction, Suite};
 use vfabric::wire::{arp, ethernet, icmp, ipv4, udp, vxlan, EtherType, MacAddr};
 
 /// xorshift64*: deterministic, dependency-free bytes.
@@ -55,6 +56,24 @@ fn random_bytes_of_every_length_never_panic() {
     for len in 0..200 {
         for _ in 0..200 {
             parse_all(&bytes(&mut seed, len));
+        }
+    }
+}
+
+#[test]
+fn tls_records_with_random_headers_and_bodies_are_refused_never_opened() {
+    let mut seed = 0x7e57_7e57_u64;
+    let mut rx = Direction::new(Suite::Aes128Gcm, &[1; 16], &[2; 12], 0).unwrap();
+    for i in 0..4000 {
+        let mut b = bytes(&mut seed, (i * 7) % 600);
+        if i % 2 == 0 && b.len() >= 5 {
+            // A plausible header: only the length and the body are random.
+            b[..3].copy_from_slice(&[tls_record::APPLICATION_DATA, 3, 3]);
+        }
+        match rx.open(&mut b) {
+            Ok(None) => assert!(b.len() < tls_record::MAX_RECORD),
+            Ok(Some(o)) => panic!("forged record opened: {o:?}"),
+            Err(_) => {}
         }
     }
 }

@@ -199,6 +199,7 @@ pub fn run_host(mut a: HostArgs) -> Result<(), CliError> {
         test_exit_after_announce: a.test_exit_after_announce,
         test_pause_dir: a.test_pause_dir,
     };
+    vfabric::sys::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

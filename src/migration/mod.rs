@@ -16,6 +16,7 @@ pub mod announce;
 pub mod conn;
 pub mod policy;
 pub mod proto;
+pub mod records;
 mod source;
 mod target;
 pub mod tls;

@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::conn::MigrationStream;
+use super::records::{Cork, RecordStream};
 use crate::pki::HostCredentials;
 
 /// First byte of a TLS handshake record.
@@ -155,6 +156,8 @@ impl Tls {
         // One connection per migration: nothing to resume, nothing to keep.
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
+        // Records are protected by `records` once the handshake is done.
+        server.enable_secret_extraction = true;
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsError::Cert)?
@@ -162,11 +165,22 @@ impl Tls {
             .with_client_auth_cert(vec![creds.cert.clone()], creds.key.clone_key())
             .map_err(TlsError::Cert)?;
         client.resumption = Resumption::disabled();
+        client.enable_secret_extraction = true;
         Ok(Tls {
             name: creds.name.clone(),
             client: TlsConnector::from(Arc::new(client)),
             server: TlsAcceptor::from(Arc::new(server)),
         })
+    }
+
+    /// The client side's rustls configuration (for tests driving rustls directly).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.config().clone()
+    }
+
+    /// The server side's rustls configuration.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.config().clone()
     }
 
     /// This host's name, as its certificate states it.
@@ -296,8 +310,13 @@ async fn tls_connect(
         ))
     })?;
     let tcp = tcp_connect(addr, target, timeout).await?;
-    match tokio::time::timeout(timeout, tls.client.connect(server_name, tcp)).await {
-        Ok(Ok(s)) => Ok(Box::new(s)),
+    match tokio::time::timeout(timeout, tls.client.connect(server_name, Cork::new(tcp))).await {
+        Ok(Ok(s)) => {
+            let (cork, conn) = s.into_inner();
+            Ok(Box::new(
+                RecordStream::take_over(cork.into_inner(), conn).map_err(auth)?,
+            ))
+        }
         Ok(Err(e)) => Err(auth(e)),
         Err(_) => Err(auth(std::io::ErrorKind::TimedOut.into())),
     }
@@ -366,7 +385,7 @@ pub async fn accept(
         };
         let s = tls
             .server
-            .accept(tcp)
+            .accept(Cork::new(tcp))
             .await
             .map_err(|e| (Rejection::Handshake, e.to_string()))?;
         let peer = s
@@ -380,8 +399,11 @@ pub async fn accept(
                 crate::names::validate("host", &name).ok()?;
                 Some(name)
             });
+        let (cork, conn) = s.into_inner();
+        let stream = RecordStream::take_over(cork.into_inner(), conn)
+            .map_err(|e| (Rejection::Handshake, e.to_string()))?;
         return match peer {
-            Some(peer) => Ok((Box::new(s), Protection::Tls { peer })),
+            Some(peer) => Ok((Box::new(stream), Protection::Tls { peer })),
             None => Err((
                 Rejection::Handshake,
                 "client certificate names no valid host".into(),

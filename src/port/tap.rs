@@ -14,8 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::{Port, PortError};
-use crate::switch::vnet::VNET_HDR_LEN;
-use crate::sys::tap::{self as sys, Readiness, TapOptions};
+use crate::sys::poll::{poll_one, Readiness};
+use crate::sys::tap::{self as sys, TapOptions};
+use crate::wire::vnet::VNET_HDR_LEN;
 
 /// Errors of creating and placing a TAP device.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +163,7 @@ impl Port for Tap {
     }
 
     fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
-        match sys::poll_readable(&self.file, timeout).map_err(PortError::Io)? {
+        match poll_one(std::os::fd::AsFd::as_fd(&self.file), timeout).map_err(PortError::Io)? {
             Readiness::Idle => Ok(false),
             Readiness::Broken => Err(PortError::Gone),
             Readiness::Readable => Ok(true),

@@ -355,7 +355,7 @@ impl UplinkRx {
         self.burst = 0;
         let now = Instant::now();
         let timeout = wait.min(self.next_check.saturating_duration_since(now));
-        let revents = match sys::poll_fds(
+        let revents = match crate::sys::poll::poll_fds(
             [Some(sock.as_fd()), self.monitor.as_ref().map(|m| m.as_fd())],
             timeout,
         ) {
@@ -412,7 +412,7 @@ impl UplinkRx {
         let timeout = wait.min(self.retry_at.saturating_duration_since(now));
         match &self.monitor {
             Some(m) => {
-                if let Ok([r]) = sys::poll_fds([Some(m.as_fd())], timeout) {
+                if let Ok([r]) = crate::sys::poll::poll_fds([Some(m.as_fd())], timeout) {
                     if r != 0 {
                         self.drain_monitor();
                     }

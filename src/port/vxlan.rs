@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Port, PortError, Recv};
 use crate::switch::gso::{self, GsoError};
-use crate::switch::vnet::VnetHdr;
 use crate::switch::DropReason;
+use crate::wire::vnet::VnetHdr;
 use crate::wire::vxlan::{self, DecapError, Vni, DEFAULT_PORT, HEADER_LEN};
 
 /// Most remote endpoints of one port: each flooded frame is sent once per remote.
@@ -353,9 +353,8 @@ impl Port for VxlanPort {
 
     fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
         let fd = std::os::fd::AsFd::as_fd(&self.sock);
-        let mut ready = [crate::sys::tap::Readiness::Idle];
-        crate::sys::tap::poll_many(&[fd], timeout, &mut ready).map_err(PortError::Io)?;
-        Ok(ready[0] == crate::sys::tap::Readiness::Readable)
+        let ready = crate::sys::poll::poll_one(fd, timeout).map_err(PortError::Io)?;
+        Ok(ready == crate::sys::poll::Readiness::Readable)
     }
 
     fn send(&self, frame: &[u8]) -> Result<(), PortError> {

@@ -12,8 +12,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::vnet::{VnetHdr, GSO_ECN, GSO_TCPV4, GSO_TCPV6};
 use crate::wire::ipv4::checksum;
+use crate::wire::vnet::{VnetHdr, GSO_ECN, GSO_TCPV4, GSO_TCPV6};
 
 /// Why a frame cannot be segmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -270,7 +270,7 @@ fn pseudo_v6(ip: &[u8], tcp_len: u32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::switch::vnet::{F_NEEDS_CSUM, GSO_UDP};
+    use crate::wire::vnet::{F_NEEDS_CSUM, GSO_UDP};
 
     /// A TCPv4 GSO frame: 10.0.0.1:1000 -> 10.0.0.2:2000, seq 1000, PSH|ACK|CWR,
     /// `payload` bytes of 0..=255 repeating, mss `mss`.

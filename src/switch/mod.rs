@@ -8,7 +8,6 @@
 
 pub mod fdb;
 pub mod gso;
-pub mod vnet;
 
 use std::fmt;
 use std::net::SocketAddrV4;

@@ -16,8 +16,8 @@ use crate::port::qemu::{
 use crate::port::tap::{Tap, TapError};
 use crate::port::vxlan::{VxlanError, VxlanPort, VxlanSpec, VxlanSpecError};
 use crate::port::Port;
-use crate::switch::vnet::VNET_HDR_LEN;
 use crate::switch::{FdbConfig, PortId};
+use crate::wire::vnet::VNET_HDR_LEN;
 
 /// Most ports one switch takes.
 pub const MAX_PORTS: usize = 256;

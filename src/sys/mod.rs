@@ -7,6 +7,7 @@ pub mod epoll;
 pub mod mem;
 pub mod netlink;
 pub mod packet;
+pub mod poll;
 pub mod tap;
 pub mod udp;
 
@@ -51,6 +52,23 @@ pub fn make_current_thread_normal() -> bool {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: as in make_current_thread_idle.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0 }
+}
+
+/// Sets glibc's allocator up for a long-lived daemon whose large buffers come and go
+/// with VMs and migrations: a fixed mmap threshold (glibc otherwise raises it to the
+/// size of each large block freed, after which such blocks are carved from the heap
+/// and their memory stays there after they are freed), and at most two arenas (one
+/// per core here, instead of up to eight per core, each holding freed memory of its
+/// own). Call it before the runtime's threads start.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets the allocator's parameters; no pointer is passed.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }
 
 /// Gives the allocator's free memory back to the kernel (glibc keeps freed heap in its

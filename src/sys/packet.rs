@@ -141,55 +141,14 @@ pub fn send(fd: &OwnedFd, frame: &[u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Waits up to `timeout` for `fd` to become readable. EINTR counts as not ready.
+/// Waits up to `timeout` for `fd` to become readable. EINTR counts as not ready; an
+/// error flag without data is an error.
 pub fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `pfd` is one valid pollfd and we pass a count of 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    if r > 0
-        && pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0
-        && pfd.revents & libc::POLLIN == 0
-    {
+    let [r] = super::poll::poll_fds([Some(fd.as_fd())], timeout)?;
+    if r & (libc::POLLERR | libc::POLLNVAL) != 0 && r & libc::POLLIN == 0 {
         return Err(io::Error::other("socket error reported by poll"));
     }
-    Ok(r > 0)
-}
-
-/// Waits up to `timeout` until one of `fds` (None entries are ignored) has an event;
-/// returns each one's `revents` (POLLIN, POLLERR, ...). EINTR returns all zero.
-pub fn poll_fds<const N: usize>(
-    fds: [Option<BorrowedFd<'_>>; N],
-    timeout: Duration,
-) -> io::Result<[i16; N]> {
-    let mut pfds = fds.map(|fd| libc::pollfd {
-        // poll(2) skips negative descriptors.
-        fd: fd.map_or(-1, |f| f.as_raw_fd()),
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `pfds` is an array of N valid pollfd and we pass exactly N.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok([0; N]);
-        }
-        return Err(e);
-    }
-    Ok(pfds.map(|p| p.revents))
+    Ok(r != 0)
 }
 
 /// Takes the socket's pending error (SO_ERROR), clearing it: a packet socket reports

@@ -1,12 +1,11 @@
 //! TAP device system calls (the unsafe layer under `port::tap`): TUNSETIFF,
-//! TUNSETVNETHDRSZ, TUNSETOFFLOAD, and poll. Reads and writes go through `std::fs::File`.
+//! TUNSETVNETHDRSZ, TUNSETOFFLOAD. Waiting goes through [`super::poll`]. Reads and writes go through `std::fs::File`.
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 /// How a TAP is opened.
 #[derive(Debug, Clone, Copy)]
@@ -75,85 +74,6 @@ pub fn open_tap(name: &str, opts: TapOptions) -> io::Result<(File, String)> {
         return Err(io::Error::last_os_error());
     }
     Ok((file, ifname))
-}
-
-/// What poll saw on a file descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Readiness {
-    Readable,
-    /// Timed out or interrupted by a signal: nothing to read yet.
-    Idle,
-    /// POLLERR / POLLHUP / POLLNVAL: the device went away.
-    Broken,
-}
-
-/// Waits up to `timeout` for `file` to become readable.
-pub fn poll_readable(file: &File, timeout: Duration) -> io::Result<Readiness> {
-    let mut pfd = libc::pollfd {
-        fd: file.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `pfd` is one valid pollfd that lives across the call; nfds is 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(Readiness::Idle);
-        }
-        return Err(e);
-    }
-    if n == 0 {
-        return Ok(Readiness::Idle);
-    }
-    if pfd.revents & libc::POLLIN != 0 {
-        Ok(Readiness::Readable)
-    } else if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-        Ok(Readiness::Broken)
-    } else {
-        Ok(Readiness::Idle)
-    }
-}
-
-/// Waits up to `timeout` for any of `fds` to become readable; `out[i]` tells what poll
-/// saw on `fds[i]` (`out` must be as long as `fds`).
-pub fn poll_many(
-    fds: &[std::os::fd::BorrowedFd<'_>],
-    timeout: Duration,
-    out: &mut [Readiness],
-) -> io::Result<()> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds that lives across the call.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    for r in out.iter_mut() {
-        *r = Readiness::Idle;
-    }
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    for (pfd, r) in pfds.iter().zip(out.iter_mut()) {
-        *r = if pfd.revents & libc::POLLIN != 0 {
-            Readiness::Readable
-        } else if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            Readiness::Broken
-        } else {
-            Readiness::Idle
-        };
-    }
-    Ok(())
 }
 
 /// True when this process may create network devices (effective uid 0; the kernel has

@@ -10,7 +10,9 @@ pub mod icmp;
 pub mod ipv4;
 pub mod qemu;
 pub mod rtnetlink;
+pub mod tls_record;
 pub mod udp;
+pub mod vnet;
 pub mod vxlan;
 
 use std::fmt;

@@ -184,3 +184,24 @@ pub fn lost(s: &PingStats) -> Vec<u64> {
         .filter(|&q| q < s.pings_sent)
         .collect()
 }
+
+/// Most probes (10 ms apart) a VM may lose to its switch-over: the book's "on a bad
+/// day, one packet" at 100 probes a second, with the RARP and FDB move after resume.
+pub const MAX_LOST: usize = 5;
+
+/// Each VM (name, its pings) lost at most [`MAX_LOST`] probes, all in one window.
+pub fn check_losses<'a>(losses: impl IntoIterator<Item = (&'a str, &'a PingStats)>) {
+    for (vm, s) in losses {
+        let lost = lost(s);
+        assert!(s.pings_sent >= 50, "{vm}: {s:?}");
+        assert!(
+            lost.len() <= MAX_LOST,
+            "{vm} lost {} pings (at most {MAX_LOST}): {s:?}",
+            lost.len()
+        );
+        assert!(
+            lost.windows(2).all(|w| w[1] - w[0] <= 5),
+            "{vm} lost pings apart from its switch-over: {lost:?}"
+        );
+    }
+}
