@@ -30,11 +30,11 @@ use std::time::Duration;
 
 use super::{Port, PortError, Recv};
 use crate::switch::gso::{self, GsoError};
-use crate::switch::vnet::VnetHdr;
 use crate::switch::DropReason;
 use crate::sys::epoll::{self, EpollSet};
-use crate::sys::tap::{poll_many, Readiness};
+use crate::sys::poll::{poll_one, Readiness};
 use crate::wire::qemu::{len_prefix, StreamDecoder, LEN_PREFIX};
+use crate::wire::vnet::VnetHdr;
 
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
 pub const MAX_PATH: usize = 107;
@@ -383,9 +383,8 @@ impl Port for StreamPort {
     }
 
     fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
-        let mut ready = [Readiness::Idle];
-        poll_many(&[self.epoll.as_fd()], timeout, &mut ready).map_err(PortError::Io)?;
-        Ok(ready[0] == Readiness::Readable)
+        let ready = poll_one(self.epoll.as_fd(), timeout).map_err(PortError::Io)?;
+        Ok(ready == Readiness::Readable)
     }
 
     fn send(&self, frame: &[u8]) -> Result<(), PortError> {
@@ -597,9 +596,8 @@ impl Port for DgramPort {
     }
 
     fn wait(&self, timeout: Duration) -> Result<bool, PortError> {
-        let mut ready = [Readiness::Idle];
-        poll_many(&[self.sock.as_fd()], timeout, &mut ready).map_err(PortError::Io)?;
-        Ok(ready[0] == Readiness::Readable)
+        let ready = poll_one(self.sock.as_fd(), timeout).map_err(PortError::Io)?;
+        Ok(ready == Readiness::Readable)
     }
 
     fn send(&self, frame: &[u8]) -> Result<(), PortError> {
