@@ -27,6 +27,13 @@ use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
         4789) in namespace NETNS (default: the switch's), sending frames of segment VNI \
         to the remotes (all of them for broadcast and unknown destinations, the one a \
         MAC was learned behind otherwise) and taking datagrams from them only.\n\n\
+        A port NAME=qemu-stream:PATH puts a QEMU guest on the switch with no TAP: the \
+        switch listens on the Unix stream socket PATH (an absolute path, or a plain name \
+        for $VFABRIC_RUN_DIR/qemu/NAME.sock) and QEMU connects with -netdev \
+        stream,id=n0,server=off,addr.type=unix,addr.path=PATH. A QEMU that quits leaves \
+        the port waiting for the next. NAME=qemu-dgram:local=PATH,remote=QPATH binds PATH \
+        and sends to QEMU's socket QPATH, for -netdev dgram,id=n0,local.type=unix,\
+        local.path=QPATH,remote.type=unix,remote.path=PATH.\n\n\
         Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0 \
         --port wan=vxlan:vni=42,local=vf-ul:10.99.0.1,remote=10.99.0.2"
 )]
@@ -36,10 +43,11 @@ pub struct SwitchArgs {
     #[arg(long, default_value = switchd::DEFAULT_NAME)]
     name: String,
     /// A port, e.g. client=vf-client:eth0, or a VXLAN tunnel
-    /// wan=vxlan:vni=42,local=NETNS:10.99.0.1,remote=10.99.0.2 (repeat for each port)
+    /// wan=vxlan:vni=42,local=NETNS:10.99.0.1,remote=10.99.0.2, or a QEMU guest's
+    /// socket vm1=qemu-stream:PATH (repeat for each port)
     #[arg(
         long = "port",
-        value_name = "NAME=NETNS:IFNAME|NAME=vxlan:…",
+        value_name = "NAME=NETNS:IFNAME|NAME=vxlan:…|NAME=qemu-stream:PATH",
         required = true
     )]
     ports: Vec<String>,

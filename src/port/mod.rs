@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod mem;
 pub mod packet;
+pub mod qemu;
 pub mod tap;
 pub mod uplink;
 pub mod vxlan;

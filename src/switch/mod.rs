@@ -64,10 +64,14 @@ pub enum DropReason {
     VxlanWrongVni,
     /// A tunnel datagram from an address that is none of the port's remotes.
     VxlanUnknownRemote,
+    /// The egress port has no peer connected (a QEMU socket port nobody is on).
+    NoPeer,
+    /// A datagram from a sender that is not the port's peer.
+    UnknownPeer,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Runt,
         DropReason::InvalidSource,
         DropReason::LinkLocal,
@@ -81,6 +85,8 @@ impl DropReason {
         DropReason::VxlanBadFlags,
         DropReason::VxlanWrongVni,
         DropReason::VxlanUnknownRemote,
+        DropReason::NoPeer,
+        DropReason::UnknownPeer,
     ];
 
     /// Index into per-reason counter arrays.
@@ -104,6 +110,8 @@ impl DropReason {
             DropReason::VxlanBadFlags => "vxlan_bad_flags",
             DropReason::VxlanWrongVni => "vxlan_wrong_vni",
             DropReason::VxlanUnknownRemote => "vxlan_unknown_remote",
+            DropReason::NoPeer => "no_peer",
+            DropReason::UnknownPeer => "unknown_peer",
         }
     }
 }

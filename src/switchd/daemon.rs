@@ -10,6 +10,9 @@ use super::{Fabric, FabricError, SwitchPort};
 use crate::control::{self, ControlError, Request};
 use crate::events::{Event, EventBus};
 use crate::names::{self, NameError};
+use crate::port::qemu::{
+    self, DgramPort, DgramSpec, DgramSpecError, QemuPortError, SocketPathError, StreamPort,
+};
 use crate::port::tap::{Tap, TapError};
 use crate::port::vxlan::{VxlanError, VxlanPort, VxlanSpec, VxlanSpecError};
 use crate::port::Port;
@@ -19,7 +22,8 @@ use crate::wire::vnet::VNET_HDR_LEN;
 /// Most ports one switch takes.
 pub const MAX_PORTS: usize = 256;
 
-/// `NAME=NETNS:IFNAME` (a TAP) or `NAME=vxlan:KEY=VALUE,…` (a VXLAN tunnel).
+/// `NAME=NETNS:IFNAME` (a TAP), `NAME=vxlan:KEY=VALUE,…` (a VXLAN tunnel),
+/// `NAME=qemu-stream:PATH` or `NAME=qemu-dgram:local=PATH,remote=PATH` (a QEMU guest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSpec {
     pub name: String,
@@ -34,6 +38,10 @@ pub enum PortKind {
     Tap { netns: String, ifname: String },
     /// A VXLAN tunnel port over a UDP socket.
     Vxlan(VxlanSpec),
+    /// A Unix stream socket a QEMU `-netdev stream` connects to.
+    QemuStream { path: std::path::PathBuf },
+    /// A Unix datagram socket paired with a QEMU `-netdev dgram`.
+    QemuDgram(DgramSpec),
 }
 
 /// A port spec that does not parse.
@@ -47,6 +55,10 @@ pub enum PortSpecError {
     Name(#[from] NameError),
     #[error(transparent)]
     Vxlan(#[from] VxlanSpecError),
+    #[error(transparent)]
+    QemuPath(#[from] SocketPathError),
+    #[error(transparent)]
+    QemuDgram(#[from] DgramSpecError),
 }
 
 /// A kernel name (namespace, interface): not ours to restrict to the name rule, but it
@@ -74,6 +86,22 @@ impl FromStr for PortSpec {
             return Ok(PortSpec {
                 name: name.to_string(),
                 kind: PortKind::Vxlan(v.parse()?),
+            });
+        }
+        if let Some(path) = rest.strip_prefix("qemu-stream:") {
+            names::validate("port", name)?;
+            return Ok(PortSpec {
+                name: name.to_string(),
+                kind: PortKind::QemuStream {
+                    path: qemu::socket_path(path)?,
+                },
+            });
+        }
+        if let Some(d) = rest.strip_prefix("qemu-dgram:").filter(|d| d.contains('=')) {
+            names::validate("port", name)?;
+            return Ok(PortSpec {
+                name: name.to_string(),
+                kind: PortKind::QemuDgram(d.parse()?),
             });
         }
         let (netns, ifname) = rest.split_once(':').ok_or_else(|| err("missing ':'"))?;
@@ -135,6 +163,12 @@ pub enum SwitchdError {
         port: String,
         #[source]
         source: VxlanError,
+    },
+    #[error("port {port}")]
+    Qemu {
+        port: String,
+        #[source]
+        source: QemuPortError,
     },
     #[error("cannot start the data path")]
     Fabric(#[from] FabricError),
@@ -214,6 +248,26 @@ fn create_port(
             })?;
             tracing::info!(port = %spec.name, spec = %port.spec(), "vxlan port ready");
             Ok((Box::new(port), v.netns.clone()))
+        }
+        PortKind::QemuStream { path } => {
+            let port =
+                StreamPort::listen(path, VNET_HDR_LEN, super::MAX_FRAME).map_err(|source| {
+                    SwitchdError::Qemu {
+                        port: spec.name.clone(),
+                        source,
+                    }
+                })?;
+            tracing::info!(port = %spec.name, path = %path.display(), "qemu stream port listening");
+            Ok((Box::new(port), None))
+        }
+        PortKind::QemuDgram(d) => {
+            let port = DgramPort::bind(d, VNET_HDR_LEN).map_err(|source| SwitchdError::Qemu {
+                port: spec.name.clone(),
+                source,
+            })?;
+            tracing::info!(port = %spec.name, local = %d.local.display(),
+                remote = %d.remote.display(), "qemu dgram port ready");
+            Ok((Box::new(port), None))
         }
     }
 }
@@ -374,6 +428,21 @@ mod tests {
             panic!("not a tunnel")
         };
         assert_eq!((v.vni.get(), v.remotes.len()), (42, 1));
+        let p: PortSpec = "vm1=qemu-stream:/run/x/vm1.sock".parse().unwrap();
+        assert_eq!(
+            p.kind,
+            PortKind::QemuStream {
+                path: "/run/x/vm1.sock".into()
+            }
+        );
+        let p: PortSpec = "vm1=qemu-dgram:local=/run/x/sw.sock,remote=/run/x/vm.sock"
+            .parse()
+            .unwrap();
+        assert!(matches!(p.kind, PortKind::QemuDgram(d) if d.remote.ends_with("vm.sock")));
+        for bad in ["vm1=qemu-stream:../x", "vm1=qemu-dgram:local=/a"] {
+            let e = bad.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(e.to_lowercase().starts_with("bad qemu"), "{bad}: {e}");
+        }
         let e = "wan=vxlan:vni=42"
             .parse::<PortSpec>()
             .unwrap_err()

@@ -3,6 +3,7 @@
 //! Each block carries a `// SAFETY:` line.
 #![allow(unsafe_code)]
 
+pub mod epoll;
 pub mod mem;
 pub mod netlink;
 pub mod packet;

@@ -8,6 +8,7 @@ pub mod arp;
 pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
+pub mod qemu;
 pub mod rtnetlink;
 pub mod tls_record;
 pub mod udp;
