@@ -67,10 +67,12 @@ struct Args {
     /// of on a thread of its own ahead of the stream (to measure what the prefault buys).
     #[arg(long)]
     no_prefault: bool,
-    /// The target makes each incoming VM's memory ready (mapped and faulted in) before
-    /// the source starts, as a QEMU started with `-incoming` and `-mem-prealloc` has it
-    /// before `migrate` is issued (loopback only: the headline runs).
-    #[arg(long, conflicts_with_all = ["listen", "connect"])]
+    /// Before each headline run the source asks the target to make the VM's memory
+    /// ready (mapped and faulted in) and waits for it, as a QEMU started with
+    /// `-incoming` and `-mem-prealloc` has it before `migrate` is issued; the total
+    /// counts from after that. The target takes these requests on its port + 100
+    /// (with --listen, give it --prepared too).
+    #[arg(long)]
     prepared: bool,
     /// Be a target on this address, forever.
     #[arg(long, conflicts_with = "connect")]
@@ -175,8 +177,9 @@ async fn run_source_over(
     tls: Option<&Tls>,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
-    if let (Some(ready), false, None) = (PREPARED_READY.get(), verify, tls) {
-        ready.notified().await;
+    if args.prepared && !verify && tls.is_none() {
+        let took = request_prepared(to, args.memory_mb << 20).await?;
+        eprintln!("target memory prepared in {took} ms (not counted in the total)");
     }
     let vm = filled_vm(args, rate)?;
     vm.start();
@@ -274,8 +277,20 @@ impl vfabric::migration::TargetHooks for Prepared {
     }
 }
 
-/// Set when the target prepares memory: it signals each time the next VM's is ready.
-static PREPARED_READY: std::sync::OnceLock<Arc<tokio::sync::Notify>> = std::sync::OnceLock::new();
+/// The port on which a target takes prepare requests: its migration port + 100.
+fn prepare_addr(mut to: SocketAddr) -> SocketAddr {
+    to.set_port(to.port() + 100);
+    to
+}
+
+/// Asks the target at `to` to make `bytes` of memory ready for the next migration;
+/// returns the milliseconds it took, once it is ready.
+async fn request_prepared(to: SocketAddr, bytes: u64) -> Result<u64, Box<dyn std::error::Error>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(prepare_addr(to)).await?;
+    s.write_all(&bytes.to_be_bytes()).await?;
+    Ok(s.read_u64().await?)
+}
 
 /// Maps and faults in `bytes` of guest memory; the time it took.
 fn prepare_memory(bytes: u64) -> Result<(Arc<vfabric::memory::GuestMemory>, Duration), String> {
@@ -286,27 +301,38 @@ fn prepare_memory(bytes: u64) -> Result<(Arc<vfabric::memory::GuestMemory>, Dura
     Ok((Arc::new(m), t.elapsed()))
 }
 
-async fn serve_target(l: TcpListener, cfg: MigrationConfig) {
-    serve_target_prepared(l, cfg, None).await
-}
+/// Memory made ready for the next migration into a target.
+type Ready = Arc<std::sync::Mutex<Option<Arc<vfabric::memory::GuestMemory>>>>;
 
-async fn serve_target_prepared(l: TcpListener, cfg: MigrationConfig, prepare: Option<u64>) {
-    loop {
-        let mut hooks = Prepared(None);
-        if let (Some(bytes), Some(ready)) = (prepare, PREPARED_READY.get()) {
+/// Takes prepare requests for the target at `to`: each maps and faults in the memory
+/// asked for, keeps it for the next migration, then answers with the time it took.
+async fn serve_prepare(to: SocketAddr, ready: Ready) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind(prepare_addr(to)).await?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let Ok(bytes) = s.read_u64().await else {
+                continue;
+            };
             match tokio::task::spawn_blocking(move || prepare_memory(bytes)).await {
                 Ok(Ok((m, took))) => {
-                    eprintln!("target: memory prepared in {} ms", took.as_millis());
-                    hooks.0 = Some(m);
+                    *ready.lock().unwrap() = Some(m);
+                    let _ = s.write_all(&(took.as_millis() as u64).to_be_bytes()).await;
                 }
                 Ok(Err(e)) => eprintln!("target: no memory prepared: {e}"),
                 Err(e) => eprintln!("target: no memory prepared: {e}"),
             }
-            ready.notify_one();
         }
+    });
+    Ok(())
+}
+
+async fn serve_target_prepared(l: TcpListener, cfg: MigrationConfig, ready: Option<Ready>) {
+    loop {
         let Ok((s, peer)) = l.accept().await else {
             continue;
         };
+        let mut hooks = Prepared(ready.as_ref().and_then(|r| r.lock().unwrap().take()));
         match migrate_in(s, &cfg, &mut hooks).await {
             Ok((vm, s)) => {
                 eprintln!(
@@ -498,7 +524,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(addr) = args.listen {
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}");
-        serve_target(l, migration_config(&args, args.verify)).await;
+        let ready = if args.prepared {
+            let r = Ready::default();
+            serve_prepare(addr, r.clone()).await?;
+            Some(r)
+        } else {
+            None
+        };
+        serve_target_prepared(l, migration_config(&args, args.verify), ready).await;
         return Ok(());
     }
     let bytes = args.memory_mb << 20;
@@ -524,20 +557,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => {
             let l = TcpListener::bind("127.0.0.1:0").await?;
             let to = l.local_addr()?;
-            let prepare = if args.prepared {
-                let _ = PREPARED_READY.set(Arc::new(tokio::sync::Notify::new()));
-                Some(bytes)
+            let ready = if args.prepared {
+                let r = Ready::default();
+                serve_prepare(to, r.clone()).await?;
+                Some(r)
             } else {
                 None
             };
             tokio::spawn(serve_target_prepared(
                 l,
                 migration_config(&args, args.verify),
-                prepare,
+                ready,
             ));
             let lv = TcpListener::bind("127.0.0.1:0").await?;
             let verified_to = lv.local_addr()?;
-            tokio::spawn(serve_target(lv, migration_config(&args, true)));
+            tokio::spawn(serve_target_prepared(
+                lv,
+                migration_config(&args, true),
+                None,
+            ));
             let lt = TcpListener::bind("127.0.0.1:0").await?;
             tls_to = Some(lt.local_addr()?);
             let dst = load_tls(&pki_dir, DST)?;

@@ -104,6 +104,14 @@ pub enum Event {
         host: String,
         rss_kib: u64,
     },
+    /// A coming migration's memory was mapped and faulted in here, before its stream,
+    /// in `ms`.
+    IncomingMemoryPrepared {
+        vm: String,
+        host: String,
+        memory_mb: u64,
+        ms: u64,
+    },
     /// This host gave up a VM's disk lock.
     DiskLockReleased { vm: String, host: String },
     /// This host took (or took back) a VM's disk lock.
@@ -203,6 +211,7 @@ impl Event {
             | VmResumed { vm, .. }
             | VmDestroyed { vm, .. }
             | VmMemoryFreed { vm, .. }
+            | IncomingMemoryPrepared { vm, .. }
             | DiskLockReleased { vm, .. }
             | DiskLockTaken { vm, .. }
             | AnnounceSent { vm, .. }
@@ -331,6 +340,15 @@ impl fmt::Display for Event {
             VmMemoryFreed { vm, host, rss_kib } => write!(
                 f,
                 "{vm}'s memory freed on {host}; the host daemon now holds {rss_kib} KiB"
+            ),
+            IncomingMemoryPrepared {
+                vm,
+                host,
+                memory_mb,
+                ms,
+            } => write!(
+                f,
+                "{host} made {memory_mb} MB ready for {vm}'s coming migration in {ms} ms"
             ),
             DiskLockReleased { vm, host } => write!(f, "{host} released {vm}'s disk lock"),
             DiskLockTaken { vm, host } => write!(f, "{host} took {vm}'s disk lock"),

@@ -225,6 +225,10 @@ fn vm_moves_back_and_forth_and_leaves_nothing_behind() {
     let s = h.json(&["migrate", "vm1", "--to", "silo105", "--json"]);
     assert_eq!(s["memory_sha256_source"], s["memory_sha256_target"]);
     assert_eq!(s["pages_pulled"], s["bitmap_bits"]);
+    // The target made the VM's memory ready before the stream, and the VM landed in it.
+    let t = h.host_info("silo105");
+    assert_eq!(t["arrivals_into_prepared_memory"], 1, "{t}");
+    assert_eq!(t["prepared_mb"], 0, "{t}");
     assert!(s["rounds"].as_u64().unwrap() >= 1);
     assert!(s["downtime_us"].as_u64().unwrap() > 0);
 
@@ -419,6 +423,10 @@ fn an_announce_chosen_for_a_failed_migration_is_forgotten() {
         "--quiet",
     ]);
     assert!(err.contains("keeps running on a"), "{err}");
+    // The memory b made ready for it went with the failed migration: none is held.
+    let b = h.host_info("b");
+    assert_eq!(b["prepared_mb"], 0, "{b}");
+    assert_eq!(b["arrivals_into_prepared_memory"], 1, "{b}");
     // The next migration, with no choice made, announces as the target's default does.
     h.ok(&["migrate", "w", "--to", "b", "--json"]);
     let v = h.json(&["vm", "show", "w", "--json"]);

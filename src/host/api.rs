@@ -96,6 +96,10 @@ pub struct Migrate {
 pub struct PrepareIncoming {
     pub name: String,
     pub announce: Option<Announce>,
+    /// The VM's memory: the target maps and faults it in now, before the stream, if
+    /// it has room (see `host::prepared`). None drops memory prepared before.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
 }
 
 /// Put the host in maintenance mode: from the reply on it admits no new VM and no
@@ -232,6 +236,12 @@ pub struct HostInfo {
     /// multicast pass the uplink's filter.
     #[serde(default)]
     pub uplink_frames_read: u64,
+    /// Memory mapped and faulted in for coming migrations, MB.
+    #[serde(default)]
+    pub prepared_mb: u64,
+    /// Incoming migrations admitted into memory prepared for them (failed ones too).
+    #[serde(default)]
+    pub arrivals_into_prepared_memory: u64,
 }
 
 /// One VM as the host sees it.

@@ -166,7 +166,7 @@ pub struct Migrated {
     pub to: String,
 }
 
-/// Runs one migration: finds the source, prepares the target (announce choice), asks the
+/// Runs one migration: finds the source, prepares the target (announce choice, memory), asks the
 /// source to migrate, and forgets the target's preparation if the migration fails.
 pub fn migrate(
     plan: &MigrationPlan,
@@ -180,15 +180,17 @@ pub fn migrate(
         });
     }
     let target = host_info(&plan.to)?;
-    if plan.announce.is_some() {
-        call(
-            &target.name,
-            api::PrepareIncoming {
-                name: plan.vm.clone(),
-                announce: plan.announce,
-            },
-        )?;
-    }
+    // The target maps and faults in the VM's memory now, before the stream (if it has
+    // room), and records how to announce it: what it takes is off the migration's clock.
+    let memory_mb = vm_show(&plan.vm).ok().map(|v| v.memory_mb);
+    call(
+        &target.name,
+        api::PrepareIncoming {
+            name: plan.vm.clone(),
+            announce: plan.announce,
+            memory_mb,
+        },
+    )?;
     // A listener bound to every address is reached on loopback.
     let mut addr = target.vmotion_addr;
     if addr.ip().is_unspecified() {
@@ -228,13 +230,14 @@ pub fn migrate(
             source: e,
         },
     });
-    if result.is_err() && plan.announce.is_some() {
-        // The choice was for this migration only.
+    if result.is_err() {
+        // The choices and the memory were for this migration only.
         let _ = call(
             &target.name,
             api::PrepareIncoming {
                 name: plan.vm.clone(),
                 announce: None,
+                memory_mb: None,
             },
         );
     }

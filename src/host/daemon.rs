@@ -25,7 +25,9 @@ use crate::host::admission::{self, Reservation};
 use crate::host::api::{self, HostApiError, HostInfo, HostMode, HostRequest, MemoryDigest, VmInfo};
 use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
+use crate::host::prepared;
 use crate::host::slot::{self, Slot};
+use crate::memory::GuestMemory;
 use crate::migration::announce::{Announce, Schedule};
 use crate::migration::tls::{Encryption, Rejection, Rejections, Tls};
 use crate::migration::MigrationConfig;
@@ -177,6 +179,8 @@ struct Host {
     events: EventBus,
     /// vMotion connections refused before authentication, since the last summary.
     rejections: Rejections,
+    /// Memory made ready for coming migrations.
+    prepared: Mutex<prepared::Pool<Arc<GuestMemory>>>,
 }
 
 /// Runs a host daemon until `shutdown` resolves. On return every VM has been stopped,
@@ -215,6 +219,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         uplink,
         stop: AtomicBool::new(false),
         rejections: Rejections::default(),
+        prepared: Mutex::default(),
     });
     tracing::info!(
         host = %host.cfg.name,
@@ -441,6 +446,12 @@ impl Host {
             ),
             HostRequest::PrepareIncoming(r) => {
                 self.lock_inv().expect(&r.name, r.announce);
+                match r.memory_mb {
+                    Some(mb) => self.prepare_memory(&r.name, mb).await,
+                    None => {
+                        self.lock_prepared().forget(&r.name);
+                    }
+                }
                 api::PrepareIncoming::reply(Ok::Ok(()))
             }
             HostRequest::MaintenanceEnter(_) => {
@@ -490,7 +501,69 @@ impl Host {
         self.info_of(&inv)
     }
 
+    fn lock_prepared(&self) -> std::sync::MutexGuard<'_, prepared::Pool<Arc<GuestMemory>>> {
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Maps and faults in `memory_mb` for `vm`'s coming migration, if the host admits
+    /// arrivals and has that much free beyond its reservations and what it has already
+    /// prepared for others. Otherwise nothing: the migration then lands in fresh memory.
+    async fn prepare_memory(self: &Arc<Self>, vm: &str, memory_mb: u64) {
+        let free = {
+            let inv = self.lock_inv();
+            if inv.mode() != HostMode::Normal {
+                return;
+            }
+            let held = self.lock_prepared().bytes_except(vm) >> 20;
+            self.cfg
+                .capacity_mb
+                .saturating_sub(inv.reserved_mb())
+                .saturating_sub(held)
+        };
+        if memory_mb > free || crate::names::validate("vm", vm).is_err() {
+            tracing::debug!(vm, memory_mb, free_mb = free, "no memory prepared");
+            return;
+        }
+        let bytes = memory_mb << 20;
+        let t = Instant::now();
+        let made = tokio::task::spawn_blocking(move || {
+            let m = GuestMemory::new(bytes)?;
+            m.prefault(&AtomicBool::new(false))?;
+            Ok::<_, crate::memory::MemoryError>(m)
+        })
+        .await;
+        match made {
+            Ok(Ok(m)) => {
+                let ms = t.elapsed().as_millis() as u64;
+                self.lock_prepared()
+                    .insert(vm, Arc::new(m), bytes, Instant::now());
+                self.events.emit_now(Event::IncomingMemoryPrepared {
+                    vm: vm.to_string(),
+                    host: self.cfg.name.clone(),
+                    memory_mb,
+                    ms,
+                });
+                // Not claimed in time: give it back.
+                let h = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(prepared::TTL).await;
+                    if let Some(h) = h.upgrade() {
+                        if h.lock_prepared().expire(Instant::now()) > 0 {
+                            crate::sys::trim_heap();
+                        }
+                    }
+                });
+            }
+            Ok(Err(e)) => tracing::debug!(vm, error = %e, "no memory prepared"),
+            Err(e) => tracing::debug!(vm, error = %e, "no memory prepared"),
+        }
+    }
+
     fn info_of(&self, inv: &Inventory) -> HostInfo {
+        let (prepared_mb, arrivals_into_prepared_memory) = {
+            let p = self.lock_prepared();
+            (p.bytes() >> 20, p.used())
+        };
         HostInfo {
             name: self.cfg.name.clone(),
             vmotion_addr: self.vmotion_addr,
@@ -502,6 +575,8 @@ impl Host {
             vms: inv.vms().map(|(n, _)| n.clone()).collect(),
             rss_kib: rss_kib(),
             uplink_frames_read: self.uplink.as_ref().map_or(0, |u| u.frames_read()),
+            prepared_mb,
+            arrivals_into_prepared_memory,
         }
     }
 

@@ -8,4 +8,5 @@ pub mod daemon;
 pub mod datastore;
 pub mod fleet;
 pub mod pause;
+pub mod prepared;
 pub mod slot;

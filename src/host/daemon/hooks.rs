@@ -11,6 +11,7 @@ use crate::events::{Event, EventBus};
 use crate::guest::{Vm, VmConfig};
 use crate::host::datastore::{ClaimKey, ClaimMode, Claims, Datastore, DatastoreError, DiskLock};
 use crate::host::pause::PausePoints;
+use crate::memory::GuestMemory;
 use crate::migration::{self, PhaseWait, SourceHooks, Step, TargetHooks};
 use crate::port::uplink::Uplink;
 use crate::wire::MacAddr;
@@ -194,6 +195,12 @@ impl TargetHooks for TargetSide {
         self.name = Some(cfg.name.clone());
         self.admitted = MacAdmitted::new(&self.host, cfg.mac);
         Ok(())
+    }
+
+    fn prepared_memory(&mut self, cfg: &VmConfig) -> Option<Arc<GuestMemory>> {
+        self.host
+            .lock_prepared()
+            .take(&cfg.name, cfg.memory_bytes(), std::time::Instant::now())
     }
 
     fn before_resume(&mut self, vm: &Arc<Vm>) -> Result<(), String> {
