@@ -437,7 +437,7 @@ main() {
                 restart_host "$2"
                 exit 0
                 ;;
-            -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
             -*) die "unknown option $1 (try --help)" ;;
             *)
                 [ -z "$file" ] || die "one topology file only (got $file and $1)"
