@@ -3,7 +3,8 @@
 # with a pid file in the run directory (both switches, every host), kills whatever still
 # runs inside the prefix's namespaces, deletes those namespaces (their veth and TAP
 # interfaces go with them) and removes sockets, pid files and the recorded plan
-# (topology.sh). Logs stay.
+# (topology.sh), and the same in another simulated machine's run directory
+# ($VFABRIC_RUN_DIR/machine-NAME) with the remotes file. Logs stay.
 # Idempotent and safe after a crash: every step tolerates things already gone.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -12,7 +13,7 @@ stop_daemons() {
     local files=()
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
     shopt -s nullglob
-    files=("$VFABRIC_RUN_DIR"/*.pid)
+    files=("$VFABRIC_RUN_DIR"/*.pid "$VFABRIC_RUN_DIR"/machine-*/*.pid)
     shopt -u nullglob
     [ ${#files[@]} -eq 0 ] || kill_pidfile "${files[@]}"
     return 0
@@ -36,7 +37,16 @@ delete_namespaces() {
 
 remove_leftovers() {
     [ -d "$VFABRIC_RUN_DIR" ] || return 0
+    local m
+    for m in "$VFABRIC_RUN_DIR"/machine-*/; do
+        # Another simulated machine's run directory: the same, and its copies of keys.
+        [ -d "$m" ] || continue
+        rm -f "$m"*.sock "$m"*.pid "$m"*.env
+        rm -rf "${m}pki"
+        rmdir "$m" 2>/dev/null || true
+    done
     rm -f "$VFABRIC_RUN_DIR"/*.sock "$VFABRIC_RUN_DIR"/*.pid "$VFABRIC_RUN_DIR"/*.env
+    rm -f "$VFABRIC_RUN_DIR/remotes"    # the other machines' control addresses
     rm -f "$VFABRIC_RUN_DIR/topology.sh"    # the plan up.sh built from
     rm -rf "$VF_DATASTORE"
     rm -rf "$VFABRIC_RUN_DIR/pki"       # the fabric's CA and host keys go with it

@@ -7,6 +7,16 @@
 # default.toml (client, silo104, silo105, a veth vMotion link). Settings: see lib.sh.
 # Undo with down.sh.
 #
+# With [[machine]] tables (netns-scripts/topologies/two-machines.toml): two simulated
+# machines, each with its own namespace holding its end of a veth underlay (10.30.0.0/24,
+# MTU 1600), its own switches joined to the other machine's over VXLAN (VM network VNI
+# 42 on UDP 4789, vMotion network VNI 43 on UDP 8472), and its own run directory: the
+# first machine's is $VFABRIC_RUN_DIR, where the CLI runs; another's is
+# $VFABRIC_RUN_DIR/machine-NAME. The other machines' hosts serve their control API over
+# TCP and TLS on their machine's underlay address, listed in $VFABRIC_RUN_DIR/remotes;
+# run the CLI in the first machine's namespace (ip netns exec $VF_PREFIX-a vfabric …)
+# to reach them, as a shell on that machine would.
+#
 # Usage: up.sh [--no-hosts] [FILE]
 #            --no-hosts, or VF_HOSTS=0: the switches and namespaces only (no daemons, no VMs)
 #        up.sh --restart-switch [NAME]
@@ -29,7 +39,100 @@ use_plan() {
     . /dev/stdin <<<"$1"
     ALL_NS=()
     local n
-    for n in "${VF_TOPO_CLIENTS[@]}" "${VF_TOPO_HOSTS[@]}"; do ALL_NS+=("$VF_PREFIX-$n"); done
+    for n in "${VF_TOPO_MACHINES[@]}" "${VF_TOPO_CLIENTS[@]}" "${VF_TOPO_HOSTS[@]}"; do
+        ALL_NS+=("$VF_PREFIX-$n")
+    done
+    TOP_RUN_DIR=$VFABRIC_RUN_DIR
+}
+
+# The machine the commands below act on ("" in a topology of one machine).
+MACHINE=
+
+# machine_run_dir NAME — the run directory of machine NAME: the first machine's is
+# $VFABRIC_RUN_DIR, another's a directory of its own inside it.
+machine_run_dir() {
+    if [ "$1" = "${VF_TOPO_MACHINES[0]:-}" ] || [ -z "$1" ]; then
+        echo "$TOP_RUN_DIR"
+    else
+        echo "$TOP_RUN_DIR/machine-$1"
+    fi
+}
+
+# on_machine NAME CMD… — runs CMD as on machine NAME: its run directory, its switches.
+on_machine() {
+    local m=$1
+    shift
+    MACHINE=$m
+    VFABRIC_RUN_DIR=$(machine_run_dir "$m")
+    [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
+    "$@"
+    VFABRIC_RUN_DIR=$TOP_RUN_DIR
+    MACHINE=
+}
+
+# The machines, or one unnamed machine.
+machines() {
+    if [ ${#VF_TOPO_MACHINES[@]} -eq 0 ]; then echo ""; else printf '%s\n' "${VF_TOPO_MACHINES[@]}"; fi
+}
+
+# machine_index NAME — its index in the plan.
+machine_index() {
+    local i
+    for i in "${!VF_TOPO_MACHINES[@]}"; do
+        [ "${VF_TOPO_MACHINES[$i]}" = "$1" ] && { echo "$i"; return 0; }
+    done
+    die "unknown machine $1"
+}
+
+# The CLI as a user on the first machine runs it: in its namespace when there are
+# machines (the other machines' daemons are reached over its underlay).
+cli() {
+    if [ ${#VF_TOPO_MACHINES[@]} -gt 0 ]; then
+        ip netns exec "$VF_PREFIX-${VF_TOPO_MACHINES[0]}" "$VFABRIC_BIN" "$@"
+    else
+        "$VFABRIC_BIN" "$@"
+    fi
+}
+
+# The network between the machines: a veth pair between their namespaces, MTU room for
+# VXLAN's 50 bytes over full-size frames.
+create_underlay() {
+    local a=$VF_PREFIX-${VF_TOPO_MACHINES[0]} b=$VF_PREFIX-${VF_TOPO_MACHINES[1]} i ns
+    ip link add ul0 netns "$a" mtu "$VF_TOPO_UNDERLAY_MTU" type veth \
+        peer name ul0 netns "$b" mtu "$VF_TOPO_UNDERLAY_MTU"
+    for i in 0 1; do
+        ns=$VF_PREFIX-${VF_TOPO_MACHINES[$i]}
+        ip -n "$ns" addr add "${VF_TOPO_MACHINE_IPS[$i]}" dev ul0
+        ip -n "$ns" link set ul0 up
+    done
+}
+
+# on_this_machine KIND INDEX — true if client/host INDEX is on $MACHINE.
+on_this_machine() {
+    [ -z "$MACHINE" ] && return 0
+    if [ "$1" = client ]; then
+        [ "${VF_TOPO_CLIENT_MACHINES[$2]}" = "$MACHINE" ]
+    else
+        [ "${VF_TOPO_HOST_MACHINES[$2]}" = "$MACHINE" ]
+    fi
+}
+
+# tunnel_port SWITCH — the VXLAN port of $MACHINE's switch SWITCH to the other machine.
+tunnel_port() {
+    local i o ns ip peer vni port=
+    [ -n "$MACHINE" ] || return 0
+    i=$(machine_index "$MACHINE")
+    o=$((1 - i))
+    ns=$VF_PREFIX-$MACHINE
+    ip=${VF_TOPO_MACHINE_IPS[$i]%/*}
+    peer=${VF_TOPO_MACHINE_IPS[$o]%/*}
+    if [ "$1" = "$VMOTION_SWITCH" ]; then
+        vni=$VF_TOPO_VMOTION_VNI
+        port=:$VF_TOPO_VMOTION_TUNNEL_PORT
+    else
+        vni=$VF_TOPO_VM_VNI
+    fi
+    echo "--port=tunnel=vxlan:vni=$vni,local=$ns:$ip$port,remote=$peer$port"
 }
 
 # The plan of the fabric that is up (restarts).
@@ -70,13 +173,24 @@ create_vmotion_veth() {
 
 # switch_ports NAME — the --port arguments of switch NAME, one per line.
 switch_ports() {
-    local n
+    local n i
     if [ "$1" = "$VMOTION_SWITCH" ]; then
-        for n in "${VF_TOPO_HOSTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:vmk1"; done
+        for i in "${!VF_TOPO_HOSTS[@]}"; do
+            n=${VF_TOPO_HOSTS[$i]}
+            on_this_machine host "$i" && echo "--port=$n=$VF_PREFIX-$n:vmk1"
+        done
+        tunnel_port "$1"
         return 0
     fi
-    for n in "${VF_TOPO_CLIENTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:eth0"; done
-    for n in "${VF_TOPO_HOSTS[@]}"; do echo "--port=$n=$VF_PREFIX-$n:vmnic0"; done
+    for i in "${!VF_TOPO_CLIENTS[@]}"; do
+        n=${VF_TOPO_CLIENTS[$i]}
+        on_this_machine client "$i" && echo "--port=$n=$VF_PREFIX-$n:eth0"
+    done
+    for i in "${!VF_TOPO_HOSTS[@]}"; do
+        n=${VF_TOPO_HOSTS[$i]}
+        on_this_machine host "$i" && echo "--port=$n=$VF_PREFIX-$n:vmnic0"
+    done
+    tunnel_port "$1"
 }
 
 # start_switch NAME [append] — starts switch NAME with its ports. The VM network's
@@ -134,6 +248,7 @@ configure_vmotion() {
 switch_ifaces_gone() {
     local p spec ns ifname
     while read -r p; do
+        case "$p" in --port=*=vxlan:*) continue ;; esac
         spec=${p#--port=*=}
         ns=${spec%%:*} ifname=${spec#*:}
         ip -n "$ns" link show "$ifname" >/dev/null 2>&1 && return 1
@@ -157,6 +272,8 @@ wait_for_switch_gone() {
 restart_switch() {
     local name=$1 ns
     load_recorded_plan
+    [ ${#VF_TOPO_MACHINES[@]} -eq 0 ] \
+        || die "--restart-switch is for a topology of one machine (this one has ${VF_TOPO_MACHINES[*]})"
     case "$name" in
         switch) ;;
         "$VMOTION_SWITCH")
@@ -203,11 +320,19 @@ host_index() {
 # launch_host INDEX — starts one hypervisor daemon in its namespace: vMotion listener on
 # vmk1, VM NICs on vmnic0, a datastore directory every host sees. Sets LAUNCHED_PID.
 launch_host() {
-    local i=$1 host ns vmk
+    local i=$1 host ns vmk m mi remote=()
     host=${VF_TOPO_HOSTS[$i]}
     ns=$VF_PREFIX-$host
     vmk=${VF_TOPO_HOST_VMKS[$i]%/*}
     local -n host_args="VF_TOPO_HOST_ARGS_$i"
+    # A host on another machine than the CLI's: its own certificates there, and its
+    # control API over TCP and TLS on that machine's underlay address.
+    m=${VF_TOPO_HOST_MACHINES[$i]:-}
+    if [ -n "$m" ] && [ "$m" != "${VF_TOPO_MACHINES[0]}" ]; then
+        mi=$(machine_index "$m")
+        remote=(--pki-dir "$VFABRIC_RUN_DIR/pki" --control-listen
+            "$VF_PREFIX-$m:${VF_TOPO_MACHINE_IPS[$mi]%/*}:$((VF_TOPO_CONTROL_PORT_BASE + i))")
+    fi
     mkdir -p "$VF_DATASTORE"
     # A daemon killed outright leaves its socket behind; the new one must not be
     # mistaken for ready because of it. Its log is appended to, not replaced.
@@ -216,7 +341,7 @@ launch_host() {
     setsid nohup ip netns exec "$ns" "$VFABRIC_BIN" host --name "$host" \
         --vmotion-addr "$vmk:8000" --uplink vmnic0 \
         --capacity-mb "${VF_TOPO_HOST_CAPACITY[$i]}" --datastore "$VF_DATASTORE" \
-        "${host_args[@]}" ${VF_HOST_ARGS:-} \
+        "${remote[@]}" "${host_args[@]}" ${VF_HOST_ARGS:-} \
         >>"$VFABRIC_RUN_DIR/$host.log" 2>&1 </dev/null &
     LAUNCHED_PID=$!
     write_pidfile "$host" "$LAUNCHED_PID"
@@ -224,27 +349,50 @@ launch_host() {
 
 # The daemons start side by side; then each is waited for.
 start_hosts() {
-    local i host pids=()
+    local i host pids=() dir m
     # The fabric CA and one certificate per host, for authenticated, encrypted vMotion
     # ($VFABRIC_RUN_DIR/pki, 0700; files 0600). An existing CA is kept.
     "$VFABRIC_BIN" pki init >/dev/null
     "$VFABRIC_BIN" pki issue "${VF_TOPO_HOSTS[@]}" >/dev/null
+    if [ ${#VF_TOPO_MACHINES[@]} -gt 0 ]; then
+        # The CLI's operator certificate stays on the first machine with the CA; the
+        # other machines get the CA certificate and their hosts' certificates, as an
+        # administrator would copy them over.
+        "$VFABRIC_BIN" pki issue-operator >/dev/null
+        : >"$VFABRIC_RUN_DIR/remotes"
+        for i in "${!VF_TOPO_HOSTS[@]}"; do
+            m=${VF_TOPO_HOST_MACHINES[$i]}
+            [ "$m" = "${VF_TOPO_MACHINES[0]}" ] && continue
+            host=${VF_TOPO_HOSTS[$i]}
+            dir=$(machine_run_dir "$m")/pki
+            mkdir -p -m 0700 "$dir"
+            cp -p "$VFABRIC_RUN_DIR/pki/ca.pem" "$VFABRIC_RUN_DIR/pki/$host.pem" \
+                "$VFABRIC_RUN_DIR/pki/$host.key" "$dir/"
+            echo "$host=${VF_TOPO_MACHINE_IPS[$(machine_index "$m")]%/*}:$((VF_TOPO_CONTROL_PORT_BASE + i))" \
+                >>"$VFABRIC_RUN_DIR/remotes"
+        done
+    fi
     for i in "${!VF_TOPO_HOSTS[@]}"; do
-        : >"$VFABRIC_RUN_DIR/${VF_TOPO_HOSTS[$i]}.log"
-        launch_host "$i"
+        on_machine "${VF_TOPO_HOST_MACHINES[$i]:-}" start_host_here "$i"
         pids+=("$LAUNCHED_PID")
     done
     for i in "${!VF_TOPO_HOSTS[@]}"; do
         host=${VF_TOPO_HOSTS[$i]}
-        wait_for_socket "$VFABRIC_RUN_DIR/$host.sock" "${pids[$i]}" "$VFABRIC_RUN_DIR/$host.log"
+        dir=$(machine_run_dir "${VF_TOPO_HOST_MACHINES[$i]:-}")
+        wait_for_socket "$dir/$host.sock" "${pids[$i]}" "$dir/$host.log"
     done
+}
+
+start_host_here() {
+    : >"$VFABRIC_RUN_DIR/${VF_TOPO_HOSTS[$1]}.log"
+    launch_host "$1"
 }
 
 # The VMs the file creates at start, through the hosts' control API as a user would.
 create_vms() {
     local i
     for i in "${!VF_TOPO_VMS[@]}"; do
-        "$VFABRIC_BIN" vm create "${VF_TOPO_VMS[$i]}" --host "${VF_TOPO_VM_HOSTS[$i]}" \
+        cli vm create "${VF_TOPO_VMS[$i]}" --host "${VF_TOPO_VM_HOSTS[$i]}" \
             --ip "${VF_TOPO_VM_IPS[$i]}" --memory-mb "${VF_TOPO_VM_MEMORY[$i]}" \
             --vcpus "${VF_TOPO_VM_VCPUS[$i]}" --word-bits "${VF_TOPO_VM_WORD_BITS[$i]}" \
             --workload "${VF_TOPO_VM_WORKLOADS[$i]}" \
@@ -256,6 +404,8 @@ create_vms() {
 restart_host() {
     local host=$1 i
     load_recorded_plan
+    [ ${#VF_TOPO_MACHINES[@]} -eq 0 ] \
+        || die "--restart-host is for a topology of one machine (this one has ${VF_TOPO_MACHINES[*]})"
     i=$(host_index "$host")
     ns_exists "$VF_PREFIX-$host" || die "the fabric ($VF_PREFIX) is not up"
     [ -f "$VFABRIC_RUN_DIR/$host.pid" ] && kill_pidfile "$VFABRIC_RUN_DIR/$host.pid"
@@ -287,7 +437,7 @@ main() {
                 restart_host "$2"
                 exit 0
                 ;;
-            -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+            -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
             -*) die "unknown option $1 (try --help)" ;;
             *)
                 [ -z "$file" ] || die "one topology file only (got $file and $1)"
@@ -309,12 +459,16 @@ main() {
     [ -d "$VFABRIC_RUN_DIR" ] || mkdir -p -m 0700 "$VFABRIC_RUN_DIR"
     printf '%s\n' "$plan" >"$VFABRIC_RUN_DIR/topology.sh"
     create_namespaces
+    local m
+    if [ ${#VF_TOPO_MACHINES[@]} -gt 0 ]; then
+        create_underlay
+    fi
     if [ "$VF_TOPO_VMOTION" = veth ]; then
         create_vmotion_veth
     else
-        start_switch "$VMOTION_SWITCH"
+        while read -r m; do on_machine "$m" start_switch "$VMOTION_SWITCH"; done < <(machines)
     fi
-    start_switch switch
+    while read -r m; do on_machine "$m" start_switch switch; done < <(machines)
     configure_uplinks
     configure_vmotion
     if [ "$hosts" = 1 ]; then
@@ -328,6 +482,12 @@ main() {
     local env= h0=${VF_TOPO_HOSTS[0]} c0=${VF_TOPO_CLIENTS[0]:-}
     [ "$VF_PREFIX" = vf ] || env+="VF_PREFIX=$VF_PREFIX "
     [ "$VFABRIC_RUN_DIR" = /run/vfabric ] || env+="VFABRIC_RUN_DIR=$VFABRIC_RUN_DIR "
+    if [ ${#VF_TOPO_MACHINES[@]} -gt 0 ]; then
+        log "machines ${VF_TOPO_MACHINES[*]}: the CLI runs on ${VF_TOPO_MACHINES[0]}; try: ${env}ip netns exec $VF_PREFIX-${VF_TOPO_MACHINES[0]} $VFABRIC_BIN hosts"
+        [ ${#VF_TOPO_VMS[@]} -gt 0 ] && [ "$hosts" = 1 ] && \
+            log "     ${env}ip netns exec $VF_PREFIX-${VF_TOPO_MACHINES[0]} $VFABRIC_BIN migrate ${VF_TOPO_VMS[0]} --to ${VF_TOPO_HOSTS[-1]}"
+        return 0
+    fi
     [ -n "$c0" ] || return 0
     log "try: ip netns exec $VF_PREFIX-$c0 ping ${VF_TOPO_HOST_IPS[0]%/*}; ${env}$VFABRIC_BIN fdb show"
     if [ "$hosts" = 1 ] && [ ${#VF_TOPO_VMS[@]} -gt 0 ]; then

@@ -7,7 +7,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -27,6 +27,21 @@ pub fn daemon_sockets() -> std::io::Result<Vec<PathBuf>> {
         .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("sock"))
         .collect();
     out.sort();
+    Ok(out)
+}
+
+/// Every daemon this CLI reaches: the control sockets in the runtime directory, then the
+/// remote daemons ([`control::remotes`]).
+pub fn daemon_endpoints() -> Result<Vec<control::Endpoint>, ControlError> {
+    let mut out: Vec<control::Endpoint> = daemon_sockets()?
+        .into_iter()
+        .map(control::Endpoint::Local)
+        .collect();
+    out.extend(
+        control::remotes()?
+            .into_iter()
+            .map(|(name, addr)| control::Endpoint::Remote { name, addr }),
+    );
     Ok(out)
 }
 
@@ -113,7 +128,7 @@ pub enum Message {
 /// Live event streams of several daemons.
 pub struct Monitor {
     rx: mpsc::Receiver<Message>,
-    closers: Vec<std::os::unix::net::UnixStream>,
+    closers: Vec<control::Closer>,
     threads: Vec<std::thread::JoinHandle<()>>,
     open: usize,
     sources: Vec<String>,
@@ -123,7 +138,10 @@ impl Monitor {
     /// Subscribes to every daemon in `paths`; returns once each has acknowledged, so
     /// every event they publish from now on is seen. A path without a daemon is an
     /// error unless `skip_dead`.
-    pub fn open(paths: &[PathBuf], skip_dead: bool) -> Result<Monitor, ControlError> {
+    pub fn open<E: Into<control::Endpoint> + Clone>(
+        paths: &[E],
+        skip_dead: bool,
+    ) -> Result<Monitor, ControlError> {
         let (tx, rx) = mpsc::channel();
         let mut m = Monitor {
             rx,
@@ -133,7 +151,7 @@ impl Monitor {
             sources: Vec::new(),
         };
         for p in paths {
-            let stream = match EventStream::open(p) {
+            let stream = match EventStream::open(p.clone()) {
                 Ok(s) => s,
                 Err(ControlError::Connect { .. }) if skip_dead => continue,
                 Err(e) => return Err(e),
@@ -143,9 +161,9 @@ impl Monitor {
         Ok(m)
     }
 
-    /// Subscribes to the daemon at `path`.
-    pub fn open_one(path: &Path) -> Result<Monitor, ControlError> {
-        Self::open(&[path.to_path_buf()], false)
+    /// Subscribes to the daemon at `to` (a socket path or an endpoint).
+    pub fn open_one(to: impl Into<control::Endpoint>) -> Result<Monitor, ControlError> {
+        Self::open(&[to.into()], false)
     }
 
     fn add(&mut self, mut stream: EventStream, tx: mpsc::Sender<Message>) -> std::io::Result<()> {
@@ -220,7 +238,7 @@ impl Monitor {
 impl Drop for Monitor {
     fn drop(&mut self) {
         for c in &self.closers {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            c.shutdown();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

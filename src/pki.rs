@@ -8,6 +8,13 @@
 //! reached is the host it meant; it is good for both server and client authentication,
 //! since a host is the target of one migration and the source of the next.
 //!
+//! An operator (the CLI reaching daemons on other machines over TCP, see
+//! [`crate::control::tls`]) holds a certificate of the same CA, good for client
+//! authentication only, whose one DNS name is `<name>.operator`: `<name>.operator.pem`
+//! and `.key`. The dot keeps it out of the host name space ([`crate::names`] refuses
+//! dots), so an operator certificate can never pass as a host on the vMotion network,
+//! and a host certificate never opens a control connection.
+//!
 //! The authority's subject is fixed, so issuing rebuilds the issuer from its key alone
 //! (no X.509 parser needed); a certificate from another fabric's CA carries the same
 //! issuer name but fails its signature check.
@@ -50,6 +57,8 @@ pub enum PkiError {
     NoCa(PathBuf),
     #[error("no certificate for host {name} in {dir} (run `vfabric pki issue {name}`)")]
     NoHostCert { name: String, dir: PathBuf },
+    #[error("no certificate for operator {name} in {dir} (run `vfabric pki issue-operator {name}` where the fabric CA is, and copy it here)")]
+    NoOperatorCert { name: String, dir: PathBuf },
     #[error("cannot read {path}: {why}")]
     Read { path: PathBuf, why: String },
     #[error("{path} is open to other users (mode {mode:03o}); keys must be 0600")]
@@ -84,16 +93,7 @@ pub fn init(dir: &Path) -> Result<Init, PkiError> {
 /// Issues (or re-issues) the certificate of host `name`, signed by the CA in `dir`.
 pub fn issue(dir: &Path, name: &str) -> Result<(), PkiError> {
     names::validate("host", name)?;
-    let ca_key_path = dir.join(CA_KEY);
-    if !ca_key_path.exists() {
-        return Err(PkiError::NoCa(dir.to_path_buf()));
-    }
-    let ca_key_pem = read_private(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::Read {
-        path: ca_key_path.clone(),
-        why: e.to_string(),
-    })?;
-    let issuer = Issuer::new(ca_params(), ca_key);
+    let issuer = load_issuer(dir)?;
     let key = KeyPair::generate().map_err(PkiError::Generate)?;
     let cert = host_params(name)?
         .signed_by(&key, &issuer)
@@ -104,6 +104,68 @@ pub fn issue(dir: &Path, name: &str) -> Result<(), PkiError> {
     )?;
     write_private(&dir.join(format!("{name}.pem")), cert.pem().as_bytes())?;
     Ok(())
+}
+
+/// The DNS name suffix of every operator certificate.
+pub const OPERATOR_SUFFIX: &str = ".operator";
+
+/// The name an operator certificate of `name` carries (`admin` -> `admin.operator`).
+pub fn operator_identity(name: &str) -> String {
+    format!("{name}{OPERATOR_SUFFIX}")
+}
+
+/// The operator name an authenticated certificate name stands for, if it is one.
+pub fn operator_of(identity: &str) -> Option<&str> {
+    let name = identity.strip_suffix(OPERATOR_SUFFIX)?;
+    names::validate("operator", name).ok()?;
+    Some(name)
+}
+
+/// Issues (or re-issues) the client certificate of operator `name`, signed by the CA in
+/// `dir`: `<name>.operator.pem` and `.key`.
+pub fn issue_operator(dir: &Path, name: &str) -> Result<(), PkiError> {
+    names::validate("operator", name)?;
+    let issuer = load_issuer(dir)?;
+    let key = KeyPair::generate().map_err(PkiError::Generate)?;
+    let id = operator_identity(name);
+    let mut p = leaf_params(&id)?;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).map_err(PkiError::Generate)?;
+    write_private(
+        &dir.join(format!("{id}.key")),
+        key.serialize_pem().as_bytes(),
+    )?;
+    write_private(&dir.join(format!("{id}.pem")), cert.pem().as_bytes())?;
+    Ok(())
+}
+
+/// Loads operator `name`'s credentials from `dir` (their `name` is `<name>.operator`).
+pub fn load_operator(dir: &Path, name: &str) -> Result<HostCredentials, PkiError> {
+    names::validate("operator", name)?;
+    let id = operator_identity(name);
+    if !dir.join(format!("{id}.pem")).exists() || !dir.join(format!("{id}.key")).exists() {
+        if !dir.join(CA_CERT).exists() {
+            return Err(PkiError::NoCa(dir.to_path_buf()));
+        }
+        return Err(PkiError::NoOperatorCert {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+        });
+    }
+    load_identity(dir, &id)
+}
+
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let ca_key_path = dir.join(CA_KEY);
+    if !ca_key_path.exists() {
+        return Err(PkiError::NoCa(dir.to_path_buf()));
+    }
+    let ca_key_pem = read_private(&ca_key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::Read {
+        path: ca_key_path.clone(),
+        why: e.to_string(),
+    })?;
+    Ok(Issuer::new(ca_params(), ca_key))
 }
 
 /// A host's credentials: the fabric CA it trusts, its certificate and its key.
@@ -125,18 +187,26 @@ impl std::fmt::Debug for HostCredentials {
 /// Loads host `name`'s credentials from `dir`. Keys open to other users are refused.
 pub fn load(dir: &Path, name: &str) -> Result<HostCredentials, PkiError> {
     names::validate("host", name)?;
-    let ca_path = dir.join(CA_CERT);
-    if !ca_path.exists() {
+    if !dir.join(CA_CERT).exists() {
         return Err(PkiError::NoCa(dir.to_path_buf()));
     }
-    let cert_path = dir.join(format!("{name}.pem"));
-    let key_path = dir.join(format!("{name}.key"));
-    if !cert_path.exists() || !key_path.exists() {
+    if !dir.join(format!("{name}.pem")).exists() || !dir.join(format!("{name}.key")).exists() {
         return Err(PkiError::NoHostCert {
             name: name.to_string(),
             dir: dir.to_path_buf(),
         });
     }
+    load_identity(dir, name)
+}
+
+/// Loads the CA certificate and the certificate and key of `<id>.pem`/`.key`.
+fn load_identity(dir: &Path, id: &str) -> Result<HostCredentials, PkiError> {
+    let ca_path = dir.join(CA_CERT);
+    if !ca_path.exists() {
+        return Err(PkiError::NoCa(dir.to_path_buf()));
+    }
+    let cert_path = dir.join(format!("{id}.pem"));
+    let key_path = dir.join(format!("{id}.key"));
     let pem_err = |path: &Path| {
         let path = path.to_path_buf();
         move |e: pki_types::pem::Error| PkiError::Read {
@@ -149,7 +219,7 @@ pub fn load(dir: &Path, name: &str) -> Result<HostCredentials, PkiError> {
     let key_pem = read_private(&key_path)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err(&key_path))?;
     Ok(HostCredentials {
-        name: name.to_string(),
+        name: id.to_string(),
         ca,
         cert,
         key,
@@ -168,16 +238,22 @@ fn ca_params() -> CertificateParams {
 }
 
 fn host_params(name: &str) -> Result<CertificateParams, PkiError> {
+    let mut p = leaf_params(name)?;
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(p)
+}
+
+/// A leaf certificate naming `name` in its subject and its one DNS name.
+fn leaf_params(name: &str) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::new(vec![name.to_string()]).map_err(PkiError::Generate)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     p.distinguished_name = dn;
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
     p.use_authority_key_identifier_extension = true;
     validity(&mut p);
     Ok(p)
@@ -267,6 +343,25 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(load(&dir, "silo104"), Err(PkiError::Mode { .. })));
+        // An operator's certificate: its own files, a name no host can have.
+        issue_operator(&dir, "admin").unwrap();
+        let op = load_operator(&dir, "admin").unwrap();
+        assert_eq!(op.name, "admin.operator");
+        let ee = webpki::EndEntityCert::try_from(&op.cert).unwrap();
+        let id: Vec<_> = ee.valid_dns_names().collect();
+        assert_eq!(id, vec!["admin.operator"]);
+        assert_eq!(operator_of(id[0]), Some("admin"));
+        assert_eq!(operator_of("silo104"), None);
+        assert!(crate::names::validate("host", id[0]).is_err());
+        assert_eq!(mode(&dir.join("admin.operator.key")), 0o600);
+        assert!(matches!(
+            load_operator(&dir, "bob"),
+            Err(PkiError::NoOperatorCert { .. })
+        ));
+        assert!(matches!(
+            issue_operator(&dir, "a/b"),
+            Err(PkiError::Name(_))
+        ));
         let other = tmp.path().join("other");
         assert!(matches!(issue(&other, "silo104"), Err(PkiError::NoCa(_))));
     }

@@ -30,6 +30,22 @@ pub const DEFAULT_LABEL: &str = "<built-in default topology>";
 pub const VM_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 0);
 /// The vMotion network: the hosts' vmk1.
 pub const VMOTION_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 0);
+/// The underlay between machines: each machine's "physical" namespace, joined by a veth
+/// pair.
+pub const UNDERLAY_NETWORK: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 0);
+/// The VXLAN segment of the VM network across machines.
+pub const VM_VNI: u32 = 42;
+/// The VXLAN segment of the vMotion network across machines.
+pub const VMOTION_VNI: u32 = 43;
+/// UDP port of the vMotion segment's tunnel: a socket per segment (a switch is one
+/// segment), so the second takes the kernel's other VXLAN port, its legacy default.
+pub const VMOTION_TUNNEL_PORT: u16 = 8472;
+/// The TCP control port of host number i (from 0) on a machine's underlay address is
+/// this plus i.
+pub const CONTROL_PORT_BASE: u16 = 7100;
+/// The underlay's MTU: VXLAN's 50 bytes over a 1500-byte inner frame, and room to
+/// spare, as NSX asks of its transport network (1600).
+pub const UNDERLAY_MTU: u32 = 1600;
 /// Prefix length of both networks.
 pub const PREFIX_LEN: u8 = 24;
 /// Capacity of a host whose entry gives none (up.sh passes VF_HOST_CAPACITY_MB).
@@ -72,9 +88,20 @@ impl fmt::Display for VmotionNetwork {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Topology {
     pub vmotion: VmotionNetwork,
+    /// Empty: one machine. Two: simulated machines joined by a veth underlay, each
+    /// with its own switches, tunnelled to the other's over VXLAN.
+    pub machines: Vec<MachineSpec>,
     pub clients: Vec<ClientSpec>,
     pub hosts: Vec<HostSpec>,
     pub vms: Vec<VmSpec>,
+}
+
+/// A simulated machine: a namespace holding its end of the underlay (its "physical"
+/// network, where its VXLAN sockets and its hosts' TCP control listeners live).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MachineSpec {
+    pub name: String,
+    pub underlay_ip: Ipv4Addr,
 }
 
 /// A client namespace: nothing of ours runs there; its eth0 is a switch port.
@@ -82,6 +109,8 @@ pub struct Topology {
 pub struct ClientSpec {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The machine it is on (None: a topology of one machine).
+    pub machine: Option<String>,
 }
 
 /// A host namespace and its hypervisor daemon.
@@ -95,6 +124,8 @@ pub struct HostSpec {
     pub capacity_mb: u64,
     /// Extra options for `vfabric host`, word by word.
     pub args: Vec<String>,
+    /// The machine it is on (None: a topology of one machine).
+    pub machine: Option<String>,
 }
 
 /// A VM created when the fabric comes up.
@@ -168,6 +199,35 @@ impl Topology {
             o,
             "VF_TOPO_VMOTION={}",
             shell_quote(&self.vmotion.to_string())
+        );
+        arr(
+            &mut o,
+            "VF_TOPO_MACHINES",
+            self.machines.iter().map(|m| m.name.clone()),
+        );
+        arr(
+            &mut o,
+            "VF_TOPO_MACHINE_IPS",
+            self.machines
+                .iter()
+                .map(|m| format!("{}/{p}", m.underlay_ip)),
+        );
+        let machine = |m: &Option<String>| m.clone().unwrap_or_default();
+        arr(
+            &mut o,
+            "VF_TOPO_CLIENT_MACHINES",
+            self.clients.iter().map(|c| machine(&c.machine)),
+        );
+        arr(
+            &mut o,
+            "VF_TOPO_HOST_MACHINES",
+            self.hosts.iter().map(|h| machine(&h.machine)),
+        );
+        let _ = writeln!(
+            o,
+            "VF_TOPO_VM_VNI={VM_VNI}\nVF_TOPO_VMOTION_VNI={VMOTION_VNI}\n\
+             VF_TOPO_VMOTION_TUNNEL_PORT={VMOTION_TUNNEL_PORT}\n\
+             VF_TOPO_CONTROL_PORT_BASE={CONTROL_PORT_BASE}\nVF_TOPO_UNDERLAY_MTU={UNDERLAY_MTU}"
         );
         arr(
             &mut o,
@@ -296,6 +356,8 @@ pub fn load(path: &std::path::Path, default_capacity_mb: u64) -> Result<Topology
 struct RawFile {
     vmotion: Option<RawVmotion>,
     #[serde(default)]
+    machine: Vec<Spanned<RawMachine>>,
+    #[serde(default)]
     client: Vec<Spanned<RawClient>>,
     #[serde(default)]
     host: Vec<Spanned<RawHost>>,
@@ -311,9 +373,17 @@ struct RawVmotion {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMachine {
+    name: Spanned<String>,
+    underlay_ip: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawClient {
     name: Spanned<String>,
     ip: Spanned<String>,
+    machine: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -325,6 +395,7 @@ struct RawHost {
     capacity_mb: Option<Spanned<i64>>,
     #[serde(default)]
     args: Vec<Spanned<String>>,
+    machine: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +659,63 @@ fn validate(cx: &Cx, raw: RawFile, default_capacity_mb: u64) -> Result<Topology,
     let mut vm_ips: HashMap<Ipv4Addr, (String, usize)> = HashMap::new();
     let mut vmk_ips: HashMap<Ipv4Addr, (String, usize)> = HashMap::new();
 
+    let mut machines = Vec::new();
+    let mut underlay_ips: HashMap<Ipv4Addr, (String, usize)> = HashMap::new();
+    for (i, m) in raw.machine.iter().enumerate() {
+        let f = |k: &str| format!("machine[{}].{k}", i + 1);
+        let m = m.get_ref();
+        let name = check_name(cx, &m.name, &f("name"), "machine", &mut names)?;
+        let ip = parse_ip(
+            cx,
+            &m.underlay_ip,
+            f("underlay_ip"),
+            UNDERLAY_NETWORK,
+            "underlay",
+        )?;
+        check_unique_ip(cx, &m.underlay_ip, &f("underlay_ip"), ip, &mut underlay_ips)?;
+        machines.push(MachineSpec {
+            name,
+            underlay_ip: ip,
+        });
+    }
+    if !machines.is_empty() && machines.len() != 2 {
+        return Err(cx.at(
+            &raw.machine[0],
+            "machine".into(),
+            format!(
+                "{} [[machine]] tables: a veth underlay joins exactly two machines",
+                machines.len()
+            ),
+        ));
+    }
+    // Which machine an entry is on: the first when it does not say; none without
+    // machines, where the key is a mistake.
+    let on_machine = |m: &Option<Spanned<String>>,
+                      field: String|
+     -> Result<Option<String>, Invalid> {
+        match (m, machines.first()) {
+            (None, None) => Ok(None),
+            (None, Some(first)) => Ok(Some(first.name.clone())),
+            (Some(s), None) => Err(cx.at(s, field, "the file has no [[machine]] tables".into())),
+            (Some(s), Some(_)) => match machines.iter().find(|x| x.name == *s.get_ref()) {
+                Some(x) => Ok(Some(x.name.clone())),
+                None => Err(cx.at(
+                    s,
+                    field,
+                    format!(
+                        "unknown machine {:?} (the file's machines are {})",
+                        s.get_ref(),
+                        machines
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            },
+        }
+    };
+
     let mut clients = Vec::new();
     for (i, c) in raw.client.iter().enumerate() {
         let f = |k: &str| format!("client[{}].{k}", i + 1);
@@ -595,7 +723,8 @@ fn validate(cx: &Cx, raw: RawFile, default_capacity_mb: u64) -> Result<Topology,
         let name = check_name(cx, &c.name, &f("name"), "client", &mut names)?;
         let ip = parse_ip(cx, &c.ip, f("ip"), VM_NETWORK, "VM network")?;
         check_unique_ip(cx, &c.ip, &f("ip"), ip, &mut vm_ips)?;
-        clients.push(ClientSpec { name, ip });
+        let machine = on_machine(&c.machine, f("machine"))?;
+        clients.push(ClientSpec { name, ip, machine });
     }
 
     if raw.host.is_empty() {
@@ -648,12 +777,14 @@ fn validate(cx: &Cx, raw: RawFile, default_capacity_mb: u64) -> Result<Topology,
                 ));
             }
         }
+        let machine = on_machine(&h.machine, f("machine"))?;
         hosts.push(HostSpec {
             name,
             ip,
             vmotion_ip,
             capacity_mb,
             args: h.args.iter().map(|a| a.get_ref().clone()).collect(),
+            machine,
         });
     }
 
@@ -661,6 +792,15 @@ fn validate(cx: &Cx, raw: RawFile, default_capacity_mb: u64) -> Result<Topology,
         None => VmotionNetwork::Switch,
         Some(s) => match s.get_ref().as_str() {
             "switch" => VmotionNetwork::Switch,
+            "veth" if !machines.is_empty() => {
+                return Err(cx.at(
+                    s,
+                    "vmotion.network".into(),
+                    "hosts on two machines meet on a vMotion switch per machine, \
+                     tunnelled to each other: use \"switch\""
+                        .into(),
+                ))
+            }
             "veth" if hosts.len() == 2 => VmotionNetwork::Veth,
             "veth" => {
                 return Err(cx.at(
@@ -810,6 +950,7 @@ fn validate(cx: &Cx, raw: RawFile, default_capacity_mb: u64) -> Result<Topology,
 
     Ok(Topology {
         vmotion,
+        machines,
         clients,
         hosts,
         vms,
@@ -858,7 +999,8 @@ capacity_mb = 512
             t.clients,
             vec![ClientSpec {
                 name: "client".into(),
-                ip: Ipv4Addr::new(10, 10, 0, 1)
+                ip: Ipv4Addr::new(10, 10, 0, 1),
+                machine: None,
             }]
         );
         let h: Vec<_> = t
@@ -885,6 +1027,66 @@ capacity_mb = 512
         );
         assert!(t.vms.is_empty());
         assert_eq!(Topology::builtin(1000).hosts[0].capacity_mb, 1000);
+    }
+
+    #[test]
+    fn two_machines_place_every_host_and_client_on_one() {
+        let text = include_str!("../netns-scripts/topologies/two-machines.toml");
+        let t = parse("two-machines.toml", text, DEFAULT_CAPACITY_MB).unwrap();
+        assert_eq!(t.machines.len(), 2);
+        assert_eq!(t.machines[1].underlay_ip, Ipv4Addr::new(10, 30, 0, 2));
+        assert_eq!(t.host("silo105").unwrap().machine.as_deref(), Some("b"));
+        assert_eq!(t.clients[0].machine.as_deref(), Some("a"));
+        let sh = t.to_shell();
+        assert!(sh.contains("VF_TOPO_HOST_MACHINES=('a' 'b')"), "{sh}");
+        assert!(
+            sh.contains("VF_TOPO_MACHINE_IPS=('10.30.0.1/24' '10.30.0.2/24')"),
+            "{sh}"
+        );
+        // One machine: no machine keys, and none in the plan.
+        let one = Topology::builtin(DEFAULT_CAPACITY_MB);
+        assert!(one.machines.is_empty() && one.hosts.iter().all(|h| h.machine.is_none()));
+        let base = "[[machine]]\nname = \"a\"\nunderlay_ip = \"10.30.0.1\"\n\
+                    [[machine]]\nname = \"b\"\nunderlay_ip = \"10.30.0.2\"\n";
+        let host = |extra: &str| format!("[[host]]\nname = \"h1\"\nip = \"10.10.0.2\"\n{extra}");
+        let err = |text: &str| parse("t.toml", text, 1024).unwrap_err().to_string();
+        // A host that does not say is on the first machine.
+        let t = parse("t.toml", &format!("{base}{}", host("")), 1024).unwrap();
+        assert_eq!(t.hosts[0].machine.as_deref(), Some("a"));
+        let e = err(&format!("{base}{}", host("machine = \"c\"\n")));
+        assert!(e.contains("host[1].machine: unknown machine \"c\""), "{e}");
+        let e = err(&host("machine = \"a\"\n"));
+        assert!(e.contains("no [[machine]] tables"), "{e}");
+        let e = err(&format!(
+            "[[machine]]\nname = \"a\"\nunderlay_ip = \"10.30.0.1\"\n{}",
+            host("")
+        ));
+        assert!(e.contains("exactly two machines"), "{e}");
+        let e = err(&format!(
+            "{base}[[machine]]\nname = \"h1\"\nunderlay_ip = \"10.30.0.3\"\n{}",
+            host("")
+        ));
+        assert!(
+            e.contains("duplicate name") || e.contains("exactly two"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{}{}",
+            base.replace("10.30.0.2", "10.30.0.1"),
+            host("")
+        ));
+        assert!(e.contains("duplicate IP 10.30.0.1"), "{e}");
+        let e = err(&format!(
+            "[vmotion]\nnetwork = \"veth\"\n{base}{}",
+            host("")
+        ));
+        assert!(e.contains("vMotion switch per machine"), "{e}");
+        let e = err(&format!(
+            "{}{}",
+            base.replace("10.30.0.2", "10.20.0.2"),
+            host("")
+        ));
+        assert!(e.contains("outside the underlay"), "{e}");
     }
 
     #[test]

@@ -339,16 +339,16 @@ impl Fabric {
     // CLI, as a user's would).
 
     fn info(&self, host: &str) -> Option<HostInfo> {
-        vfabric::control::request(&self.socket(host), api::Info {}).ok()
+        vfabric::control::request(self.socket(host), api::Info {}).ok()
     }
 
     fn list(&self, host: &str) -> Option<Vec<VmInfo>> {
-        vfabric::control::request(&self.socket(host), api::VmList {}).ok()
+        vfabric::control::request(self.socket(host), api::VmList {}).ok()
     }
 
     fn destroy(&self, host: &str) {
         let _ = vfabric::control::request(
-            &self.socket(host),
+            self.socket(host),
             api::VmDestroy {
                 name: VM.to_string(),
             },

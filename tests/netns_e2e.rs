@@ -801,7 +801,7 @@ fn uplink_reads(t: &Topology) -> [u64; 2] {
 /// Frames the switch has sent into each host's port.
 fn switch_tx(t: &Topology) -> [u64; 2] {
     let ports = vfabric::control::request(
-        &t.run_dir.path().join("switch.sock"),
+        t.run_dir.path().join("switch.sock"),
         vfabric::switchd::api::Ports {},
     )
     .expect("switch ports");

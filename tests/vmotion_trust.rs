@@ -124,7 +124,7 @@ impl Fabric {
     }
 
     fn info(&self, host: &str) -> Value {
-        serde_json::to_value(control::request(&self.sock(host), api::Info {}).unwrap()).unwrap()
+        serde_json::to_value(control::request(self.sock(host), api::Info {}).unwrap()).unwrap()
     }
 
     fn sock(&self, host: &str) -> PathBuf {
@@ -362,7 +362,7 @@ fn migrate_to(f: &Fabric, vm: &str, target: &str, addr: SocketAddr) -> String {
         options: MigrateOptions::default(),
     };
     let r = control::request_with_progress(
-        &f.sock("silo104"),
+        f.sock("silo104"),
         req,
         Some(Duration::from_secs(30)),
         |_: Value| {},

@@ -54,17 +54,18 @@ pub fn run(a: EventsArgs) -> Result<(), CliError> {
     }
     let mut mon = if let Some(sw) = &a.switch {
         vfabric::names::validate("switch", sw)?;
-        Monitor::open_one(&control::socket_path(sw))?
+        Monitor::open_one(control::endpoint(sw)?)?
     } else if let Some(h) = &a.host {
         // Unknown hosts are named as such, with the known ones.
         vfabric::host::client::host_info(h)?;
-        Monitor::open_one(&control::socket_path(h))?
+        Monitor::open_one(control::endpoint(h)?)?
     } else {
-        let socks = monitor::daemon_sockets().map_err(|e| {
-            format!(
+        let socks = monitor::daemon_endpoints().map_err(|e| match e {
+            control::ControlError::Io(e) => format!(
                 "cannot read the runtime directory {}: {e}",
                 control::runtime_dir().display()
-            )
+            ),
+            e => control::error_line(&e),
         })?;
         let m = Monitor::open(&socks, true)?;
         if m.open_streams() == 0 {

@@ -111,6 +111,21 @@ pub struct HostArgs {
     /// closed at once and counted in a periodic warning.
     #[arg(long, default_value_t = 16)]
     vmotion_max_incoming: usize,
+    /// Serve the control API over TCP too, at [NETNS:]IP:PORT (off by default), for a CLI
+    /// on another machine: TLS 1.3, this host's certificate, and only clients holding an
+    /// operator certificate of the fabric CA (`vfabric pki issue-operator`). With NETNS
+    /// the socket is opened in that namespace (the machine's management network).
+    #[arg(long, value_name = "[NETNS:]IP:PORT")]
+    control_listen: Option<vfabric::control::tls::ListenAddr>,
+    /// A TCP control connection must complete its TLS handshake within this many ms.
+    #[arg(long, default_value_t = vfabric::control::tls::DEFAULT_HANDSHAKE.as_millis() as u64,
+        value_parser = positive::<u64>)]
+    control_handshake_ms: u64,
+    /// Most TCP control connections at once (handshaking or served); more are closed at
+    /// once.
+    #[arg(long, default_value_t = vfabric::control::tls::DEFAULT_MAX_CONNECTIONS,
+        value_parser = positive::<usize>)]
+    control_max_connections: usize,
     /// Testing only: exit this daemon right after an incoming VM's first announce, before
     /// the resume is reported to the source. Lands a failed switch-over (the target gone
     /// after announcing) deterministically; never use it on a real fabric.
@@ -167,6 +182,21 @@ pub fn run_host(mut a: HostArgs) -> Result<(), CliError> {
         ..MigrationConfig::default()
     };
     let pki_dir = a.pki_dir.clone().unwrap_or_else(pki::default_dir);
+    let control_tcp = match &a.control_listen {
+        Some(at) => {
+            let creds = pki::load(&pki_dir, &name)
+                .map_err(|e| format!("--control-listen needs this host's certificate: {e}"))?;
+            Some(daemon::ControlTcp {
+                at: at.clone(),
+                tls: Arc::new(vfabric::control::tls::ServerTls::new(&creds)?),
+                limits: vfabric::control::tls::Limits {
+                    handshake: Duration::from_millis(a.control_handshake_ms),
+                    max_connections: a.control_max_connections,
+                },
+            })
+        }
+        None => None,
+    };
     let tls = match pki::load(&pki_dir, &name) {
         Ok(creds) => Some(Arc::new(Tls::new(&creds)?)),
         Err(e) if a.vmotion_encryption == Encryption::Required => {
@@ -198,6 +228,7 @@ pub fn run_host(mut a: HostArgs) -> Result<(), CliError> {
         migration,
         test_exit_after_announce: a.test_exit_after_announce,
         test_pause_dir: a.test_pause_dir,
+        control_tcp,
     };
     vfabric::sys::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -786,7 +817,7 @@ fn print_summary(s: &MigrationSummary, from: &str, to: &str) {
 /// Create the fabric's certificate authority and the hosts' certificates.
 #[derive(Debug, Args)]
 #[command(after_help = "Example (what netns-scripts/up.sh does):\n  \
-    vfabric pki init && vfabric pki issue silo104 silo105")]
+    vfabric pki init && vfabric pki issue silo104 silo105 && vfabric pki issue-operator admin")]
 pub struct PkiArgs {
     /// Directory of the PKI (default <run dir>/pki, created 0700; every file 0600).
     #[arg(long, global = true)]
@@ -805,6 +836,14 @@ enum PkiCmd {
         #[arg(required = true)]
         hosts: Vec<String>,
     },
+    /// Issue (or renew) an operator's client certificate (<name>.operator.pem, .key),
+    /// which the CLI presents to daemons it reaches over TCP ($VFABRIC_REMOTE). It is
+    /// good for nothing else: no host accepts it on the vMotion network. The CLI uses
+    /// the one named by $VFABRIC_OPERATOR (default admin) in <run dir>/pki.
+    IssueOperator {
+        #[arg(default_value = vfabric::control::DEFAULT_OPERATOR)]
+        name: String,
+    },
 }
 
 pub fn run_pki(a: PkiArgs) -> Result<(), CliError> {
@@ -819,6 +858,10 @@ pub fn run_pki(a: PkiArgs) -> Result<(), CliError> {
                 pki::issue(&dir, h)?;
                 println!("certificate of host {h} issued in {}", dir.display());
             }
+        }
+        PkiCmd::IssueOperator { name } => {
+            pki::issue_operator(&dir, &name)?;
+            println!("certificate of operator {name} issued in {}", dir.display());
         }
     }
     Ok(())

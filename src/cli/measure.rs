@@ -266,7 +266,7 @@ pub fn measure(a: &MeasureArgs) -> Result<Report, CliError> {
         None
     };
     // Subscribed before the migration starts: no event of it can be missed.
-    let events = Monitor::open(&monitor::daemon_sockets()?, true)?;
+    let events = Monitor::open(&monitor::daemon_endpoints()?, true)?;
     let since_us = unix_micros();
     let plan = MigrationPlan {
         vm: a.vm.clone(),

@@ -31,7 +31,11 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
         `measure`. Each verb has its own --help.\n\n\
         Environment: VF_PREFIX names the fabric's namespaces (default vf: vf-client, \
         vf-silo104, vf-silo105); VFABRIC_RUN_DIR holds its control sockets and logs \
-        (default /run/vfabric). Use the same values as netns-scripts/up.sh did."
+        (default /run/vfabric). Use the same values as netns-scripts/up.sh did. \
+        VFABRIC_REMOTE=NAME=IP:PORT[,…] (else the file $VFABRIC_RUN_DIR/remotes) names \
+        daemons on other machines, reached over TCP and TLS with the operator certificate \
+        $VFABRIC_RUN_DIR/pki/$VFABRIC_OPERATOR.operator.pem (default admin; see `vfabric \
+        pki issue-operator`)."
 )]
 pub struct Cli {
     #[command(subcommand)]

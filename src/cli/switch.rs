@@ -150,7 +150,7 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
 
 fn ask<R: control::Request>(switch: &str, req: R) -> Result<R::Reply, CliError> {
     vfabric::names::validate("switch", switch)?;
-    Ok(control::request(&control::socket_path(switch), req)?)
+    Ok(control::request(control::socket_path(switch), req)?)
 }
 
 pub fn run_fdb(args: FdbArgs) -> Result<(), CliError> {

@@ -74,8 +74,20 @@ pub fn run(a: TopologyArgs) -> Result<(), CliError> {
     match a.cmd {
         TopologyCmd::Check { file, opts } => {
             let t = load(Some(&file), &opts)?;
+            let machines = if t.machines.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", machines: {}",
+                    t.machines
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             println!(
-                "{}: ok: {} host(s), {} client(s), {} VM(s), vMotion network: {}",
+                "{}: ok: {} host(s), {} client(s), {} VM(s), vMotion network: {}{machines}",
                 file.display(),
                 t.hosts.len(),
                 t.clients.len(),

@@ -16,17 +16,28 @@
 //! `{"subscribe":{}}` is answered by one [`Reply::Progress`] line (`{"subscribed":
 //! SOURCE}`), then one [`Reply::Event`] line per event for as long as the client reads
 //! fast enough; a client whose queue fills is dropped with a final [`Reply::Err`].
+//!
+//! A daemon on another machine is reached over TCP instead ([`tls`]): the same lines
+//! inside TLS 1.3, both ends authenticated by the fabric CA. Which daemons are remote,
+//! and where, is named by `$VFABRIC_REMOTE` (`NAME=IP:PORT[,NAME=IP:PORT…]`) or, when it
+//! is unset, by the file `<run dir>/remotes` (the same entries, one a line); an
+//! [`Endpoint`] is either a socket path or such a remote daemon.
 
+pub mod tls;
+
+use std::fmt;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::events::{EventBus, Record, SUBSCRIBER_QUEUE};
 
@@ -118,6 +129,258 @@ pub enum ControlError {
     /// The daemon answered with an error; the text is the daemon's one-line message.
     #[error("{0}")]
     Remote(String),
+    #[error("bad list of remote daemons in {from}: {why}")]
+    Remotes { from: String, why: String },
+    #[error("daemons on other machines are out of reach")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("bad operator credentials: {0}")]
+    Credentials(String),
+    #[error("cannot reach {addr} over TCP")]
+    RemoteConnect {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with {addr} failed: {why}")]
+    RemoteTls {
+        name: String,
+        addr: SocketAddr,
+        why: String,
+    },
+    /// The daemon refused our certificate (another CA's, or not an operator's).
+    #[error(
+        "{addr} refused this CLI's certificate (TLS alert {alert}): an operator \
+             certificate of this fabric's CA is needed (`vfabric pki issue-operator`)"
+    )]
+    Refused {
+        name: String,
+        addr: SocketAddr,
+        alert: String,
+    },
+}
+
+/// Where a daemon's control API is: its Unix socket on this machine, or a daemon on
+/// another machine over TCP and TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Local(PathBuf),
+    Remote { name: String, addr: SocketAddr },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Local(p) => write!(f, "{}", p.display()),
+            Endpoint::Remote { name, addr } => write!(f, "{name} at {addr} (TLS)"),
+        }
+    }
+}
+
+impl From<&Path> for Endpoint {
+    fn from(p: &Path) -> Endpoint {
+        Endpoint::Local(p.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Endpoint {
+    fn from(p: &PathBuf) -> Endpoint {
+        Endpoint::Local(p.clone())
+    }
+}
+
+impl From<PathBuf> for Endpoint {
+    fn from(p: PathBuf) -> Endpoint {
+        Endpoint::Local(p)
+    }
+}
+
+impl From<&Endpoint> for Endpoint {
+    fn from(e: &Endpoint) -> Endpoint {
+        e.clone()
+    }
+}
+
+/// The environment variable naming remote daemons: `NAME=IP:PORT[,NAME=IP:PORT…]`.
+pub const REMOTE_ENV: &str = "VFABRIC_REMOTE";
+/// The environment variable naming the operator whose certificate the CLI presents
+/// (default `admin`: `<pki dir>/admin.operator.pem`).
+pub const OPERATOR_ENV: &str = "VFABRIC_OPERATOR";
+/// The operator when `$VFABRIC_OPERATOR` is unset.
+pub const DEFAULT_OPERATOR: &str = "admin";
+/// The file of remote daemons in the run directory, read when `$VFABRIC_REMOTE` is unset.
+pub const REMOTES_FILE: &str = "remotes";
+/// Most remote daemons one list may name.
+pub const MAX_REMOTES: usize = 256;
+
+/// Parses a list of remote daemons: `NAME=IP:PORT` entries separated by commas,
+/// spaces or newlines; `#` starts a comment to the end of its line.
+pub fn parse_remotes(text: &str) -> Result<Vec<(String, SocketAddr)>, String> {
+    let mut out: Vec<(String, SocketAddr)> = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        for entry in line
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|e| !e.is_empty())
+        {
+            let (name, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?} is not NAME=IP:PORT"))?;
+            crate::names::validate("daemon", name).map_err(|e| e.to_string())?;
+            let addr: SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("{entry:?}: {addr:?} is not IP:PORT"))?;
+            if out.iter().any(|(n, _)| n == name) {
+                return Err(format!("{name} is named twice"));
+            }
+            if out.len() == MAX_REMOTES {
+                return Err(format!("more than {MAX_REMOTES} entries"));
+            }
+            out.push((name.to_string(), addr));
+        }
+    }
+    Ok(out)
+}
+
+/// The remote daemons this CLI knows: `$VFABRIC_REMOTE`, else `<run dir>/remotes`.
+pub fn remotes() -> Result<Vec<(String, SocketAddr)>, ControlError> {
+    let (from, text) = match std::env::var(REMOTE_ENV) {
+        Ok(v) => (REMOTE_ENV.to_string(), v),
+        Err(_) => {
+            let path = runtime_dir().join(REMOTES_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => (path.display().to_string(), t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => {
+                    return Err(ControlError::Remotes {
+                        from: path.display().to_string(),
+                        why: e.to_string(),
+                    })
+                }
+            }
+        }
+    };
+    parse_remotes(&text).map_err(|why| ControlError::Remotes { from, why })
+}
+
+/// Where daemon `name` is: a remote daemon if the list names it, else its socket here.
+pub fn endpoint(name: &str) -> Result<Endpoint, ControlError> {
+    Ok(match remotes()?.into_iter().find(|(n, _)| n == name) {
+        Some((name, addr)) => Endpoint::Remote { name, addr },
+        None => Endpoint::Local(socket_path(name)),
+    })
+}
+
+/// The operator credentials of this process (`<run dir>/pki/<operator>.operator.*`),
+/// loaded at the first remote call.
+fn client_tls() -> Result<tls::ClientTls, ControlError> {
+    static CACHE: OnceLock<tls::ClientTls> = OnceLock::new();
+    if let Some(c) = CACHE.get() {
+        return Ok(c.clone());
+    }
+    let operator = std::env::var(OPERATOR_ENV).unwrap_or_else(|_| DEFAULT_OPERATOR.to_string());
+    let c = tls::ClientTls::load(&crate::pki::default_dir(), &operator)?;
+    Ok(CACHE.get_or_init(|| c).clone())
+}
+
+/// One client connection, local or remote.
+enum Conn {
+    Unix(std::os::unix::net::UnixStream),
+    Tls {
+        name: String,
+        addr: SocketAddr,
+        s: Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>,
+    },
+}
+
+impl Conn {
+    fn open(to: &Endpoint) -> Result<Conn, ControlError> {
+        match to {
+            Endpoint::Local(path) => std::os::unix::net::UnixStream::connect(path)
+                .map(Conn::Unix)
+                .map_err(|source| ControlError::Connect {
+                    path: path.clone(),
+                    source,
+                }),
+            Endpoint::Remote { name, addr } => {
+                let s = client_tls()?.connect(name, *addr, tls::CONNECT_TIMEOUT)?;
+                Ok(Conn::Tls {
+                    name: name.clone(),
+                    addr: *addr,
+                    s: Box::new(s),
+                })
+            }
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tls { s, .. } => s.sock.set_read_timeout(t),
+        }
+    }
+
+    fn closer(&self) -> std::io::Result<Closer> {
+        Ok(match self {
+            Conn::Unix(s) => Closer::Unix(s.try_clone()?),
+            Conn::Tls { s, .. } => Closer::Tcp(s.sock.try_clone()?),
+        })
+    }
+
+    /// Names an I/O failure: over TLS, a refused certificate is said as such, and an
+    /// abrupt end is the daemon closing without a reply.
+    fn error(&self, e: std::io::Error) -> ControlError {
+        match self {
+            Conn::Unix(_) => ControlError::Io(e),
+            Conn::Tls { name, addr, .. } => match tls::remote_error(name, *addr, e) {
+                ControlError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    ControlError::Closed
+                }
+                other => other,
+            },
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tls { s, .. } => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tls { s, .. } => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tls { s, .. } => s.flush(),
+        }
+    }
+}
+
+/// Ends an event stream from another thread.
+#[derive(Debug)]
+pub enum Closer {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Closer {
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Closer::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Closer::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
 }
 
 /// One reply line.
@@ -209,6 +472,23 @@ pub async fn serve_events<Req, H, Fut, S>(
     Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
     S: Future<Output = ()>,
 {
+    serve_with(listener, None, handler, events, shutdown).await
+}
+
+/// [`serve_events`], and the same API over TCP and TLS on `tcp` if given.
+pub async fn serve_with<Req, H, Fut, S>(
+    listener: UnixListener,
+    tcp: Option<tls::ControlListener>,
+    handler: H,
+    events: Option<EventBus>,
+    shutdown: S,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    H: Fn(Req, Progress) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    let tcp_task = tcp.map(|t| tokio::spawn(serve_tcp(t, handler.clone(), events.clone())));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -222,17 +502,75 @@ pub async fn serve_events<Req, H, Fut, S>(
                 let handler = handler.clone();
                 let events = events.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one::<Req, H, Fut>(stream, handler, events).await {
+                    if let Err(e) = serve_one::<Req, H, Fut, _>(stream, handler, events).await {
                         tracing::debug!(error = %e, "control connection ended");
                     }
                 });
             }
         }
     }
+    if let Some(t) = tcp_task {
+        t.abort();
+    }
 }
 
-async fn serve_one<Req, H, Fut>(
-    stream: tokio::net::UnixStream,
+/// Serves the TCP listener: a stranger gets a slot under the cap, then must finish the
+/// TLS handshake with an operator certificate before the deadline; until then nothing
+/// of the control protocol is read, and a refusal is counted and logged at DEBUG only.
+async fn serve_tcp<Req, H, Fut>(t: tls::ControlListener, handler: H, events: Option<EventBus>)
+where
+    Req: DeserializeOwned + Send + 'static,
+    H: Fn(Req, Progress) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(t.limits.max_connections.max(1)));
+    let refused = t.refused();
+    loop {
+        let (tcp, peer) = match t.listener.accept().await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tls::ControlListener::count_refusal(&refused);
+            tracing::debug!(%peer, "control connection over the cap: closed");
+            continue;
+        };
+        let (handler, events, tls, refused) = (
+            handler.clone(),
+            events.clone(),
+            t.tls.clone(),
+            refused.clone(),
+        );
+        let deadline = t.limits.handshake;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = tcp.set_nodelay(true);
+            let (stream, operator) = match tokio::time::timeout(deadline, tls.accept(tcp)).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(why)) => {
+                    tls::ControlListener::count_refusal(&refused);
+                    tracing::debug!(%peer, why, "control connection refused");
+                    return;
+                }
+                Err(_) => {
+                    tls::ControlListener::count_refusal(&refused);
+                    tracing::debug!(%peer, "control handshake deadline passed");
+                    return;
+                }
+            };
+            tracing::debug!(%peer, operator, "control connection authenticated");
+            if let Err(e) = serve_one::<Req, H, Fut, _>(stream, handler, events).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_one<Req, H, Fut, St>(
+    stream: St,
     handler: H,
     events: Option<EventBus>,
 ) -> std::io::Result<()>
@@ -240,8 +578,9 @@ where
     Req: DeserializeOwned,
     H: Fn(Req, Progress) -> Fut,
     Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    St: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = tokio::io::BufReader::new(rd).take(MAX_LINE as u64);
     let mut line = String::new();
     // A client that connects and says nothing does not keep its descriptor forever.
@@ -279,10 +618,7 @@ where
     wr.shutdown().await
 }
 
-async fn write_reply(
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
-    reply: &Reply,
-) -> std::io::Result<()> {
+async fn write_reply<W: AsyncWrite + Unpin>(wr: &mut W, reply: &Reply) -> std::io::Result<()> {
     let mut text = serde_json::to_string(reply).map_err(std::io::Error::other)?;
     text.push('\n');
     wr.write_all(text.as_bytes()).await
@@ -290,9 +626,9 @@ async fn write_reply(
 
 /// Answers a subscription: an acknowledgement, then every event until the client goes
 /// away or falls so far behind that the bus drops it.
-async fn stream_events(
+async fn stream_events<W: AsyncWrite + Unpin>(
     events: Option<EventBus>,
-    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut wr: W,
 ) -> std::io::Result<()> {
     let Some(bus) = events else {
         write_reply(
@@ -321,27 +657,32 @@ async fn stream_events(
     wr.shutdown().await
 }
 
-/// Sends `req` to the daemon at `path` and waits for its final reply, calling
-/// `on_progress` for each progress line. `timeout` bounds each read (None: wait forever).
+/// Sends `req` to the daemon at `to` (a socket path or an [`Endpoint`]) and waits for
+/// its final reply, calling `on_progress` for each progress line. `timeout` bounds each
+/// read (None: wait forever).
 pub fn call<Req: Serialize>(
-    path: &Path,
+    to: impl Into<Endpoint>,
     req: &Req,
     timeout: Option<Duration>,
     mut on_progress: impl FnMut(serde_json::Value),
 ) -> Result<serde_json::Value, ControlError> {
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(path).map_err(|source| ControlError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let mut stream = Conn::open(&to.into())?;
     stream.set_read_timeout(timeout)?;
     let mut text = serde_json::to_string(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     text.push('\n');
-    stream.write_all(text.as_bytes())?;
+    if let Err(e) = stream
+        .write_all(text.as_bytes())
+        .and_then(|_| stream.flush())
+    {
+        return Err(stream.error(e));
+    }
     let mut rd = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        let n = (&mut rd).take(MAX_LINE as u64).read_line(&mut line)?;
+        let n = match (&mut rd).take(MAX_LINE as u64).read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) => return Err(rd.get_ref().error(e)),
+        };
         if n == 0 {
             return Err(ControlError::Closed);
         }
@@ -362,29 +703,29 @@ pub fn call<Req: Serialize>(
 
 /// Convenience: a call with the default read timeout and no progress.
 pub fn call_simple<Req: Serialize, Resp: DeserializeOwned>(
-    path: &Path,
+    to: impl Into<Endpoint>,
     req: &Req,
 ) -> Result<Resp, ControlError> {
-    let v = call(path, req, Some(DEFAULT_TIMEOUT), |_| {})?;
+    let v = call(to, req, Some(DEFAULT_TIMEOUT), |_| {})?;
     serde_json::from_value(v).map_err(|e| ControlError::Protocol(e.to_string()))
 }
 
 /// Sends the typed request `req` to the daemon at `path` and returns its typed reply
 /// (default read timeout).
-pub fn request<R: Request>(path: &Path, req: R) -> Result<R::Reply, ControlError> {
-    request_with_progress(path, req, Some(DEFAULT_TIMEOUT), |_: serde_json::Value| {})
+pub fn request<R: Request>(to: impl Into<Endpoint>, req: R) -> Result<R::Reply, ControlError> {
+    request_with_progress(to, req, Some(DEFAULT_TIMEOUT), |_: serde_json::Value| {})
 }
 
 /// [`request`] with progress lines of type `P` and a read timeout of choice (None: wait
 /// forever). A progress line of another shape is skipped.
 pub fn request_with_progress<R: Request, P: DeserializeOwned>(
-    path: &Path,
+    to: impl Into<Endpoint>,
     req: R,
     timeout: Option<Duration>,
     mut on_progress: impl FnMut(P),
 ) -> Result<R::Reply, ControlError> {
     let api: R::Api = req.into();
-    let v = call(path, &api, timeout, |v| {
+    let v = call(to, &api, timeout, |v| {
         if let Ok(p) = serde_json::from_value(v) {
             on_progress(p)
         }
@@ -395,24 +736,25 @@ pub fn request_with_progress<R: Request, P: DeserializeOwned>(
 /// A live event stream from one daemon (blocking reads).
 pub struct EventStream {
     source: String,
-    rd: BufReader<std::os::unix::net::UnixStream>,
+    rd: BufReader<Conn>,
 }
 
 impl EventStream {
-    /// Subscribes to the events of the daemon at `path`. Returns once the daemon has
-    /// acknowledged: every event it publishes from then on is in the stream.
-    pub fn open(path: &Path) -> Result<EventStream, ControlError> {
-        let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-            ControlError::Connect {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    /// Subscribes to the events of the daemon at `to` (a socket path or an
+    /// [`Endpoint`]). Returns once the daemon has acknowledged: every event it publishes
+    /// from then on is in the stream.
+    pub fn open(to: impl Into<Endpoint>) -> Result<EventStream, ControlError> {
+        let mut stream = Conn::open(&to.into())?;
         stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
         let mut text = serde_json::to_string(&Subscribe::default())
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         text.push('\n');
-        stream.write_all(text.as_bytes())?;
+        if let Err(e) = stream
+            .write_all(text.as_bytes())
+            .and_then(|_| stream.flush())
+        {
+            return Err(stream.error(e));
+        }
         let mut rd = BufReader::new(stream);
         let source = match read_reply(&mut rd)? {
             Some(Reply::Progress(v)) => {
@@ -438,8 +780,8 @@ impl EventStream {
     }
 
     /// A handle that ends the stream from another thread (`shutdown`).
-    pub fn closer(&self) -> std::io::Result<std::os::unix::net::UnixStream> {
-        self.rd.get_ref().try_clone()
+    pub fn closer(&self) -> std::io::Result<Closer> {
+        self.rd.get_ref().closer()
     }
 
     /// Bounds each wait for the next event (None: wait forever).
@@ -458,11 +800,12 @@ impl EventStream {
     }
 }
 
-fn read_reply(
-    rd: &mut BufReader<std::os::unix::net::UnixStream>,
-) -> Result<Option<Reply>, ControlError> {
+fn read_reply(rd: &mut BufReader<Conn>) -> Result<Option<Reply>, ControlError> {
     let mut line = String::new();
-    let n = rd.take(MAX_LINE as u64).read_line(&mut line)?;
+    let n = match rd.take(MAX_LINE as u64).read_line(&mut line) {
+        Ok(n) => n,
+        Err(e) => return Err(rd.get_ref().error(e)),
+    };
     if n == 0 {
         return Ok(None);
     }

@@ -26,6 +26,11 @@ pub enum ClientError {
     NoHosts { dir: PathBuf },
     #[error("unknown host {name}: {}", known_hosts(.known))]
     UnknownHost { name: String, known: Vec<String> },
+    #[error("no remote daemons")]
+    Remotes {
+        #[source]
+        source: ControlError,
+    },
     #[error("no running host has a VM named {0}")]
     NoSuchVm(String),
     #[error("{vm} already runs on {host}")]
@@ -53,8 +58,10 @@ fn known_hosts(known: &[String]) -> String {
     }
 }
 
-/// Every host daemon that answers in the runtime directory, by name. Sockets of other
-/// daemons (the switch) and dead sockets are skipped.
+/// Every host daemon that answers in the runtime directory, and every remote daemon
+/// ([`control::remotes`]), by name. Sockets of other daemons (the switch) and dead
+/// sockets are skipped; a remote daemon that cannot be reached is an error (it was
+/// named on purpose).
 pub fn hosts() -> Result<Vec<HostInfo>, ClientError> {
     let dir = control::runtime_dir();
     let rd = std::fs::read_dir(&dir).map_err(|source| ClientError::RunDir {
@@ -70,6 +77,24 @@ pub fn hosts() -> Result<Vec<HostInfo>, ClientError> {
         if let Ok(info) = control::request(&p, api::Info {}) {
             out.push(info);
         }
+    }
+    let remotes = control::remotes().map_err(|source| ClientError::Remotes { source })?;
+    for (name, addr) in remotes {
+        if out.iter().any(|h| h.name == name) {
+            continue;
+        }
+        let info = control::request(
+            control::Endpoint::Remote {
+                name: name.clone(),
+                addr,
+            },
+            api::Info {},
+        )
+        .map_err(|source| ClientError::Host {
+            host: name.clone(),
+            source,
+        })?;
+        out.push(info);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -89,17 +114,27 @@ pub fn some_hosts() -> Result<Vec<HostInfo>, ClientError> {
 /// Sends `req` to host `name`. A host without a socket is unknown: the error lists the
 /// hosts that are.
 pub fn call<R: control::Request>(name: &str, req: R) -> Result<R::Reply, ClientError> {
-    let path = host_socket(name)?;
-    control::request(&path, req).map_err(|source| ClientError::Host {
+    let to = host_endpoint(name)?;
+    control::request(to, req).map_err(|source| ClientError::Host {
         host: name.to_string(),
         source,
     })
 }
 
-/// The socket of host `name`, if there is one.
-fn host_socket(name: &str) -> Result<PathBuf, ClientError> {
-    let path = control::socket_path(name);
-    if crate::names::validate("host", name).is_err() || !path.exists() {
+/// Where host `name` is reached: a remote daemon of that name, or its socket here if
+/// there is one.
+fn host_endpoint(name: &str) -> Result<control::Endpoint, ClientError> {
+    let valid = crate::names::validate("host", name).is_ok();
+    let to = if valid {
+        control::endpoint(name).map_err(|source| ClientError::Remotes { source })?
+    } else {
+        control::Endpoint::Local(control::socket_path(name))
+    };
+    let exists = match &to {
+        control::Endpoint::Local(path) => path.exists(),
+        control::Endpoint::Remote { .. } => true,
+    };
+    if !valid || !exists {
         let known = hosts()
             .map(|h| h.into_iter().map(|h| h.name).collect())
             .unwrap_or_default();
@@ -108,7 +143,7 @@ fn host_socket(name: &str) -> Result<PathBuf, ClientError> {
             known,
         });
     }
-    Ok(path)
+    Ok(to)
 }
 
 /// Host `name`'s identity and capacity.
@@ -208,28 +243,24 @@ pub fn migrate(
         options: plan.options.clone(),
     };
     let mut last: Option<Progress> = None;
-    let result = control::request_with_progress(
-        &control::socket_path(&source.name),
-        req,
-        None,
-        |p: Progress| {
+    let result =
+        control::request_with_progress(host_endpoint(&source.name)?, req, None, |p: Progress| {
             last = Some(p.clone());
             on_step(Step::Progress(p))
-        },
-    )
-    .map_err(|e| match e {
-        // The source daemon died mid-migration: say which host, in which phase, and
-        // where the VM is now, as far as the target can tell.
-        ControlError::Closed | ControlError::Io(_) => ClientError::SourceLost {
-            host: source.name.clone(),
-            phase: phase_after(last.as_ref()),
-            whereabouts: whereabouts(&plan.vm, &source.name, &target.name),
-        },
-        e => ClientError::Host {
-            host: source.name.clone(),
-            source: e,
-        },
-    });
+        })
+        .map_err(|e| match e {
+            // The source daemon died mid-migration: say which host, in which phase, and
+            // where the VM is now, as far as the target can tell.
+            ControlError::Closed | ControlError::Io(_) => ClientError::SourceLost {
+                host: source.name.clone(),
+                phase: phase_after(last.as_ref()),
+                whereabouts: whereabouts(&plan.vm, &source.name, &target.name),
+            },
+            e => ClientError::Host {
+                host: source.name.clone(),
+                source: e,
+            },
+        });
     if result.is_err() {
         // The choices and the memory were for this migration only.
         let _ = call(
@@ -267,8 +298,11 @@ fn phase_after(last: Option<&Progress>) -> String {
 fn whereabouts(vm: &str, source: &str, target: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
+        let Ok(to) = host_endpoint(target) else {
+            return format!("{target} cannot be asked where {vm} is");
+        };
         let shown = control::request(
-            &control::socket_path(target),
+            to,
             api::VmShow {
                 name: vm.to_string(),
             },

@@ -52,6 +52,12 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for control connections on {addr}")]
+    ControlListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open uplink {0}")]
     Uplink(String, #[source] crate::port::packet::PacketError),
     #[error(transparent)]
@@ -84,6 +90,17 @@ pub struct HostConfig {
     /// the resume is reported to the source, so that a failed switch-over (the target
     /// gone after announcing) lands deterministically.
     pub test_exit_after_announce: bool,
+    /// The control API over TCP and TLS, for the CLI on another machine; None (the
+    /// default) serves the Unix socket only.
+    pub control_tcp: Option<ControlTcp>,
+}
+
+/// A TCP control listener: where, with which certificate, and its limits on strangers.
+#[derive(Debug, Clone)]
+pub struct ControlTcp {
+    pub at: control::tls::ListenAddr,
+    pub tls: Arc<control::tls::ServerTls>,
+    pub limits: control::tls::Limits,
 }
 
 /// How the vMotion listener and outgoing migrations protect themselves.
@@ -205,6 +222,20 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         source,
     })?;
     let control = control::bind(&cfg.socket)?;
+    let control_tcp = match &cfg.control_tcp {
+        Some(c) => {
+            let l = control::tls::bind(&c.at).map_err(|source| HostError::ControlListen {
+                addr: c.at.to_string(),
+                source,
+            })?;
+            Some(control::tls::ControlListener::new(
+                l,
+                c.tls.clone(),
+                c.limits,
+            ))
+        }
+        None => None,
+    };
     let pause = PausePoints::new(cfg.test_pause_dir.clone(), &cfg.name);
     let events = EventBus::new(&cfg.name);
     let inv = Mutex::new(Inventory::new(&cfg.name, cfg.capacity_mb));
@@ -227,6 +258,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
         uplink = host.cfg.uplink.as_deref().unwrap_or("-"),
         capacity_mb = host.cfg.capacity_mb,
         socket = %host.cfg.socket.display(),
+        control_tcp = %host.cfg.control_tcp.as_ref().map(|c| c.at.to_string()).unwrap_or_else(|| "-".into()),
         vmotion_encryption = %host.cfg.vmotion.encryption,
         certificate = host.cfg.vmotion.tls.as_ref().map(|t| t.name()).unwrap_or("-"),
         "host ready"
@@ -292,7 +324,7 @@ pub async fn run<S: Future<Output = ()>>(cfg: HostConfig, shutdown: S) -> Result
             }
         })
     };
-    control::serve_events(control, handler, Some(events), shutdown).await;
+    control::serve_with(control, control_tcp, handler, Some(events), shutdown).await;
     accept.abort();
     summaries.abort();
     host.stop.store(true, Ordering::SeqCst);

@@ -152,6 +152,7 @@ impl Topology {
             Some(f) => vfabric::topology::load(f, capacity).unwrap_or_else(|_| {
                 vfabric::topology::Topology {
                     vmotion: vfabric::topology::VmotionNetwork::Switch,
+                    machines: vec![],
                     clients: vec![],
                     hosts: vec![],
                     vms: vec![],
