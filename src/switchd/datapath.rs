@@ -484,6 +484,12 @@ impl Fabric {
         })
     }
 
+    /// The names of the ports (not the mirror's), in id order.
+    pub fn port_names(&self) -> Vec<String> {
+        let ports = self.shared.table();
+        ports.iter().flatten().map(|p| p.name.clone()).collect()
+    }
+
     /// Live FDB entries.
     pub fn fdb(&self) -> Vec<FdbRow> {
         let now = Instant::now();
@@ -839,7 +845,13 @@ impl Shared {
                 self.mark_down(out);
             }
             Err(PortError::Io(_)) => out.counters.drop(DropReason::TxError),
-            Err(PortError::Refused(r)) => out.counters.drop(r),
+            Err(PortError::Refused(r)) => {
+                out.counters.drop(r);
+                // The kernel said so before the next look: stop flooding into it now.
+                if r == DropReason::LinkDown {
+                    out.link.store(false, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
