@@ -77,6 +77,11 @@ pub struct SwitchArgs {
     /// Pin the data-path threads to this CPU; off by default
     #[arg(long, value_name = "CPU")]
     cpu: Option<usize>,
+    /// Frames the data-path thread forwards between two polls, one from each readable
+    /// port in turn: a port that becomes readable waits at most this many frames
+    #[arg(long, value_name = "FRAMES", default_value_t = switchd::datapath::ROUND_BUDGET as u16,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    batch: u16,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +188,7 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
         threading: args.threading,
         rt_priority: args.rt_priority,
         cpu: args.cpu,
+        batch: usize::from(args.batch),
     })?;
     Ok(())
 }

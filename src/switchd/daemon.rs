@@ -150,6 +150,8 @@ pub struct DaemonConfig {
     pub rt_priority: Option<u8>,
     /// CPU the data-path threads are pinned to.
     pub cpu: Option<usize>,
+    /// Frames forwarded between two polls (0: the default).
+    pub batch: usize,
 }
 
 /// Errors of the switch daemon.
@@ -320,6 +322,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
         threading: cfg.threading,
         rt_priority: cfg.rt_priority,
         cpu: cfg.cpu,
+        batch: cfg.batch,
     };
     let fabric = Arc::new(Fabric::start_opts(ports, mirror, cfg.fdb, opts, events)?);
 
@@ -565,6 +568,7 @@ mod tests {
             threading: crate::switchd::Threading::default(),
             rt_priority: None,
             cpu: None,
+            batch: 0,
         };
         assert!(matches!(
             cfg.validate(),

@@ -257,9 +257,20 @@ pub struct DataPathOptions {
     pub rt_priority: Option<u8>,
     /// CPU the data-path threads are pinned to.
     pub cpu: Option<usize>,
+    /// Frames the single data-path thread forwards between two polls, across all ports
+    /// (0: [`ROUND_BUDGET`]).
+    pub batch: usize,
 }
 
 impl DataPathOptions {
+    fn batch(&self) -> usize {
+        if self.batch == 0 {
+            ROUND_BUDGET
+        } else {
+            self.batch
+        }
+    }
+
     /// Applies priority and affinity to the calling thread; a refusal is logged once
     /// and the thread runs on as a normal one.
     fn apply_to_current_thread(&self) {
@@ -909,6 +920,7 @@ fn poll_loop(s: &Shared) {
     let mut ready: Vec<usize> = Vec::new();
     let mut set = PollSet::new();
     let mut rr = RoundRobin::default();
+    let batch = s.opts.batch();
     while !s.stop.load(Ordering::Relaxed) {
         view.refresh(s);
         live.clear();
@@ -942,13 +954,14 @@ fn poll_loop(s: &Shared) {
                 Readiness::Readable => ready.push(i),
             }
         }
-        rr.serve(s, &view, &mut ready, ROUND_BUDGET, &mut buf, &mut events);
+        rr.serve(s, &view, &mut ready, batch, &mut buf, &mut events);
     }
 }
 
-/// Frames the single data-path thread forwards between two polls, across all ports. A
-/// port that becomes readable meanwhile waits at most this many frames of the others.
-const ROUND_BUDGET: usize = 32;
+/// Frames the single data-path thread forwards between two polls, across all ports, by
+/// default (`--batch`). A port that becomes readable meanwhile waits at most this many
+/// frames of the others.
+pub const ROUND_BUDGET: usize = 32;
 
 /// The order in which the single data-path thread serves the ports a poll found
 /// readable: one frame from each in turn (round robin), the first turn starting one
