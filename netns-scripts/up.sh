@@ -121,6 +121,19 @@ configure_uplinks() {
     done
 }
 
+# wait_for_links NAME — waits (at most 3 s) until switch NAME has seen the links of the
+# interfaces just brought up: it reads each port's link state about once a second, and
+# floods skip a port whose link it still takes for down.
+wait_for_links() {
+    local _
+    for _ in $(seq 30); do
+        "$VFABRIC_BIN" ports --switch "$1" --json 2>/dev/null \
+            | grep -q '"link_up": false' || return 0
+        sleep 0.1
+    done
+    log "switch $1: a port's link is still down after 3 s"
+}
+
 configure_vmotion() {
     local i ns
     for i in "${!VF_TOPO_HOSTS[@]}"; do
@@ -180,6 +193,7 @@ restart_switch() {
         fi
         start_switch switch append
         configure_uplinks
+        wait_for_links switch
     else
         if [ -z "${VF_VMOTION_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/$name.env" ]; then
             # shellcheck disable=SC1090
@@ -316,6 +330,7 @@ main() {
     fi
     start_switch switch
     configure_uplinks
+    wait_for_links switch
     configure_vmotion
     if [ "$hosts" = 1 ]; then
         start_hosts
