@@ -125,11 +125,14 @@ configure_uplinks() {
 # interfaces just brought up: it reads each port's link state about once a second, and
 # floods skip a port whose link it still takes for down.
 wait_for_links() {
-    local _
+    local _ rows
     for _ in $(seq 30); do
-        "$VFABRIC_BIN" ports --switch "$1" --json 2>/dev/null \
-            | grep -q '"link_up": false' || return 0
-        sleep 0.1
+        # Whole, not piped into grep -q: a reader that stops early fails the pipeline.
+        rows=$("$VFABRIC_BIN" ports --switch "$1" --json 2>/dev/null) || return 0
+        case $rows in
+            *'"link_up": false'*) sleep 0.1 ;;
+            *) return 0 ;;
+        esac
     done
     log "switch $1: a port's link is still down after 3 s"
 }
