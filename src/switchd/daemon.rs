@@ -548,6 +548,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_port_kind_prints_back_as_it_parses() {
+        for spec in [
+            "client=vf-client:eth0",
+            "vm2=attach::vnet0",
+            "web=attach:vf-web:veth1",
+            "vm1=qemu-stream:/run/x/vm1.sock",
+            "vm3=qemu-dgram:local=/run/x/sw.sock,remote=/run/x/vm.sock",
+        ] {
+            let p: PortSpec = spec.parse().unwrap();
+            assert_eq!(p.to_string(), spec);
+            assert_eq!(p.to_string().parse::<PortSpec>().unwrap(), p);
+        }
+        let p: PortSpec = "vm2=attach::vnet0".parse().unwrap();
+        assert_eq!(p.kind.interface(), Some(("", "vnet0")));
+        let p: PortSpec = "vm1=qemu-stream:/run/x/vm1.sock".parse().unwrap();
+        assert_eq!(p.kind.interface(), None);
+    }
+
+    #[test]
     fn port_specs_parse_or_say_why_not() {
         let p: PortSpec = "client=vf-client:eth0".parse().unwrap();
         assert_eq!(
