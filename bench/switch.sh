@@ -15,9 +15,14 @@
 # kernel vxlan devices (the baseline), vfabric-vxlan two vfabric switches joined by
 # VXLAN ports; client and hosts have MTU 1450 on both (1500 minus VXLAN's 50), and the
 # summary adds vfabric-vxlan's ratio to kernel-vxlan.
+# `vfabric-attach` is the switch alone again, but silo104's port is an attach port:
+# silo104's vmnic0 is one end of a veth pair whose other end (in a namespace of the
+# switch's) vfabric uses through a packet socket (`--port silo104=attach:NS:IFNAME`),
+# as it would a libvirt guest's TAP; client and silo105 stay TAP ports.
 # Cleans up after itself, also on failure or Ctrl-C. Needs root.
 # Usage: bench/switch.sh   (env: BENCH_SECS, BENCH_PINGS, BENCH_ROUNDS, BENCH_PREFIX,
-#        BENCH_SWITCHES: a subset, kernel-bridge first, e.g. "kernel-bridge vfabric vfabric-hosts")
+#        BENCH_SWITCHES: a subset, kernel-bridge first, e.g. "kernel-bridge vfabric vfabric-hosts";
+#        BENCH_ATTACH_ARGS: extra `vfabric switch` arguments for vfabric-attach)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -29,8 +34,8 @@ P=${P:0:8}
 BUILD_BIN=${VFABRIC_BIN:+no}
 VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-bench.XXXXXX)
-read -ra SWITCHES <<<"${BENCH_SWITCHES:-kernel-bridge vfabric vfabric-hosts vde_switch kernel-vxlan vfabric-vxlan}"
-declare -A TAG=([kernel-bridge]=b [vfabric]=v [vfabric-hosts]=h [vde_switch]=d [kernel-vxlan]=kx [vfabric-vxlan]=t)
+read -ra SWITCHES <<<"${BENCH_SWITCHES:-kernel-bridge vfabric vfabric-attach vfabric-hosts vde_switch kernel-vxlan vfabric-vxlan}"
+declare -A TAG=([kernel-bridge]=b [vfabric]=v [vfabric-attach]=a [vfabric-hosts]=h [vde_switch]=d [kernel-vxlan]=kx [vfabric-vxlan]=t)
 for sw in "${SWITCHES[@]}"; do [ -n "${TAG[$sw]:-}" ] || { echo "unknown switch $sw" >&2; exit 1; }; done
 [ "${SWITCHES[0]}" = kernel-bridge ] || { echo "BENCH_SWITCHES must start with kernel-bridge" >&2; exit 1; }
 has() { [[ " ${SWITCHES[*]} " == *" $1 "* ]]; }
@@ -62,7 +67,7 @@ cleanup() {
     VF_PREFIX="$P-v" VFABRIC_RUN_DIR="$WORK/vfabric" "$REPO/netns-scripts/down.sh" >/dev/null 2>&1
     VF_PREFIX="$P-h" VFABRIC_RUN_DIR="$WORK/vfabric-h" "$REPO/netns-scripts/down.sh" >/dev/null 2>&1
     if [ -f "$WORK/vde.pid" ]; then kill "$(cat "$WORK/vde.pid")" 2>/dev/null; fi
-    for f in "$WORK"/sw[ab].pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
+    for f in "$WORK"/sw[ab].pid "$WORK"/att.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
     # Whatever still runs in our namespaces (iperf3 servers, tcpdump), then the
     # namespaces themselves (veths and TAPs go with them).
     for ns in $(ip netns list | awk '{print $1}' | grep -E "^$P-" || true); do
@@ -209,6 +214,35 @@ setup_vfabric_vxlan() {
     hosts_up t
 }
 
+# The switch alone, silo104 on an attach port (a veth end), the others on TAPs.
+setup_vfabric_attach() {
+    setup_vfabric_build
+    make_ns a
+    ip netns add "$P-a-sw"
+    ip -n "$P-a-sw" link set lo up
+    ip link add vmnic0 netns "$P-a-silo104" type veth peer name p-silo104 netns "$P-a-sw"
+    ip netns exec "$P-a-sw" sysctl -qw net.ipv6.conf.p-silo104.disable_ipv6=1
+    ip -n "$P-a-sw" link set p-silo104 up
+    local run="$WORK/vfa"
+    mkdir -p -m 0700 "$run"
+    VFABRIC_RUN_DIR="$run" setsid "$VFABRIC_BIN" switch --name swatt ${BENCH_ATTACH_ARGS:-} \
+        --port "client=$P-a-client:eth0" \
+        --port "silo104=attach:$P-a-sw:p-silo104" \
+        --port "silo105=$P-a-silo105:vmnic0" \
+        >"$run/swatt.log" 2>&1 &
+    echo $! >"$WORK/att.pid"
+    for _ in $(seq 100); do [ -S "$run/swatt.sock" ] && break; sleep 0.1; done
+    [ -S "$run/swatt.sock" ] || die "vfabric-attach: switch did not start: $(cat "$run/swatt.log")"
+    hosts_up a
+}
+
+setup_vfabric_build() {
+    if [ "${BUILD_BIN:-}" != no ]; then
+        log "building the release binary"
+        (cd "$REPO" && cargo build --release --quiet)
+    fi
+}
+
 # ready TAG: waits for client -> silo104 connectivity, starts the iperf3 server.
 ready() {
     local c="$P-$1-client" s="$P-$1-silo104" ok=0
@@ -253,6 +287,7 @@ median() { sort -g | awk '{v[NR]=$1} END {if (!NR) {print 0; exit} if (NR%2) pri
 
 setup_bridge
 has vfabric && setup_vfabric
+has vfabric-attach && setup_vfabric_attach
 has vfabric-hosts && { [ -x "$VFABRIC_BIN" ] || setup_vfabric; setup_vfabric_hosts; }
 has vde_switch && setup_vde
 has kernel-vxlan && setup_kernel_vxlan
@@ -311,6 +346,12 @@ if has vfabric; then
         printf "target vfabric >= 0.75 x bridge throughput: %.2f x  %s\n", x, (x >= 0.75 ? "met" : "NOT met")
         printf "target added median RTT <= 30 us over bridge: %+.1f us  %s\n", d, (d <= 30 ? "met" : "NOT met")
     }'
+fi
+if has vfabric && has vfabric-attach; then
+    ax=$(per_round vfabric-attach vfabric 3 / | median)
+    ad=$(per_round vfabric-attach vfabric 4 - | median)
+    awk -v x="$ax" -v d="$ad" 'BEGIN {
+        printf "silo104 on an attach port (veth) vs a TAP port: throughput %.2f x, median RTT %+.1f us\n", x, d }'
 fi
 if has vfabric && has vde_switch; then
     v=$(per_round vfabric vde_switch 3 / | median)

@@ -9,7 +9,7 @@ set -euo pipefail
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 if [ "$(id -u)" -eq 0 ]; then
     ensure_packages ip:iproute2 ping:iputils-ping tcpdump:tcpdump nft:nftables chattr:e2fsprogs \
-        qemu-system-x86_64:qemu-system-x86
+        qemu-system-x86_64:qemu-system-x86 iperf3:iperf3
 else
     log "not root: the namespace tests will be SKIPPED (run as root to include them)"
 fi

@@ -235,6 +235,22 @@ configure_uplinks() {
     done
 }
 
+# wait_for_links NAME — waits (at most 3 s) until switch NAME has seen the links of the
+# interfaces just brought up: it reads each port's link state about once a second, and
+# floods skip a port whose link it still takes for down.
+wait_for_links() {
+    local _ rows
+    for _ in $(seq 30); do
+        # Whole, not piped into grep -q: a reader that stops early fails the pipeline.
+        rows=$("$VFABRIC_BIN" ports --switch "$1" --json 2>/dev/null) || return 0
+        case $rows in
+            *'"link_up": false'*) sleep 0.1 ;;
+            *) return 0 ;;
+        esac
+    done
+    log "switch $1: a port's link is still down after 3 s"
+}
+
 configure_vmotion() {
     local i ns
     for i in "${!VF_TOPO_HOSTS[@]}"; do
@@ -297,6 +313,7 @@ restart_switch() {
         fi
         start_switch switch append
         configure_uplinks
+        wait_for_links switch
     else
         if [ -z "${VF_VMOTION_SWITCH_ARGS+x}" ] && [ -f "$VFABRIC_RUN_DIR/$name.env" ]; then
             # shellcheck disable=SC1090
@@ -470,6 +487,7 @@ main() {
     fi
     while read -r m; do on_machine "$m" start_switch switch; done < <(machines)
     configure_uplinks
+    wait_for_links switch
     configure_vmotion
     if [ "$hosts" = 1 ]; then
         start_hosts

@@ -67,6 +67,18 @@ pub enum Event {
         ifname: String,
         fdb_entries_removed: usize,
     },
+    /// A port was deleted at run time (`vfabric port del`); its FDB entries went with it.
+    PortDeleted {
+        port: String,
+        ifname: String,
+        fdb_entries_removed: usize,
+    },
+    /// A port's interface became operationally up or down: floods skip it while down.
+    PortLink {
+        port: String,
+        ifname: String,
+        up: bool,
+    },
 
     // The hosts.
     /// A VM was admitted and its memory reserved.
@@ -306,6 +318,19 @@ impl fmt::Display for Event {
             } => write!(
                 f,
                 "port {port} gone: device {ifname} vanished, {fdb_entries_removed} entries removed"
+            ),
+            PortDeleted {
+                port,
+                ifname,
+                fdb_entries_removed,
+            } => write!(
+                f,
+                "port {port} deleted ({ifname}), {fdb_entries_removed} entries removed"
+            ),
+            PortLink { port, ifname, up } => write!(
+                f,
+                "port {port} link {} ({ifname})",
+                if *up { "up" } else { "down" }
             ),
             VmCreated {
                 vm,

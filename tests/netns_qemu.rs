@@ -1,6 +1,7 @@
 //! Namespace tests with a real QEMU on vfabric's QEMU socket ports: QEMU's own
 //! announce frames cross the switch byte-identical, and a QEMU live migration between
-//! two ports moves the switch's FDB on the destination QEMU's first RARP.
+//! two ports moves the switch's FDB on the destination QEMU's first RARP, on socket
+//! ports and on attach ports over the QEMUs' own TAPs.
 //!
 //! The QEMUs boot nothing (no disk; the firmware halts): QEMU itself writes the RARP
 //! frames (QMP `announce-self`, and on resume after a migration), so these tests need
@@ -302,6 +303,165 @@ fn qemu_announce_through_a_dgram_port() {
         "{qd}"
     );
     drop(q);
+    t.down();
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TAP `ifname` in namespace `ns`, up and without IPv6 (its kernel side stays
+/// silent), for a QEMU `-netdev tap` to open and a vfabric attach port to use.
+fn tap_for_qemu(ns: &str, ifname: &str) {
+    ip(&[
+        "-n", ns, "tuntap", "add", "dev", ifname, "mode", "tap", "vnet_hdr",
+    ]);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw"])
+        .arg(format!("net.ipv6.conf.{ifname}.disable_ipv6=1"))
+        .status();
+    ip(&["-n", ns, "link", "set", ifname, "up"]);
+}
+
+#[test]
+fn qemu_migration_between_attach_ports_on_its_taps() {
+    if !require_root() || !require_qemu() {
+        return;
+    }
+    // Namespace <prefix>-qv holds both QEMUs' TAPs (removed with the fabric, also when
+    // the test fails): the source's is a port from the start, the destination's is
+    // added while the switch runs.
+    let mut t = Topology::up_around(|t| {
+        let ns = format!("{}-qv", t.prefix);
+        ip(&["netns", "add", &ns]);
+        tap_for_qemu(&ns, &format!("{}-qa", t.prefix));
+        tap_for_qemu(&ns, &format!("{}-qb", t.prefix));
+        vec![
+            ("VF_HOSTS".into(), "0".into()),
+            (
+                "VF_SWITCH_ARGS".into(),
+                format!("--port qa=attach:{ns}:{}-qa", t.prefix),
+            ),
+        ]
+    });
+    let dir = t.run_dir.path().to_path_buf();
+    let ns = format!("{}-qv", t.prefix);
+    let (tap_a, tap_b) = (format!("{}-qa", t.prefix), format!("{}-qb", t.prefix));
+    let mac: MacAddr = MAC.parse().unwrap();
+    let rarp = rarp_frame(mac).to_vec();
+    let client_ns = t.ns(t.client());
+
+    let add = t.vfabric_json(&["port", "add", "qb", &format!("attach:{ns}:{tap_b}")]);
+    assert_eq!(
+        (add["kind"].as_str(), add["ifname"].as_str()),
+        (Some("attach"), Some(tap_b.as_str())),
+        "{add}"
+    );
+    let mut a = Qemu::start(
+        &dir,
+        "qa",
+        MAC,
+        Netdev::Tap {
+            netns: &ns,
+            ifname: &tap_a,
+        },
+        None,
+        &[],
+    );
+    let mut b = Qemu::start(
+        &dir,
+        "qb",
+        MAC,
+        Netdev::Tap {
+            netns: &ns,
+            ifname: &tap_b,
+        },
+        Some(&dir.join("mig.sock")),
+        &[],
+    );
+    // With a QEMU on each TAP the switch sees both links up.
+    let link_up = |t: &Topology, port: &str| {
+        t.vfabric_json(&["ports"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == port && p["link_up"] == true)
+    };
+    assert!(
+        t.wait_for(Duration::from_secs(5), || link_up(&t, "qa")
+            && link_up(&t, "qb")),
+        "{}",
+        t.vfabric_json(&["ports"])
+    );
+
+    // QEMU's own announce through its TAP and the attach port: byte-identical at the
+    // client, learned on qa.
+    let watch = EventWatch::start(&t, &["--switch"]);
+    let ((), seen) = capture_rarp(&client_ns, "eth0", || {
+        a.execute(
+            "announce-self",
+            json!({"initial": 50, "max": 550, "rounds": 2, "step": 50}),
+        );
+    });
+    assert_eq!(seen.len(), 2, "two announce rounds: {seen:?}");
+    for (_, f) in &seen {
+        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
+    }
+    let fdb = t.vfabric_json(&["fdb", "show"]);
+    assert!(
+        fdb.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["mac"] == MAC && r["port"] == "qa"),
+        "learned on qa: {fdb}"
+    );
+
+    // A live migration to the QEMU on the other TAP: its RARPs move the FDB to qb.
+    let (mig, seen) = capture_rarp(&client_ns, "eth0", || {
+        a.migrate(
+            &format!("unix:{}", dir.join("mig.sock").display()),
+            Duration::from_secs(60),
+        )
+    });
+    b.wait_event("RESUME", Duration::from_secs(10))
+        .expect("destination QEMU resumed");
+    let moved = watch
+        .wait_for(Duration::from_secs(5), |r| moved_to(r, mac, "qb"))
+        .expect("the FDB moved to qb");
+    let records = watch.stop();
+    assert!(
+        matches!(&moved.event, Event::MacMoved { from, ethertype, .. } if from == "qa" && ethertype == "rarp"),
+        "{moved:?}"
+    );
+    assert_eq!(seen.len(), 5, "QEMU's five RARPs after resume: {seen:?}");
+    for (_, f) in &seen {
+        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
+    }
+    assert!(
+        seen[0].0 >= moved.t_us,
+        "the client saw the RARP before the move"
+    );
+    let moves = records.iter().filter(|r| moved_to(r, mac, "qb")).count();
+    assert_eq!(moves, 1, "one move: the later RARPs find the MAC on qb");
+    eprintln!("qemu downtime {} ms over attach ports", mig["downtime"]);
+    let fdb = t.vfabric_json(&["fdb", "show"]);
+    assert!(
+        fdb.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["mac"] == MAC && r["port"] == "qb"),
+        "on qb: {fdb}"
+    );
+    drop(a);
+    drop(b);
     t.down();
 }
 

@@ -50,6 +50,8 @@ pub enum Command {
     Fdb(switch::FdbArgs),
     /// Show the switch's ports and their counters.
     Ports(switch::PortsArgs),
+    /// Add or delete a port of the running switch.
+    Port(switch::PortArgs),
     /// Run the hypervisor daemon of one emulated host (in its namespace), or put a host
     /// in and out of maintenance mode (`vfabric host maintenance enter|exit HOST`).
     Host(host::HostArgs),
@@ -102,6 +104,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Switch(a) => switch::run_switch(a),
         Command::Fdb(a) => switch::run_fdb(a),
         Command::Ports(a) => switch::run_ports(a),
+        Command::Port(a) => switch::run_port(a),
         Command::Completions(a) => docs::run_completions(a),
         Command::Man(a) => docs::run_man(a),
     }

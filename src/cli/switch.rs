@@ -1,5 +1,5 @@
-//! `vfabric switch`, `vfabric fdb show|flush`, `vfabric ports`: the switch daemon and its
-//! control verbs.
+//! `vfabric switch`, `vfabric fdb show|flush`, `vfabric ports`, `vfabric port add|del`:
+//! the switch daemon and its control verbs.
 
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ use vfabric::switchd::{self, DaemonConfig, FdbRow, PortSpec, PortStats};
         the port waiting for the next. NAME=qemu-dgram:local=PATH,remote=QPATH binds PATH \
         and sends to QEMU's socket QPATH, for -netdev dgram,id=n0,local.type=unix,\
         local.path=QPATH,remote.type=unix,remote.path=PATH.\n\n\
+        A port NAME=attach:NETNS:IFNAME uses an interface that already exists (a \
+        libvirt/QEMU TAP, a veth end) through a packet socket, as `ip link set IFNAME \
+        master` would: frames IFNAME receives enter the switch, frames for it are sent \
+        out of it. Ports can be added and deleted while the switch runs (`vfabric port \
+        add|del`).\n\n\
         Example: vfabric switch --port client=vf-client:eth0 --port silo104=vf-silo104:vmnic0 \
         --port wan=vxlan:vni=42,local=vf-ul:10.99.0.1,remote=10.99.0.2"
 )]
@@ -43,11 +48,12 @@ pub struct SwitchArgs {
     #[arg(long, default_value = switchd::DEFAULT_NAME)]
     name: String,
     /// A port, e.g. client=vf-client:eth0, or a VXLAN tunnel
-    /// wan=vxlan:vni=42,local=NETNS:10.99.0.1,remote=10.99.0.2, or a QEMU guest's
-    /// socket vm1=qemu-stream:PATH (repeat for each port)
+    /// wan=vxlan:vni=42,local=NETNS:10.99.0.1,remote=10.99.0.2, an existing interface
+    /// vm1=attach:NETNS:IFNAME, or a QEMU guest's socket vm1=qemu-stream:PATH (repeat
+    /// for each port)
     #[arg(
         long = "port",
-        value_name = "NAME=NETNS:IFNAME|NAME=vxlan:…|NAME=qemu-stream:PATH",
+        value_name = "NAME=NETNS:IFNAME|NAME=attach:NETNS:IFNAME|NAME=vxlan:…|NAME=qemu-stream:PATH",
         required = true
     )]
     ports: Vec<String>,
@@ -73,6 +79,51 @@ pub struct SwitchArgs {
     /// trip) or "per-port" (one thread sleeping on each port)
     #[arg(long, default_value = "single", value_name = "MODE")]
     threading: vfabric::switchd::Threading,
+    /// Run the data-path threads under SCHED_FIFO at this priority (1-99), so a busy
+    /// machine does not delay forwarding; off by default
+    #[arg(long, value_name = "PRIO", value_parser = clap::value_parser!(u8).range(1..=99))]
+    rt_priority: Option<u8>,
+    /// Pin the data-path threads to this CPU; off by default
+    #[arg(long, value_name = "CPU")]
+    cpu: Option<usize>,
+    /// Frames the data-path thread forwards between two polls, one from each readable
+    /// port in turn: a port that becomes readable waits at most this many frames
+    #[arg(long, value_name = "FRAMES", default_value_t = switchd::datapath::ROUND_BUDGET as u16,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    batch: u16,
+}
+
+#[derive(Debug, Args)]
+#[command(about = "Add or delete a port of the running switch")]
+pub struct PortArgs {
+    #[command(subcommand)]
+    cmd: PortCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum PortCmd {
+    /// Add port NAME: SPEC is NETNS:IFNAME (a new TAP), attach:NETNS:IFNAME (an existing
+    /// interface) or vxlan:KEY=VALUE,… as --port of `vfabric switch` takes it
+    Add {
+        name: String,
+        spec: String,
+        /// Name of the switch to ask
+        #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
+        switch: String,
+        /// Print {"port","id","ifname","kind"}
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete port NAME; the MACs learned on it are forgotten
+    Del {
+        name: String,
+        /// Name of the switch to ask
+        #[arg(long, value_name = "NAME", default_value = switchd::DEFAULT_NAME)]
+        switch: String,
+        /// Print {"port","fdb_entries_removed"}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +195,9 @@ pub fn run_switch(args: SwitchArgs) -> Result<(), CliError> {
         },
         offload: !args.no_offload,
         threading: args.threading,
+        rt_priority: args.rt_priority,
+        cpu: args.cpu,
+        batch: usize::from(args.batch),
     })?;
     Ok(())
 }
@@ -194,6 +248,41 @@ pub fn utc_time_of_day(t_us: u64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:06}", t_us % 1_000_000)
 }
 
+pub fn run_port(args: PortArgs) -> Result<(), CliError> {
+    match args.cmd {
+        PortCmd::Add {
+            name,
+            spec,
+            switch,
+            json,
+        } => {
+            vfabric::names::validate("port", &name)?;
+            let spec = format!("{name}={spec}");
+            // Refused here with the parser's message rather than by the daemon.
+            spec.parse::<PortSpec>()?;
+            let r = ask(&switch, api::PortAdd { spec })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("port {} added ({} {})", r.port, r.kind, r.ifname);
+            }
+        }
+        PortCmd::Del { name, switch, json } => {
+            vfabric::names::validate("port", &name)?;
+            let r = ask(&switch, api::PortDel { name })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "port {} deleted, {} entries removed",
+                    r.port, r.fdb_entries_removed
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
     let ports: Vec<PortStats> = ask(&args.switch, api::Ports {})?;
     if args.json {
@@ -201,8 +290,9 @@ pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:<10} {:<10} {:<14} {:<5} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  DROPPED",
+        "{:<10} {:<6} {:<10} {:<14} {:<9} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  DROPPED",
         "PORT",
+        "KIND",
         "IFNAME",
         "NETNS",
         "STATE",
@@ -219,11 +309,16 @@ pub fn run_ports(args: PortsArgs) -> Result<(), CliError> {
             dropped.push(format!("rx_errors={}", p.rx_errors));
         }
         println!(
-            "{:<10} {:<10} {:<14} {:<5} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  {}",
+            "{:<10} {:<6} {:<10} {:<14} {:<9} {:>4} {:>10} {:>14} {:>10} {:>14} {:>8}  {}",
             p.port,
+            if p.kind.is_empty() { "-" } else { &p.kind },
             p.ifname,
             if p.netns.is_empty() { "-" } else { &p.netns },
-            if p.up { "up" } else { "down" },
+            match (p.up, p.link_up) {
+                (false, _) => "down",
+                (true, false) => "no-link",
+                (true, true) => "up",
+            },
             p.fdb_entries,
             p.rx_frames,
             p.rx_bytes,

@@ -1,7 +1,7 @@
 //! In-memory port (test adapter): a pair of channels standing in for a TAP, so the
 //! switch daemon's data path is tested without root.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +19,8 @@ pub struct MemPort {
     tx: Sender<Vec<u8>>,
     /// The "interface" MTU the peer set (0: none).
     mtu: Arc<AtomicU32>,
+    /// The "interface" is operationally up (the peer's `set_link`).
+    running: Arc<AtomicBool>,
 }
 
 /// The far end: what a test uses to inject frames and see what the switch sent.
@@ -27,6 +29,7 @@ pub struct MemPeer {
     tx: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
     mtu: Arc<AtomicU32>,
+    running: Arc<AtomicBool>,
 }
 
 /// A new link: the port for the switch and its peer for the test.
@@ -34,6 +37,7 @@ pub fn pair(name: &str, vnet_hdr_len: usize, offload: bool) -> (MemPort, MemPeer
     let (to_switch, from_peer) = mpsc::channel();
     let (to_peer, from_switch) = mpsc::channel();
     let mtu = Arc::new(AtomicU32::new(0));
+    let running = Arc::new(AtomicBool::new(true));
     (
         MemPort {
             name: name.to_string(),
@@ -43,11 +47,13 @@ pub fn pair(name: &str, vnet_hdr_len: usize, offload: bool) -> (MemPort, MemPeer
             pending: Mutex::new(None),
             tx: to_peer,
             mtu: mtu.clone(),
+            running: running.clone(),
         },
         MemPeer {
             tx: to_switch,
             rx: from_switch,
             mtu,
+            running,
         },
     )
 }
@@ -68,6 +74,11 @@ impl MemPeer {
         self.mtu.store(mtu, Ordering::Relaxed);
     }
 
+    /// Sets the link up or down, as `ip link set … up|down` would.
+    pub fn set_link(&self, up: bool) {
+        self.running.store(up, Ordering::Relaxed);
+    }
+
     /// Every frame already sent to this port.
     pub fn drain(&self) -> Vec<Vec<u8>> {
         self.rx.try_iter().collect()
@@ -75,6 +86,17 @@ impl MemPeer {
 }
 
 impl Port for MemPort {
+    fn link_state(&self) -> super::LinkState {
+        super::LinkState {
+            mtu: self.mtu(),
+            running: Some(self.running.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "mem"
+    }
+
     fn mtu(&self) -> Option<u32> {
         Some(self.mtu.load(Ordering::Relaxed)).filter(|&m| m > 0)
     }

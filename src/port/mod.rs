@@ -4,6 +4,7 @@
 //! runs in tests over [`mem::MemPort`] without root or namespaces, and in production
 //! over [`tap::Tap`].
 
+pub mod attach;
 pub mod bpf;
 pub mod mem;
 pub mod packet;
@@ -44,6 +45,16 @@ pub enum Recv {
     },
     /// Something arrived that was no frame of ours; it was dropped for this reason.
     Dropped(DropReason),
+}
+
+/// What the kernel says of a port's interface, looked at about once a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkState {
+    /// The MTU (None: unknown, or no limit).
+    pub mtu: Option<u32>,
+    /// Operationally up (IFF_RUNNING: administratively up with carrier, RFC 2863
+    /// operstate UP); None: unknown, taken as up.
+    pub running: Option<bool>,
 }
 
 /// A place frames come from and go to. Shared by the port's reader thread and every
@@ -110,6 +121,20 @@ pub trait Port: Send + Sync {
     /// limit). Asked about once a second, never per frame.
     fn mtu(&self) -> Option<u32> {
         None
+    }
+
+    /// The MTU and operational state of the port's interface, in one look (which may
+    /// cost a thread in the interface's namespace: never per frame).
+    fn link_state(&self) -> LinkState {
+        LinkState {
+            mtu: self.mtu(),
+            running: None,
+        }
+    }
+
+    /// What the port is, as `vfabric ports` shows it: `tap`, `attach`, `vxlan`, …
+    fn kind(&self) -> &'static str {
+        "other"
     }
 
     /// The tunnel a VXLAN port stands for (None: not a tunnel).

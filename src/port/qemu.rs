@@ -455,6 +455,10 @@ impl Port for StreamPort {
         &self.ifname
     }
 
+    fn kind(&self) -> &'static str {
+        "qemu-stream"
+    }
+
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.epoll.as_fd())
     }
@@ -625,6 +629,10 @@ impl Port for DgramPort {
 
     fn ifname(&self) -> &str {
         &self.ifname
+    }
+
+    fn kind(&self) -> &'static str {
+        "qemu-dgram"
     }
 
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {

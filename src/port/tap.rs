@@ -151,6 +151,17 @@ fn is_gone(e: &io::Error) -> bool {
     )
 }
 
+/// The MTU and operational state of `ifname`, through a socket of its namespace.
+pub(crate) fn look(ctl: &std::os::fd::OwnedFd, ifname: &str) -> crate::port::LinkState {
+    use std::os::fd::AsFd;
+    crate::port::LinkState {
+        mtu: sys::if_mtu(ctl, ifname).ok(),
+        running: crate::sys::packet::if_flags(ctl.as_fd(), ifname)
+            .ok()
+            .map(|f| f & libc::IFF_RUNNING as u32 != 0),
+    }
+}
+
 impl Port for Tap {
     fn try_recv(&self, buf: &mut [u8]) -> Result<Option<usize>, PortError> {
         match (&self.file).read(buf) {
@@ -195,22 +206,36 @@ impl Port for Tap {
     }
 
     fn mtu(&self) -> Option<u32> {
+        self.link_state().mtu
+    }
+
+    fn link_state(&self) -> crate::port::LinkState {
         match &self.netns {
             // Best effort, from a short-lived thread in the port's namespace; without it
-            // the port's MTU is unknown and not enforced.
+            // the port's MTU is unknown and not enforced, and its link taken as up.
             Some(ns) => {
                 let path = Path::new("/run/netns").join(ns);
                 let ifname = self.ifname.clone();
                 std::thread::spawn(move || {
-                    crate::sys::packet::enter_netns(&path).ok()?;
-                    let ctl = sys::ctl_socket().ok()?;
-                    sys::if_mtu(&ctl, &ifname).ok()
+                    if crate::sys::packet::enter_netns(&path).is_err() {
+                        return crate::port::LinkState::default();
+                    }
+                    match sys::ctl_socket() {
+                        Ok(ctl) => look(&ctl, &ifname),
+                        Err(_) => crate::port::LinkState::default(),
+                    }
                 })
                 .join()
-                .ok()
-                .flatten()
+                .unwrap_or_default()
             }
-            None => sys::if_mtu(self.ctl.as_ref()?, &self.ifname).ok(),
+            None => match self.ctl.as_ref() {
+                Some(ctl) => look(ctl, &self.ifname),
+                None => crate::port::LinkState::default(),
+            },
         }
+    }
+
+    fn kind(&self) -> &'static str {
+        "tap"
     }
 }

@@ -501,6 +501,10 @@ impl Port for VxlanPort {
         Some(std::os::fd::AsFd::as_fd(&self.sock))
     }
 
+    fn kind(&self) -> &'static str {
+        "vxlan"
+    }
+
     fn tunnel(&self) -> Option<&VxlanSpec> {
         Some(&self.spec)
     }

@@ -56,6 +56,10 @@ pub enum DropReason {
     TxError,
     /// The egress port is down.
     PortDown,
+    /// The egress port's interface is not operationally up (administratively down, or
+    /// no carrier): unicast to it is dropped, floods skip it, as a bridge port that is
+    /// not forwarding.
+    LinkDown,
     /// A tunnel datagram shorter than the VXLAN header plus an Ethernet header.
     VxlanTruncated,
     /// A VXLAN header without the I flag or with a reserved bit set.
@@ -71,7 +75,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Runt,
         DropReason::InvalidSource,
         DropReason::LinkLocal,
@@ -81,6 +85,7 @@ impl DropReason {
         DropReason::GsoUnsupported,
         DropReason::TxError,
         DropReason::PortDown,
+        DropReason::LinkDown,
         DropReason::VxlanTruncated,
         DropReason::VxlanBadFlags,
         DropReason::VxlanWrongVni,
@@ -106,6 +111,7 @@ impl DropReason {
             DropReason::GsoUnsupported => "gso_unsupported",
             DropReason::TxError => "tx_error",
             DropReason::PortDown => "port_down",
+            DropReason::LinkDown => "link_down",
             DropReason::VxlanTruncated => "vxlan_truncated",
             DropReason::VxlanBadFlags => "vxlan_bad_flags",
             DropReason::VxlanWrongVni => "vxlan_wrong_vni",

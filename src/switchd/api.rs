@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{FdbRow, PortStats};
+use crate::switch::PortId;
 
 /// A request to the switch daemon, tagged by `op`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -12,6 +13,8 @@ pub enum SwitchRequest {
     FdbShow(FdbShow),
     FdbFlush(FdbFlush),
     Ports(Ports),
+    PortAdd(PortAdd),
+    PortDel(PortDel),
 }
 
 /// The forwarding table.
@@ -26,6 +29,48 @@ pub struct FdbFlush {}
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ports {}
 
+/// Add a port to the running switch: `spec` as `--port` takes it (`NAME=NETNS:IFNAME`,
+/// `NAME=attach:NETNS:IFNAME`, `NAME=vxlan:…`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortAdd {
+    pub spec: String,
+}
+
+/// Delete a port of the running switch; its FDB entries are flushed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortDel {
+    pub name: String,
+}
+
+/// Reply to [`PortAdd`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortAdded {
+    pub port: String,
+    pub id: PortId,
+    pub ifname: String,
+    pub kind: String,
+}
+
+/// Reply to [`PortDel`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortDeleted {
+    pub port: String,
+    pub fdb_entries_removed: usize,
+}
+
+/// Why a port could not be added or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    #[error("{0}")]
+    Spec(String),
+    #[error("port {0:?} exists already")]
+    Exists(String),
+    #[error("no port {0:?}")]
+    NoSuchPort(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Reply to [`FdbFlush`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Flushed {
@@ -36,6 +81,8 @@ crate::api_requests!(SwitchRequest:
     FdbShow => Vec<FdbRow>,
     FdbFlush => Flushed,
     Ports => Vec<PortStats>,
+    PortAdd => PortAdded,
+    PortDel => PortDeleted,
 );
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::{Fabric, FabricError, SwitchPort};
 use crate::control::{self, ControlError, Request};
 use crate::events::{Event, EventBus};
 use crate::names::{self, NameError};
+use crate::port::attach::{AttachError, AttachPort};
 use crate::port::qemu::{
     self, DgramPort, DgramSpec, DgramSpecError, QemuPortError, SocketPathError, StreamPort,
 };
@@ -22,8 +23,9 @@ use crate::wire::vnet::VNET_HDR_LEN;
 /// Most ports one switch takes.
 pub const MAX_PORTS: usize = 256;
 
-/// `NAME=NETNS:IFNAME` (a TAP), `NAME=vxlan:KEY=VALUE,…` (a VXLAN tunnel),
-/// `NAME=qemu-stream:PATH` or `NAME=qemu-dgram:local=PATH,remote=PATH` (a QEMU guest).
+/// `NAME=NETNS:IFNAME` (a TAP), `NAME=attach:NETNS:IFNAME` (an existing interface),
+/// `NAME=vxlan:KEY=VALUE,…` (a VXLAN tunnel), `NAME=qemu-stream:PATH` or
+/// `NAME=qemu-dgram:local=PATH,remote=PATH` (a QEMU guest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSpec {
     pub name: String,
@@ -36,12 +38,49 @@ pub enum PortKind {
     /// A TAP whose interface is moved into NETNS and renamed IFNAME there (empty NETNS:
     /// the interface stays in the switch's namespace).
     Tap { netns: String, ifname: String },
+    /// An existing interface IFNAME in NETNS (empty: the switch's namespace), used
+    /// through a packet socket: a libvirt/QEMU TAP or a veth end.
+    Attach { netns: String, ifname: String },
     /// A VXLAN tunnel port over a UDP socket.
     Vxlan(VxlanSpec),
     /// A Unix stream socket a QEMU `-netdev stream` connects to.
     QemuStream { path: std::path::PathBuf },
     /// A Unix datagram socket paired with a QEMU `-netdev dgram`.
     QemuDgram(DgramSpec),
+}
+
+impl PortKind {
+    /// The interface a TAP or attach port stands for: (namespace, name).
+    fn interface(&self) -> Option<(&str, &str)> {
+        match self {
+            PortKind::Tap { netns, ifname } | PortKind::Attach { netns, ifname } => {
+                Some((netns, ifname))
+            }
+            PortKind::Vxlan(_) | PortKind::QemuStream { .. } | PortKind::QemuDgram(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            PortKind::Tap { netns, ifname } => write!(f, "{}={netns}:{ifname}", self.name),
+            PortKind::Attach { netns, ifname } => {
+                write!(f, "{}=attach:{netns}:{ifname}", self.name)
+            }
+            PortKind::Vxlan(v) => write!(f, "{}={v}", self.name),
+            PortKind::QemuStream { path } => {
+                write!(f, "{}=qemu-stream:{}", self.name, path.display())
+            }
+            PortKind::QemuDgram(d) => write!(
+                f,
+                "{}=qemu-dgram:local={},remote={}",
+                self.name,
+                d.local.display(),
+                d.remote.display()
+            ),
+        }
+    }
 }
 
 /// A port spec that does not parse.
@@ -104,6 +143,12 @@ impl FromStr for PortSpec {
                 kind: PortKind::QemuDgram(d.parse()?),
             });
         }
+        // `attach:NETNS:IFNAME`; `attach:eth0` alone is the TAP eth0 in a namespace
+        // called attach.
+        let (attach, rest) = match rest.strip_prefix("attach:").filter(|r| r.contains(':')) {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
         let (netns, ifname) = rest.split_once(':').ok_or_else(|| err("missing ':'"))?;
         names::validate("port", name)?;
         if !valid_token(netns) {
@@ -114,11 +159,13 @@ impl FromStr for PortSpec {
                 "interface name must be 1 to 15 letters, digits, '-', '_', '.'",
             ));
         }
+        let (netns, ifname) = (netns.to_string(), ifname.to_string());
         Ok(PortSpec {
             name: name.to_string(),
-            kind: PortKind::Tap {
-                netns: netns.to_string(),
-                ifname: ifname.to_string(),
+            kind: if attach {
+                PortKind::Attach { netns, ifname }
+            } else {
+                PortKind::Tap { netns, ifname }
             },
         })
     }
@@ -137,6 +184,12 @@ pub struct DaemonConfig {
     pub offload: bool,
     /// One data-path thread for all ports, or one per port.
     pub threading: super::Threading,
+    /// SCHED_FIFO priority of the data-path threads (None: normal scheduling).
+    pub rt_priority: Option<u8>,
+    /// CPU the data-path threads are pinned to.
+    pub cpu: Option<usize>,
+    /// Frames forwarded between two polls (0: the default).
+    pub batch: usize,
 }
 
 /// Errors of the switch daemon.
@@ -159,6 +212,12 @@ pub enum SwitchdError {
         source: TapError,
     },
     #[error("port {port}")]
+    Attach {
+        port: String,
+        #[source]
+        source: AttachError,
+    },
+    #[error("port {port}")]
     Vxlan {
         port: String,
         #[source]
@@ -170,6 +229,8 @@ pub enum SwitchdError {
         #[source]
         source: QemuPortError,
     },
+    #[error("a real-time priority is 1 to 99")]
+    BadPriority,
     #[error("cannot start the data path")]
     Fabric(#[from] FabricError),
     #[error("control socket")]
@@ -187,23 +248,21 @@ impl DaemonConfig {
         if self.ports.len() > MAX_PORTS {
             return Err(SwitchdError::TooManyPorts);
         }
+        if self.rt_priority.is_some_and(|p| !(1..=99).contains(&p)) {
+            return Err(SwitchdError::BadPriority);
+        }
         for (i, p) in self.ports.iter().enumerate() {
             for q in &self.ports[..i] {
                 if q.name == p.name {
                     return Err(SwitchdError::DuplicatePort(p.name.clone()));
                 }
-                if let (
-                    PortKind::Tap { netns, ifname },
-                    PortKind::Tap {
-                        netns: qn,
-                        ifname: qi,
-                    },
-                ) = (&p.kind, &q.kind)
+                if let (Some((netns, ifname)), Some(other)) =
+                    (p.kind.interface(), q.kind.interface())
                 {
-                    if qn == netns && qi == ifname {
+                    if other == (netns, ifname) {
                         return Err(SwitchdError::DuplicateIfname {
-                            netns: netns.clone(),
-                            ifname: ifname.clone(),
+                            netns: netns.to_string(),
+                            ifname: ifname.to_string(),
                         });
                     }
                 }
@@ -240,6 +299,13 @@ fn create_port(
             })?;
             let ns = tap.netns().map(str::to_string);
             Ok((Box::new(tap), ns))
+        }
+        PortKind::Attach { netns, ifname } => {
+            let port = AttachPort::open(netns, ifname).map_err(|source| SwitchdError::Attach {
+                port: spec.name.clone(),
+                source,
+            })?;
+            Ok((Box::new(port), (!netns.is_empty()).then(|| netns.clone())))
         }
         PortKind::Vxlan(v) => {
             let port = VxlanPort::open(v, VNET_HDR_LEN).map_err(|source| SwitchdError::Vxlan {
@@ -316,13 +382,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), SwitchdError> {
         }
         None => None,
     };
-    let fabric = Arc::new(Fabric::start_events(
-        ports,
-        mirror,
-        cfg.fdb,
-        cfg.threading,
-        events,
-    )?);
+    let opts = super::DataPathOptions {
+        threading: cfg.threading,
+        rt_priority: cfg.rt_priority,
+        cpu: cfg.cpu,
+        batch: cfg.batch,
+    };
+    let fabric = Arc::new(Fabric::start_opts(ports, mirror, cfg.fdb, opts, events)?);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -360,18 +426,29 @@ async fn serve(
             loop {
                 tick.tick().await;
                 fabric.sweep();
-                fabric.refresh_mtus();
+                fabric.refresh_links();
             }
         })
     };
     let events = fabric.events().clone();
     let goodbye = events.clone();
-    let port_names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
+    let shutdown_fabric = fabric.clone();
+    let offload = cfg.offload;
     let handler = move |req: SwitchRequest, _progress: control::Progress| {
         let fabric = fabric.clone();
         async move {
             type Never = std::convert::Infallible;
             match req {
+                SwitchRequest::PortAdd(a) => {
+                    // Creating a TAP runs `ip`, attaching enters a namespace: off the
+                    // runtime's thread.
+                    let r =
+                        tokio::task::spawn_blocking(move || add_port(&fabric, &a.spec, offload))
+                            .await
+                            .unwrap_or_else(|e| Err(api::PortError::Failed(e.to_string())));
+                    api::PortAdd::reply(r)
+                }
+                SwitchRequest::PortDel(d) => api::PortDel::reply(del_port(&fabric, &d.name)),
                 SwitchRequest::FdbShow(_) => api::FdbShow::reply(Ok::<_, Never>(fabric.fdb())),
                 SwitchRequest::FdbFlush(_) => api::FdbFlush::reply(Ok::<_, Never>(api::Flushed {
                     flushed: fabric.flush(),
@@ -385,7 +462,7 @@ async fn serve(
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
-        for port in port_names {
+        for port in shutdown_fabric.port_names() {
             goodbye.emit_now(Event::PortDown { port });
         }
     };
@@ -399,9 +476,95 @@ async fn serve(
     Ok(())
 }
 
+/// `vfabric port add`: creates the port `spec` names and puts it on the running switch.
+fn add_port(fabric: &Fabric, spec: &str, offload: bool) -> Result<api::PortAdded, api::PortError> {
+    let spec: PortSpec = spec
+        .parse()
+        .map_err(|e: PortSpecError| api::PortError::Spec(e.to_string()))?;
+    let stats = fabric.stats();
+    if stats.len() > MAX_PORTS {
+        return Err(api::PortError::Failed(
+            SwitchdError::TooManyPorts.to_string(),
+        ));
+    }
+    if stats.iter().any(|p| p.port == spec.name) || spec.name == "mirror" {
+        return Err(api::PortError::Exists(spec.name));
+    }
+    if let Some((netns, ifname)) = spec.kind.interface() {
+        if stats.iter().any(|p| {
+            p.ifname == ifname && p.netns == netns && matches!(p.kind.as_str(), "tap" | "attach")
+        }) {
+            return Err(api::PortError::Failed(
+                SwitchdError::DuplicateIfname {
+                    netns: netns.to_string(),
+                    ifname: ifname.to_string(),
+                }
+                .to_string(),
+            ));
+        }
+    }
+    let (port, netns) = create_port(&spec, offload)
+        .map_err(|e| api::PortError::Failed(crate::errors::chain(&e)))?;
+    let ifname = port.ifname().to_string();
+    let kind = port.kind().to_string();
+    let id = fabric
+        .add_port(&spec.name, netns, port)
+        .map_err(|e| match e {
+            FabricError::DuplicatePort(n) => api::PortError::Exists(n),
+            e => api::PortError::Failed(crate::errors::chain(&e)),
+        })?;
+    tracing::info!(port = %spec.name, %ifname, %kind, id = id.0, t_us = crate::clock::unix_micros(), "port added");
+    fabric.events().emit_now(Event::PortUp {
+        port: spec.name.clone(),
+        ifname: ifname.clone(),
+    });
+    Ok(api::PortAdded {
+        port: spec.name,
+        id,
+        ifname,
+        kind,
+    })
+}
+
+/// `vfabric port del`: takes the port off the running switch and flushes its entries.
+fn del_port(fabric: &Fabric, name: &str) -> Result<api::PortDeleted, api::PortError> {
+    let r = fabric.remove_port(name).map_err(|e| match e {
+        FabricError::NoSuchPort(n) => api::PortError::NoSuchPort(n),
+        e => api::PortError::Failed(crate::errors::chain(&e)),
+    })?;
+    fabric.events().emit_now(Event::PortDeleted {
+        port: name.to_string(),
+        ifname: r.ifname.clone(),
+        fdb_entries_removed: r.fdb_entries_removed,
+    });
+    Ok(api::PortDeleted {
+        port: name.to_string(),
+        fdb_entries_removed: r.fdb_entries_removed,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_port_kind_prints_back_as_it_parses() {
+        for spec in [
+            "client=vf-client:eth0",
+            "vm2=attach::vnet0",
+            "web=attach:vf-web:veth1",
+            "vm1=qemu-stream:/run/x/vm1.sock",
+            "vm3=qemu-dgram:local=/run/x/sw.sock,remote=/run/x/vm.sock",
+        ] {
+            let p: PortSpec = spec.parse().unwrap();
+            assert_eq!(p.to_string(), spec);
+            assert_eq!(p.to_string().parse::<PortSpec>().unwrap(), p);
+        }
+        let p: PortSpec = "vm2=attach::vnet0".parse().unwrap();
+        assert_eq!(p.kind.interface(), Some(("", "vnet0")));
+        let p: PortSpec = "vm1=qemu-stream:/run/x/vm1.sock".parse().unwrap();
+        assert_eq!(p.kind.interface(), None);
+    }
 
     #[test]
     fn port_specs_parse_or_say_why_not() {
@@ -418,6 +581,23 @@ mod tests {
         );
         let p: PortSpec = "up=:uplink0".parse().unwrap();
         assert!(matches!(p.kind, PortKind::Tap { netns, .. } if netns.is_empty()));
+        let p: PortSpec = "vm=attach:vf-a:vnet0".parse().unwrap();
+        assert_eq!(
+            p.kind,
+            PortKind::Attach {
+                netns: "vf-a".into(),
+                ifname: "vnet0".into()
+            }
+        );
+        assert_eq!(p.to_string(), "vm=attach:vf-a:vnet0");
+        let p: PortSpec = "vm=attach::veth1".parse().unwrap();
+        assert!(matches!(p.kind, PortKind::Attach { netns, .. } if netns.is_empty()));
+        // A namespace may be called attach: with one ':' it is a TAP.
+        let p: PortSpec = "t=attach:eth0".parse().unwrap();
+        assert!(matches!(p.kind, PortKind::Tap { netns, .. } if netns == "attach"));
+        for bad in ["vm=attach:ns:", "vm=attach:n/s:eth0", "vm=attach:ns:a:b"] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
+        }
         // A namespace may be called vxlan: without KEY=VALUE it is a TAP.
         let p: PortSpec = "t=vxlan:eth0".parse().unwrap();
         assert!(matches!(p.kind, PortKind::Tap { netns, .. } if netns == "vxlan"));
@@ -483,6 +663,9 @@ mod tests {
             fdb: FdbConfig::default(),
             offload: true,
             threading: crate::switchd::Threading::default(),
+            rt_priority: None,
+            cpu: None,
+            batch: 0,
         };
         assert!(matches!(
             cfg.validate(),

@@ -17,7 +17,8 @@ use crate::switch::PortId;
 
 pub use daemon::{run, DaemonConfig, PortSpec, SwitchdError};
 pub use datapath::{
-    Fabric, FabricError, PortCounters, SwitchPort, Threading, MAX_FRAME, MOVE_LINES_PER_SEC,
+    DataPathOptions, Fabric, FabricError, PortCounters, Removed, SwitchPort, Threading, MAX_FRAME,
+    MOVE_LINES_PER_SEC,
 };
 
 /// The switch's name when none is given: its control socket is `<run dir>/switch.sock`.
@@ -31,6 +32,12 @@ pub struct PortStats {
     pub ifname: String,
     pub netns: String,
     pub up: bool,
+    /// The interface is operationally up (floods skip it while not).
+    #[serde(default = "yes")]
+    pub link_up: bool,
+    /// What the port is: `tap`, `attach`, `vxlan`, …
+    #[serde(default)]
+    pub kind: String,
     pub offload: bool,
     /// The interface's MTU as the switch last read it (0: unknown).
     #[serde(default)]
@@ -47,6 +54,10 @@ pub struct PortStats {
     /// The VXLAN segment, socket and remote endpoints of a tunnel port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan: Option<crate::port::vxlan::VxlanSpec>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One FDB entry as shown by `vfabric fdb show`.

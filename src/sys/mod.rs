@@ -71,6 +71,39 @@ pub fn tune_allocator() {
     }
 }
 
+/// Moves the calling thread to `SCHED_FIFO` at `priority` (1–99): it runs before every
+/// time-shared thread whenever it is ready. Needs CAP_SYS_NICE (or RLIMIT_RTPRIO).
+pub fn set_current_thread_fifo(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: libc::c_int::from(priority),
+    };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that the
+    // call only reads.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Pins the calling thread to CPU `cpu`.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` was checked against CPU_SETSIZE above, so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 names the calling thread; `set` is a valid cpu_set_t of the size
+    // passed, which the call only reads.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Gives the allocator's free memory back to the kernel (glibc keeps freed heap in its
 /// per-thread arenas otherwise): after a VM leaves, the daemon's resident size then
 /// shows what it really holds. Returns whether anything was released.
@@ -98,6 +131,26 @@ mod tests {
         assert!(w.iter().all(|x| x.load(Ordering::Relaxed) == 0));
         w[999].store(7, Ordering::Relaxed);
         assert_eq!(w[999].load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn a_thread_can_be_pinned_and_made_real_time() {
+        let got = std::thread::spawn(|| {
+            let pinned = super::pin_current_thread(0).is_ok();
+            // SAFETY (test): sched_getcpu takes nothing and reads the calling thread.
+            let cpu = unsafe { libc::sched_getcpu() };
+            let fifo = super::set_current_thread_fifo(1).is_ok();
+            // SAFETY (test): sched_getscheduler only reads the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            (pinned, cpu, fifo, policy)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((got.0, got.1), (true, 0));
+        if crate::sys::tap::is_root() {
+            assert_eq!((got.2, got.3), (true, libc::SCHED_FIFO));
+        }
+        assert!(super::pin_current_thread(usize::MAX).is_err());
     }
 
     #[test]

@@ -101,6 +101,82 @@ pub fn open_packet_socket(ifindex: u32, filter: Option<&[Insn]>) -> io::Result<O
     Ok(fd)
 }
 
+/// Makes every frame read from or written to the socket carry a 10-byte virtio-net
+/// header in front (PACKET_VNET_HDR): GSO frames then cross whole, with their partial
+/// checksum described rather than computed. The header is built at read time, so
+/// frames queued before the call get one too.
+pub fn enable_vnet_hdr(fd: &OwnedFd) -> io::Result<()> {
+    set_int_opt(fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)
+}
+
+/// Raises the socket's send buffer to `bytes` beyond the system's cap (SO_SNDBUFFORCE,
+/// needs CAP_NET_ADMIN), falling back to SO_SNDBUF within the cap.
+pub fn set_send_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, v)
+        .or_else(|_| set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v))
+}
+
+/// Receives one frame of a PACKET_VNET_HDR socket without blocking: its header into
+/// `hdr` (10 bytes), the Ethernet frame into `body`. Returns the full length, header
+/// included (MSG_TRUNC: larger than the two buffers if the frame was cut);
+/// `WouldBlock` if none is queued.
+pub fn recv_vnet(fd: &OwnedFd, hdr: &mut [u8], body: &mut [u8]) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_mut_ptr().cast(),
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` points at `iov`, whose entries describe `hdr` and `body`, all of
+    // which outlive the call; with MSG_TRUNC the kernel still writes at most their sizes.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Sends one frame on a PACKET_VNET_HDR socket: `hdr` (10 bytes) then the Ethernet
+/// frame `body`, gathered in one call. Returns the bytes sent, header included.
+pub fn send_vnet(fd: &OwnedFd, hdr: &[u8], body: &[u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr() as *mut libc::c_void,
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` points at `iov`, whose entries describe `hdr` and `body`, which
+    // outlive the call; sendmsg only reads them.
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Attaches (or replaces) the socket's classic BPF filter (SO_ATTACH_FILTER): frames
 /// it refuses are dropped by the kernel before they are queued.
 pub fn attach_filter(fd: BorrowedFd<'_>, prog: &[Insn]) -> io::Result<()> {

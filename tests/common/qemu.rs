@@ -1,4 +1,5 @@
-//! A real QEMU for the namespace tests: started on a vfabric QEMU socket port, driven
+//! A real QEMU for the namespace tests: started on a vfabric QEMU socket port (or a TAP
+//! a vfabric attach port uses), driven
 //! over QMP (JSON lines on a Unix socket), killed when dropped.
 
 use std::io::{BufRead, BufReader, Write};
@@ -39,6 +40,9 @@ pub enum Netdev<'a> {
     /// `-netdev dgram` paired with a vfabric `qemu-dgram:` port: QEMU's own socket and
     /// the port's.
     Dgram { qemu: &'a Path, port: &'a Path },
+    /// `-netdev tap` on the TAP `ifname` in namespace `netns` (QEMU runs there), for a
+    /// vfabric `attach:` port on that TAP.
+    Tap { netns: &'a str, ifname: &'a str },
 }
 
 /// One QEMU process and its QMP connection.
@@ -94,8 +98,19 @@ impl Qemu {
                 qemu.display(),
                 port.display()
             ),
+            Netdev::Tap { ifname, .. } => {
+                format!("tap,id=n0,ifname={ifname},script=no,downscript=no")
+            }
         };
-        let mut cmd = Command::new(QEMU);
+        // In a namespace, `ip netns exec` execs QEMU: the child's pid is QEMU's.
+        let mut cmd = match net {
+            Netdev::Tap { netns, .. } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, QEMU]);
+                c
+            }
+            _ => Command::new(QEMU),
+        };
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(accel.iter().flat_map(|a| ["-accel", a]))
             .args(["-netdev", &netdev])
