@@ -64,6 +64,8 @@ pub struct SwitchPort {
     /// skip a port whose link is down and unicast to it is dropped, as a bridge does
     /// with a port that is not forwarding.
     link: AtomicBool,
+    /// The operational state last published as a `port_link` event.
+    link_reported: AtomicBool,
     /// The interface's MTU as last read from the kernel (0: unknown, no limit).
     mtu: AtomicU32,
     /// Held while a frame of this port is read and forwarded: whichever thread does it,
@@ -81,6 +83,7 @@ impl SwitchPort {
             counters: PortCounters::default(),
             up: AtomicBool::new(true),
             link: AtomicBool::new(true),
+            link_reported: AtomicBool::new(true),
             mtu: AtomicU32::new(0),
             rx: Mutex::new(()),
         }
@@ -113,7 +116,8 @@ impl SwitchPort {
             (old != new).then_some((old, new))
         });
         let running = st.running.and_then(|new| {
-            let old = self.link.swap(new, Ordering::Relaxed);
+            self.link.store(new, Ordering::Relaxed);
+            let old = self.link_reported.swap(new, Ordering::Relaxed);
             (old != new).then_some(new)
         });
         LinkChange { mtu, running }
@@ -1121,6 +1125,12 @@ fn forward(
             c.drop(DropReason::PortDown);
             return None;
         }
+        // The kernel transmits only on an interface that is up: a frame from it says
+        // its link is up without waiting for the next look (a switch that restarts
+        // finds its TAPs down until up.sh has set them up a moment later).
+        if !me.link_up() {
+            me.link.store(true, Ordering::Relaxed);
+        }
         core.handle_from(me.id, from, &frame[hdr..], now, t_us, events)
     };
     if !events.is_empty() {
@@ -1602,28 +1612,37 @@ mod tests {
     fn a_port_whose_link_is_down_is_not_flooded_into() {
         let (f, peers) = fabric(3, 0, true, false);
         let mut sub = f.events().subscribe(64);
+        // B lives behind port 2.
+        peers[2].inject(&eth(0, B, MacAddr::BROADCAST, 60));
+        assert!(peers[0].recv(T).is_some());
+        assert!(peers[1].recv(T).is_some());
         peers[2].set_link(false);
         f.refresh_links();
         assert!(!f.stats()[2].link_up);
-        peers[0].inject(&eth(0, A, B, 60));
+        let c = MacAddr([0x02, 0, 0, 0, 0, 0xc]);
+        peers[0].inject(&eth(0, A, c, 60));
         assert!(peers[1].recv(T).is_some());
         assert!(
             peers[2].recv(SHORT).is_none(),
             "flooded into a link that is down"
         );
-        // B answers from port 1, then moves to port 2 while its link is down: unicast
-        // to it is dropped and counted as link_down, not tx_error.
-        peers[1].inject(&eth(0, B, A, 60));
-        assert!(peers[0].recv(T).is_some());
+        // Unicast to it is dropped and counted as link_down, not tx_error.
+        peers[0].inject(&eth(0, A, B, 60));
+        assert!(peers[2].recv(SHORT).is_none());
         let st = &f.stats()[2];
+        assert_eq!(st.dropped.get("link_down"), Some(&1));
         assert_eq!(st.dropped.get("tx_error"), None);
-        peers[2].set_link(true);
-        f.refresh_links();
-        peers[0].inject(&eth(0, A, MacAddr([0x02, 0, 0, 0, 0, 0xc]), 60));
+        // A frame from the port says its link is up before the next look.
+        peers[2].inject(&eth(0, B, A, 60));
+        assert!(peers[0].recv(T).is_some());
+        assert!(f.stats()[2].link_up);
+        peers[0].inject(&eth(0, A, c, 60));
         assert!(
             peers[2].recv(T).is_some(),
             "flooded again once the link is up"
         );
+        peers[2].set_link(true);
+        f.refresh_links();
         let links: Vec<bool> = std::iter::from_fn(|| sub.rx.try_recv().ok())
             .filter_map(|r| match r.event {
                 Event::PortLink { port, up, .. } if port == "p2" => Some(up),
