@@ -9,7 +9,7 @@
 # Usage: bench/fairness.sh ["SWITCH ARGS" ...]
 #        (default settings: "--batch 1" "--batch 32" "--batch 256")
 #        env: BENCH_SECS (default 8), BENCH_PINGS (default 250), BENCH_ROUNDS (default 3),
-#        BENCH_HOGS (default 0), BENCH_PREFIX
+#        BENCH_HOGS (default 0), BENCH_PREFIX, VFABRIC_BIN (a binary to use as is)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -19,6 +19,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 HOGS=${BENCH_HOGS:-0}
 P=${BENCH_PREFIX:-vf$$}
 P=${P:0:8}
+BUILD_BIN=${VFABRIC_BIN:+no}
 VFABRIC_BIN=${VFABRIC_BIN:-$REPO/target/release/vfabric}
 WORK=$(mktemp -d /tmp/vfabric-fair.XXXXXX)
 if [ $# -gt 0 ]; then SETTINGS=("$@"); else SETTINGS=("--batch 1" "--batch 32" "--batch 256"); fi
@@ -43,8 +44,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log "building the release binary"
-(cd "$REPO" && cargo build --release --quiet)
+if [ "$BUILD_BIN" != no ]; then
+    log "building the release binary"
+    (cd "$REPO" && cargo build --release --quiet)
+fi
 
 # run SETTING: prints "GBIT_S RTT_MEDIAN_US RTT_P99_US"
 run() {
