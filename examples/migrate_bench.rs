@@ -177,7 +177,7 @@ async fn run_source_over(
     tls: Option<&Tls>,
 ) -> Result<MigrationSummary, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
-    if args.prepared && !verify && tls.is_none() {
+    if args.prepared && !verify {
         let took = request_prepared(to, args.memory_mb << 20).await?;
         eprintln!("target memory prepared in {took} ms (not counted in the total)");
     }
@@ -200,11 +200,17 @@ async fn run_source_over(
     Ok(s)
 }
 
-async fn serve_target_tls(l: TcpListener, cfg: MigrationConfig, tls: Arc<Tls>) {
+async fn serve_target_tls(
+    l: TcpListener,
+    cfg: MigrationConfig,
+    tls: Arc<Tls>,
+    ready: Option<Ready>,
+) {
     loop {
         let Ok((s, peer)) = l.accept().await else {
             continue;
         };
+        let mut hooks = Prepared(ready.as_ref().and_then(|r| r.lock().unwrap().take()));
         let s = match tls::accept(s, Encryption::Required, Some(&tls)).await {
             Ok((s, _)) => s,
             Err((why, detail)) => {
@@ -212,7 +218,7 @@ async fn serve_target_tls(l: TcpListener, cfg: MigrationConfig, tls: Arc<Tls>) {
                 continue;
             }
         };
-        match migrate_in(s, &cfg, &mut BareHooks).await {
+        match migrate_in(s, &cfg, &mut hooks).await {
             Ok((vm, _)) => drop(vm),
             Err(e) => eprintln!("target: {e}"),
         }
@@ -299,6 +305,16 @@ fn prepare_memory(bytes: u64) -> Result<(Arc<vfabric::memory::GuestMemory>, Dura
     m.prefault(&std::sync::atomic::AtomicBool::new(false))
         .map_err(|e| e.to_string())?;
     Ok((Arc::new(m), t.elapsed()))
+}
+
+/// With --prepared, takes prepare requests for the target at `to`.
+async fn prepared_for(args: &Args, to: SocketAddr) -> std::io::Result<Option<Ready>> {
+    if !args.prepared {
+        return Ok(None);
+    }
+    let r = Ready::default();
+    serve_prepare(to, r.clone()).await?;
+    Ok(Some(r))
 }
 
 /// Memory made ready for the next migration into a target.
@@ -518,19 +534,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or("--tls-listen needs --pki-dir")?;
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}, encrypted");
-        serve_target_tls(l, migration_config(&args, args.verify), load_tls(dir, DST)?).await;
+        let ready = prepared_for(&args, addr).await?;
+        serve_target_tls(
+            l,
+            migration_config(&args, args.verify),
+            load_tls(dir, DST)?,
+            ready,
+        )
+        .await;
         return Ok(());
     }
     if let Some(addr) = args.listen {
         let l = TcpListener::bind(addr).await?;
         eprintln!("target: listening on {addr}");
-        let ready = if args.prepared {
-            let r = Ready::default();
-            serve_prepare(addr, r.clone()).await?;
-            Some(r)
-        } else {
-            None
-        };
+        let ready = prepared_for(&args, addr).await?;
         serve_target_prepared(l, migration_config(&args, args.verify), ready).await;
         return Ok(());
     }
@@ -557,13 +574,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => {
             let l = TcpListener::bind("127.0.0.1:0").await?;
             let to = l.local_addr()?;
-            let ready = if args.prepared {
-                let r = Ready::default();
-                serve_prepare(to, r.clone()).await?;
-                Some(r)
-            } else {
-                None
-            };
+            let ready = prepared_for(&args, to).await?;
             tokio::spawn(serve_target_prepared(
                 l,
                 migration_config(&args, args.verify),
@@ -579,10 +590,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let lt = TcpListener::bind("127.0.0.1:0").await?;
             tls_to = Some(lt.local_addr()?);
             let dst = load_tls(&pki_dir, DST)?;
+            let ready = prepared_for(&args, lt.local_addr()?).await?;
             tokio::spawn(serve_target_tls(
                 lt,
                 migration_config(&args, args.verify),
                 dst,
+                ready,
             ));
             // Best of three: the figure is a ceiling for the migration.
             let mut best: f64 = 0.0;
