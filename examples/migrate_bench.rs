@@ -284,8 +284,15 @@ impl vfabric::migration::TargetHooks for Prepared {
 }
 
 /// The port on which a target takes prepare requests: its migration port + 100.
+/// In one process the prepare port is any free one, recorded here by target address.
+static PREPARE_PORTS: std::sync::Mutex<Vec<(SocketAddr, SocketAddr)>> =
+    std::sync::Mutex::new(Vec::new());
+
 fn prepare_addr(mut to: SocketAddr) -> SocketAddr {
-    to.set_port(to.port() + 100);
+    if let Some((_, p)) = PREPARE_PORTS.lock().unwrap().iter().find(|(t, _)| *t == to) {
+        return *p;
+    }
+    to.set_port(to.port().saturating_add(100));
     to
 }
 
@@ -313,7 +320,15 @@ async fn prepared_for(args: &Args, to: SocketAddr) -> std::io::Result<Option<Rea
         return Ok(None);
     }
     let r = Ready::default();
-    serve_prepare(to, r.clone()).await?;
+    // A target of its own process takes any free port; one in its own process (a
+    // --listen target) its port + 100, which the source computes alike.
+    let bind = if args.listen.is_some() || args.tls_listen.is_some() {
+        prepare_addr(to)
+    } else {
+        SocketAddr::new(to.ip(), 0)
+    };
+    let at = serve_prepare(bind, r.clone()).await?;
+    PREPARE_PORTS.lock().unwrap().push((to, at));
     Ok(Some(r))
 }
 
@@ -322,9 +337,10 @@ type Ready = Arc<std::sync::Mutex<Option<Arc<vfabric::memory::GuestMemory>>>>;
 
 /// Takes prepare requests for the target at `to`: each maps and faults in the memory
 /// asked for, keeps it for the next migration, then answers with the time it took.
-async fn serve_prepare(to: SocketAddr, ready: Ready) -> std::io::Result<()> {
+async fn serve_prepare(bind: SocketAddr, ready: Ready) -> std::io::Result<SocketAddr> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = TcpListener::bind(prepare_addr(to)).await?;
+    let l = TcpListener::bind(bind).await?;
+    let at = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             let Ok(bytes) = s.read_u64().await else {
@@ -340,7 +356,7 @@ async fn serve_prepare(to: SocketAddr, ready: Ready) -> std::io::Result<()> {
             }
         }
     });
-    Ok(())
+    Ok(at)
 }
 
 async fn serve_target_prepared(l: TcpListener, cfg: MigrationConfig, ready: Option<Ready>) {
