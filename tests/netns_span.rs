@@ -11,9 +11,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+use common::capture::Capture;
 use common::fleet::{lost, Pinger};
 use common::{bin, require_root, topology_file, Topology};
 use vfabric::events::{Event, Record};
@@ -98,91 +99,6 @@ impl Drop for Watch {
     }
 }
 
-/// tcpdump on machine a's end of the underlay (VXLAN of the VM network only).
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(t: &Topology, name: &str) -> Capture {
-        let file = t.run_dir.path().join(name);
-        let err = t.run_dir.path().join(format!("{name}.err"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", &t.ns(MACHINE_A), "tcpdump", "-i", "ul0"])
-            .args(["-n", "-U", "--immediate-mode", "-w"])
-            .arg(&file)
-            .args(["udp", "dst", "port", "4789"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .expect("tcpdump");
-        let t0 = Instant::now();
-        while !std::fs::read_to_string(&err)
-            .unwrap_or_default()
-            .contains("listening")
-        {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "tcpdump did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Capture { child, file }
-    }
-
-    fn stop(mut self) -> Vec<(u64, Vec<u8>)> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        read_pcap(&std::fs::read(&self.file).expect("pcap file"))
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// (timestamp µs, frame) of each frame of a classic pcap file.
-fn read_pcap(b: &[u8]) -> Vec<(u64, Vec<u8>)> {
-    assert!(b.len() >= 24, "pcap too short");
-    let magic = u32::from_le_bytes(b[0..4].try_into().unwrap());
-    let (le, nanos) = match magic {
-        0xa1b2c3d4 => (true, false),
-        0xa1b23c4d => (true, true),
-        0xd4c3b2a1 => (false, false),
-        0x4d3cb2a1 => (false, true),
-        m => panic!("not a pcap file (magic {m:#x})"),
-    };
-    let u32_at = |o: usize| {
-        let a: [u8; 4] = b[o..o + 4].try_into().unwrap();
-        if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        }
-    };
-    let mut out = Vec::new();
-    let mut o = 24;
-    while o + 16 <= b.len() {
-        let sec = u32_at(o) as u64;
-        let frac = u32_at(o + 4) as u64;
-        let len = u32_at(o + 8) as usize;
-        o += 16;
-        if o + len > b.len() {
-            break;
-        }
-        let us = if nanos { frac / 1000 } else { frac };
-        out.push((sec * 1_000_000 + us, b[o..o + len].to_vec()));
-        o += len;
-    }
-    out
-}
-
 /// Outer Ethernet 14 + IPv4 20 + UDP 8, then the VXLAN header (8), then the frame.
 const VXLAN_AT: usize = 42;
 const INNER_AT: usize = VXLAN_AT + 8;
@@ -233,7 +149,8 @@ fn move_vm(
     to: &str,
 ) -> (Move, Option<(u64, u32)>) {
     let before = watch.records().len();
-    let cap = Capture::start(t, &format!("underlay-{to}.pcap"));
+    let cap = // tcpdump on machine a's end of the underlay (VXLAN of the VM network only).
+    Capture::start(t, MACHINE_A, "ul0", "udp dst port 4789", &format!("underlay-{to}.pcap"));
     let pinger = Pinger::start(t, &t.vm_ip("vm1"));
     std::thread::sleep(Duration::from_millis(500));
     let s = json(t, &["migrate", "vm1", "--to", to]);
