@@ -72,6 +72,89 @@ fn moved_to(r: &vfabric::events::Record, mac: MacAddr, port: &str) -> bool {
     matches!(&r.event, Event::MacMoved { mac: m, to, .. } if *m == mac && to == port)
 }
 
+/// QEMU `a`'s own announce (two rounds) on port qa: every frame reaches the client as
+/// QEMU wrote it, and the switch learns the MAC on qa.
+fn announce_reaches_the_client(t: &Topology, a: &mut Qemu, rarp: &[u8]) {
+    let ((), seen) = capture_rarp(&t.ns(t.client()), "eth0", || {
+        a.execute(
+            "announce-self",
+            json!({"initial": 50, "max": 550, "rounds": 2, "step": 50}),
+        );
+    });
+    assert_eq!(seen.len(), 2, "two announce rounds: {seen:?}");
+    for (_, f) in &seen {
+        assert_eq!(f, rarp, "QEMU's RARP, byte for byte");
+    }
+    let fdb = t.vfabric_json(&["fdb", "show"]);
+    assert!(
+        fdb.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["mac"] == MAC && r["port"] == "qa"),
+        "learned on qa: {fdb}"
+    );
+}
+
+/// What a QEMU live migration from qa to qb showed.
+struct Migrated {
+    /// QMP's `query-migrate` at the end.
+    mig: serde_json::Value,
+    /// The destination QEMU's RESUME event.
+    resume: serde_json::Value,
+    /// The switch's move of the MAC to qb.
+    moved: vfabric::events::Record,
+    /// When the client read the first RARP after the migration, µs since the epoch.
+    first_at_client: u64,
+}
+
+/// Live-migrates QEMU `a` (on qa) to `b` (on qb, started with `-incoming` on
+/// `dir/mig.sock`) while `watch` follows the switch: QEMU's five RARPs after resume
+/// reach the client byte for byte, and the first moves the MAC from qa to qb, once and
+/// before the client sees it.
+fn migration_moves_the_fdb(
+    t: &Topology,
+    dir: &Path,
+    (a, b): (&mut Qemu, &mut Qemu),
+    watch: EventWatch,
+    rarp: &[u8],
+) -> Migrated {
+    let mac: MacAddr = MAC.parse().unwrap();
+    let (mig, seen) = capture_rarp(&t.ns(t.client()), "eth0", || {
+        a.migrate(
+            &format!("unix:{}", dir.join("mig.sock").display()),
+            Duration::from_secs(60),
+        )
+    });
+    let resume = b
+        .wait_event("RESUME", Duration::from_secs(10))
+        .expect("destination QEMU resumed");
+    let moved = watch
+        .wait_for(Duration::from_secs(5), |r| moved_to(r, mac, "qb"))
+        .expect("the FDB moved to qb");
+    let records = watch.stop();
+    assert!(
+        matches!(&moved.event, Event::MacMoved { from, ethertype, .. } if from == "qa" && ethertype == "rarp"),
+        "{moved:?}"
+    );
+    // QEMU's default announce: 5 rounds after resume, each reaching the client whole.
+    assert_eq!(seen.len(), 5, "QEMU's five RARPs after resume: {seen:?}");
+    for (_, f) in &seen {
+        assert_eq!(f, rarp, "QEMU's RARP, byte for byte");
+    }
+    assert!(
+        seen[0].0 >= moved.t_us,
+        "the client saw the RARP before the move"
+    );
+    let moves = records.iter().filter(|r| moved_to(r, mac, "qb")).count();
+    assert_eq!(moves, 1, "one move: the later RARPs find the MAC on qb");
+    Migrated {
+        mig,
+        resume,
+        moved,
+        first_at_client: seen[0].0,
+    }
+}
+
 #[test]
 fn qemu_announce_and_migration_through_stream_ports() {
     if !require_root() || !require_qemu() {
@@ -113,53 +196,16 @@ fn qemu_announce_and_migration_through_stream_ports() {
         &[],
     );
 
-    // QEMU's own announce on the source: every frame reaches the client as QEMU wrote
-    // it, and the switch learns the MAC on qa.
+    // QEMU's own announce on the source, then a live migration to the QEMU on qb.
     let watch = EventWatch::start(&t, &["--switch"]);
-    let ((), seen) = capture_rarp(&client_ns, "eth0", || {
-        a.execute(
-            "announce-self",
-            json!({"initial": 50, "max": 550, "rounds": 2, "step": 50}),
-        );
-    });
-    assert_eq!(seen.len(), 2, "two announce rounds: {seen:?}");
-    for (_, f) in &seen {
-        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
-    }
-    let fdb = t.vfabric_json(&["fdb", "show"]);
-    assert!(
-        fdb.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["mac"] == MAC && r["port"] == "qa"),
-        "learned on qa: {fdb}"
-    );
-
-    // A live migration to the QEMU on qb: its RARPs move the FDB.
-    let (mig, seen) = capture_rarp(&client_ns, "eth0", || {
-        a.migrate(
-            &format!("unix:{}", dir.join("mig.sock").display()),
-            Duration::from_secs(60),
-        )
-    });
-    let resume = b
-        .wait_event("RESUME", Duration::from_secs(10))
-        .expect("destination QEMU resumed");
+    announce_reaches_the_client(&t, &mut a, &rarp);
+    let Migrated {
+        mig,
+        resume,
+        moved,
+        first_at_client,
+    } = migration_moves_the_fdb(&t, &dir, (&mut a, &mut b), watch, &rarp);
     let resume_us = Qemu::event_t_us(&resume);
-    let moved = watch
-        .wait_for(Duration::from_secs(5), |r| moved_to(r, mac, "qb"))
-        .expect("the FDB moved to qb");
-    let records = watch.stop();
-    assert!(
-        matches!(&moved.event, Event::MacMoved { from, ethertype, .. } if from == "qa" && ethertype == "rarp"),
-        "{moved:?}"
-    );
-    // QEMU's default announce: 5 rounds after resume, each reaching the client whole.
-    assert_eq!(seen.len(), 5, "QEMU's five RARPs after resume: {seen:?}");
-    for (_, f) in &seen {
-        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
-    }
-    let first_at_client = seen[0].0;
     let lag_resume_us = moved.t_us as i64 - resume_us as i64;
     let lag_client_us = first_at_client as i64 - moved.t_us as i64;
     eprintln!(
@@ -184,13 +230,6 @@ fn qemu_announce_and_migration_through_stream_ports() {
         (0..=bound).contains(&lag_resume_us),
         "FDB moved {lag_resume_us} µs after QEMU's resume (bound {bound})"
     );
-    assert!(
-        lag_client_us >= 0,
-        "the client saw the RARP before the move"
-    );
-    // One move only: the later RARPs find the MAC already on qb.
-    let moves = records.iter().filter(|r| moved_to(r, mac, "qb")).count();
-    assert_eq!(moves, 1);
 
     // The source QEMU quits, as after a migration: its port waits for the next peer,
     // and frames for it are dropped and counted, not queued.
@@ -357,7 +396,6 @@ fn qemu_migration_between_attach_ports_on_its_taps() {
     let (tap_a, tap_b) = (format!("{}-qa", t.prefix), format!("{}-qb", t.prefix));
     let mac: MacAddr = MAC.parse().unwrap();
     let rarp = rarp_frame(mac).to_vec();
-    let client_ns = t.ns(t.client());
 
     let add = t.vfabric_json(&["port", "add", "qb", &format!("attach:{ns}:{tap_b}")]);
     assert_eq!(
@@ -402,55 +440,11 @@ fn qemu_migration_between_attach_ports_on_its_taps() {
         t.vfabric_json(&["ports"])
     );
 
-    // QEMU's own announce through its TAP and the attach port: byte-identical at the
-    // client, learned on qa.
+    // QEMU's own announce through its TAP and the attach port, then a live migration
+    // to the QEMU on the other TAP: its RARPs move the FDB to qb.
     let watch = EventWatch::start(&t, &["--switch"]);
-    let ((), seen) = capture_rarp(&client_ns, "eth0", || {
-        a.execute(
-            "announce-self",
-            json!({"initial": 50, "max": 550, "rounds": 2, "step": 50}),
-        );
-    });
-    assert_eq!(seen.len(), 2, "two announce rounds: {seen:?}");
-    for (_, f) in &seen {
-        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
-    }
-    let fdb = t.vfabric_json(&["fdb", "show"]);
-    assert!(
-        fdb.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["mac"] == MAC && r["port"] == "qa"),
-        "learned on qa: {fdb}"
-    );
-
-    // A live migration to the QEMU on the other TAP: its RARPs move the FDB to qb.
-    let (mig, seen) = capture_rarp(&client_ns, "eth0", || {
-        a.migrate(
-            &format!("unix:{}", dir.join("mig.sock").display()),
-            Duration::from_secs(60),
-        )
-    });
-    b.wait_event("RESUME", Duration::from_secs(10))
-        .expect("destination QEMU resumed");
-    let moved = watch
-        .wait_for(Duration::from_secs(5), |r| moved_to(r, mac, "qb"))
-        .expect("the FDB moved to qb");
-    let records = watch.stop();
-    assert!(
-        matches!(&moved.event, Event::MacMoved { from, ethertype, .. } if from == "qa" && ethertype == "rarp"),
-        "{moved:?}"
-    );
-    assert_eq!(seen.len(), 5, "QEMU's five RARPs after resume: {seen:?}");
-    for (_, f) in &seen {
-        assert_eq!(f, &rarp, "QEMU's RARP, byte for byte");
-    }
-    assert!(
-        seen[0].0 >= moved.t_us,
-        "the client saw the RARP before the move"
-    );
-    let moves = records.iter().filter(|r| moved_to(r, mac, "qb")).count();
-    assert_eq!(moves, 1, "one move: the later RARPs find the MAC on qb");
+    announce_reaches_the_client(&t, &mut a, &rarp);
+    let Migrated { mig, .. } = migration_moves_the_fdb(&t, &dir, (&mut a, &mut b), watch, &rarp);
     eprintln!("qemu downtime {} ms over attach ports", mig["downtime"]);
     let fdb = t.vfabric_json(&["fdb", "show"]);
     assert!(
