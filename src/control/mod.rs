@@ -29,7 +29,7 @@ use std::fmt;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -413,22 +413,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        // Directories made here are born 0700; one that exists is left as it is, since
-        // this code changes no permissions on anything it did not create. (Setting the
-        // mode afterwards would follow `..`: `<run dir>/../x.sock` once made /run 0700.)
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(bind_err)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(bind_err)?;
-    }
+    crate::sys::clear_socket_path(path, |p| std::os::unix::net::UnixStream::connect(p).is_ok())
+        .map_err(|e| match e {
+            crate::sys::SocketPathError::InUse => ControlError::InUse(path.to_path_buf()),
+            crate::sys::SocketPathError::Io(source) => bind_err(source),
+        })?;
     let listener = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)

@@ -22,7 +22,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
@@ -97,27 +97,16 @@ pub enum QemuPortError {
     Poll(#[source] io::Error),
 }
 
-/// Makes `path`'s directory (0700 when made here) and clears a stale socket there: one
-/// nobody answers on. A live one is refused.
+/// Makes `path`'s directory and clears a stale socket there: one nobody answers on. A
+/// live one is refused.
 fn prepare(path: &Path, live: impl Fn(&Path) -> bool) -> Result<(), QemuPortError> {
-    let bind_err = |source| QemuPortError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(bind_err)?;
-    }
-    if std::fs::symlink_metadata(path).is_ok() {
-        if live(path) {
-            return Err(QemuPortError::InUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(bind_err)?;
-    }
-    Ok(())
+    crate::sys::clear_socket_path(path, live).map_err(|e| match e {
+        crate::sys::SocketPathError::InUse => QemuPortError::InUse(path.to_path_buf()),
+        crate::sys::SocketPathError::Io(source) => QemuPortError::Bind {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 fn restrict(path: &Path) -> Result<(), QemuPortError> {

@@ -54,6 +54,40 @@ pub fn make_current_thread_normal() -> bool {
     unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) == 0 }
 }
 
+/// Why a Unix socket's path could not be made ready.
+#[derive(Debug)]
+pub enum SocketPathError {
+    /// Something live answers there.
+    InUse,
+    Io(std::io::Error),
+}
+
+/// Makes ready the path a Unix socket is to be bound at: its directory is made if
+/// missing (born 0700; one that exists is left as it is, since nothing here changes
+/// permissions on what it did not create — setting the mode afterwards would follow
+/// `..`), and a stale entry there (one `live` says nobody answers on) is removed. A
+/// live one is refused.
+pub fn clear_socket_path(
+    path: &std::path::Path,
+    live: impl Fn(&std::path::Path) -> bool,
+) -> Result<(), SocketPathError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(SocketPathError::Io)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if live(path) {
+            return Err(SocketPathError::InUse);
+        }
+        std::fs::remove_file(path).map_err(SocketPathError::Io)?;
+    }
+    Ok(())
+}
+
 /// Sets glibc's allocator up for a long-lived daemon whose large buffers come and go
 /// with VMs and migrations: a fixed mmap threshold (glibc otherwise raises it to the
 /// size of each large block freed, after which such blocks are carved from the heap
