@@ -217,7 +217,14 @@ pub fn migrate(
     let target = host_info(&plan.to)?;
     // The target maps and faults in the VM's memory now, before the stream (if it has
     // room), and records how to announce it: what it takes is off the migration's clock.
-    let memory_mb = vm_show(&plan.vm).ok().map(|v| v.memory_mb);
+    let memory_mb = call(
+        &source.name,
+        api::VmShow {
+            name: plan.vm.clone(),
+        },
+    )
+    .ok()
+    .map(|v| v.memory_mb);
     call(
         &target.name,
         api::PrepareIncoming {
