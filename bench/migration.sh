@@ -18,7 +18,9 @@
 # The headline runs do not verify memory; one more run at 1,000 pages/s does, against
 # a verifying target. Last, encrypted vMotion (TLS 1.3, a fabric CA made for the run)
 # against plaintext: alternate pairs of migrations at rate 0 over the same path, and the
-# ratio of their best throughputs (target >= 0.8). Targets prepare the VM's memory
+# ratio of their best throughputs (target >= 0.8), with the CPU both took; then the same
+# comparison over the veth shaped to 10 Gbit/s (VF_BENCH_LINK_GBIT; 0 skips), where the
+# link and not the two CPUs is the bottleneck. Targets prepare the VM's memory
 # before each stream as `vfabric migrate` has them do (--fresh: they do not). Extra
 # arguments go to the benchmark binary
 # (e.g. --memory-mb 256, --verify, --huge-pages, --pause-ms 5000).
@@ -178,9 +180,25 @@ pids+=($!)
 # A second target that verifies memory, for the one verified run.
 ip netns exec "$nsb" "$bin" --listen 10.99.0.2:8001 --verify "${args[@]}" &
 pids+=($!)
+ip netns exec "$nsb" "$bin" --raw-listen 10.99.0.2:8003 "${args[@]}" &
+pids+=($!)
 for _ in $(seq 50); do
-    [ "$(ip netns exec "$nsb" ss -ltn | grep -c '10.99.0.2:800[012] ')" = 3 ] && break
+    [ "$(ip netns exec "$nsb" ss -ltn | grep -c '10.99.0.2:800[0123] ')" = 4 ] && break
     sleep 0.1
 done
 ip netns exec "$nsa" "$bin" --connect 10.99.0.2:8000 --verified-connect 10.99.0.2:8001 \
-    --tls-connect 10.99.0.2:8002 --pki-dir "$pki/pki" --raw-gbps "$gbps" "${args[@]}"
+    --tls-connect 10.99.0.2:8002 --raw-connect 10.99.0.2:8003 --pki-dir "$pki/pki" \
+    --raw-gbps "$gbps" --path-name "veth, unshaped: both ends and the wire share this machine's CPUs" "${args[@]}"
+
+# The same comparison where the link, not the CPU, is the bottleneck, as on a vMotion
+# network between two real hosts: the veth shaped to 10 Gbit/s (a 10 GbE vMotion NIC)
+# by a token bucket on the source's side.
+link=${VF_BENCH_LINK_GBIT:-10}
+if [ "$link" != 0 ]; then
+    ip netns exec "$nsa" tc qdisc replace dev "$p-a" root tbf rate "${link}gbit" \
+        burst 4mb latency 10ms
+    ip netns exec "$nsa" "$bin" --connect 10.99.0.2:8000 --tls-connect 10.99.0.2:8002 \
+        --pki-dir "$pki/pki" --raw-gbps "$gbps" --encryption-only \
+        --path-name "veth shaped to ${link} Gbit/s by tbf: the link is the bottleneck" \
+        "${args[@]}"
+fi
