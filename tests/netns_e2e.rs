@@ -492,6 +492,57 @@ fn a_host_the_vm_left_announces_it_no_more() {
     assert!(t.ping("client", VM_IP, 2));
 }
 
+#[test]
+fn a_host_the_vm_left_during_its_announce_schedule_gives_the_memory_back_at_once() {
+    if !require_root() {
+        return;
+    }
+    let _serial = serial();
+    // An announce schedule that runs 5 s after each resume: the VM leaves well inside it.
+    let t = Topology::up_with(&[("VF_HOST_ARGS", "--announce-schedule 0,50,5000")]);
+    let memory_mb = 256u64;
+    create_vm(&t, memory_mb as u32);
+    let rss = |host: &str| {
+        t.vfabric_json(&["hosts"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == host)
+            .and_then(|h| h["rss_kib"].as_u64())
+            .unwrap()
+    };
+    let idle = rss("silo105");
+    let watch = EventWatch::start(&t, &[]);
+    let there = migrate(&t, "silo105");
+    let back = migrate(&t, "silo104");
+    std::thread::sleep(Duration::from_millis(500));
+    let records = watch.stop();
+    let (resumed, left) = (
+        there["resume_t_us"].as_u64().unwrap(),
+        back["quiesce_t_us"].as_u64().unwrap(),
+    );
+    assert!(
+        left < resumed + 4_000_000,
+        "the VM left silo105 {} ms after it resumed there: outside the schedule this \
+         test needs",
+        (left - resumed) / 1000
+    );
+    let freed = records
+        .iter()
+        .find_map(|r| match &r.event {
+            Event::VmMemoryFreed { host, rss_kib, .. } if host == "silo105" => Some(*rss_kib),
+            _ => None,
+        })
+        .expect("silo105 reports the VM's memory freed");
+    eprintln!("silo105 RSS: idle {idle} KiB, once the VM left {freed} KiB");
+    // The migration made all of the VM's memory resident there; none of it may stay
+    // for the schedule's sake.
+    assert!(
+        freed < idle + (memory_mb << 10) / 4,
+        "silo105 still holds {freed} KiB once the VM left (idle {idle} KiB, VM {memory_mb} MB)"
+    );
+}
+
 /// `ping -D -O -i 0.01` to the VM from the client, in the background.
 struct Pinger {
     child: Child,

@@ -34,23 +34,28 @@ pub(super) fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kin
     let host_name = host.cfg.name.clone();
     let events = host.events.clone();
     let start = Instant::now();
-    let send = move |seq: usize| {
+    // The schedule holds the VM only weakly: a VM that leaves within it (its frames
+    // stop then anyway) takes its memory with it at once, not at the schedule's end.
+    let vm = Arc::downgrade(&handles.shared);
+    let first_announce = handles.first_announce.clone();
+    drop(handles);
+    // False once the VM is gone from this host for good.
+    let send = move |seq: usize| -> bool {
+        let Some(shared) = vm.upgrade() else {
+            return false;
+        };
         // A VM that left (or is leaving) this host must not be announced from here: a
         // late frame would pull the switch back to this port, away from the VM.
-        if !handles.shared.vm.is_running() {
-            return;
+        if !shared.vm.is_running() {
+            return true;
         }
+        drop(shared);
         // The timestamp is taken before the write: once written, the switch may have
         // moved the MAC before this thread runs again.
         let t = unix_micros();
         match uplink.send(&frame) {
             Ok(()) => {
-                let _ = handles.first_announce.compare_exchange(
-                    0,
-                    t,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                let _ = first_announce.compare_exchange(0, t, Ordering::AcqRel, Ordering::Relaxed);
                 events.emit(
                     t,
                     Event::AnnounceSent {
@@ -64,11 +69,12 @@ pub(super) fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kin
             }
             Err(e) => tracing::warn!(vm = %name, error = %e, "announce send failed"),
         }
+        true
     };
     let mut offsets: Vec<(usize, Duration)> = schedule.into_iter().enumerate().collect();
     // A frame due at once leaves on this thread, right after resume.
     if offsets.first().is_some_and(|(_, at)| at.is_zero()) {
-        send(0);
+        let _ = send(0);
         offsets.remove(0);
     }
     if offsets.is_empty() {
@@ -81,7 +87,9 @@ pub(super) fn start_announce(host: &Arc<Host>, handles: Arc<VmEntryHandles>, kin
                 if let Some(wait) = at.checked_sub(start.elapsed()) {
                     std::thread::sleep(wait);
                 }
-                send(seq);
+                if !send(seq) {
+                    break;
+                }
             }
         });
 }
