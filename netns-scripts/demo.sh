@@ -128,9 +128,15 @@ TCPDUMP_PID=
 step "the switch's table now"
 vf fdb show
 
-step "the announce frames in the capture"
-tcpdump -r "$PCAP" -nn -e "ether proto 0x8035 or (arp and ether dst ff:ff:ff:ff:ff:ff and ether src $VM_MAC)" \
-    2>/dev/null | head -5 || true
+step "the announce frames in the capture, from the resume on"
+# The capture may also hold the last announces of vm1's creation (they run 800 ms after
+# it starts): show the frames from the resume on, its time taken from the JSON report.
+resume_us=$(grep -o '"resume_t_us":[0-9]*' "$REPORT" | head -1 | cut -d: -f2)
+tcpdump -r "$PCAP" -nn -e -tt "ether proto 0x8035 or (arp and ether dst ff:ff:ff:ff:ff:ff and ether src $VM_MAC)" \
+    2>/dev/null | awk -v t="${resume_us:-0}" '{ split($1, p, "."); if (p[1] * 1000000 + p[2] >= t) print }' |
+    head -5 | while read -r ts rest; do
+        printf '%s.%s %s\n' "$(date -d "@${ts%.*}" +%T)" "${ts#*.}" "$rest"
+    done || true
 cat <<EOF
 
 The capture is kept: $PCAP
