@@ -12,6 +12,7 @@
 #                        [--max-downtime-ms 1000] [--only NAME]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo ;; esac
 cargo build --release --example convergence_bench
 export RUST_LOG=${RUST_LOG:-warn}
 exec target/release/examples/convergence_bench "$@"

@@ -11,6 +11,7 @@
 #        env: BENCH_SECS (default 8), BENCH_PINGS (default 250), BENCH_ROUNDS (default 3),
 #        BENCH_HOGS (default 0), BENCH_PREFIX, VFABRIC_BIN (a binary to use as is)
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 SECS=${BENCH_SECS:-8}

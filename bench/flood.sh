@@ -10,6 +10,7 @@
 # Cleans up after itself, also on failure or Ctrl-C. Needs root.
 # Usage: bench/flood.sh   (env: BENCH_PINGS, BENCH_FLOOD_RATE, BENCH_PREFIX)
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 PINGS=${BENCH_PINGS:-1000}

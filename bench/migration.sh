@@ -36,6 +36,15 @@ for a in "$@"; do
         --veth) veth=1 ;;
         --vmotion-path) vmotion_path=1 ;;
         --fresh) prepared=0 ;;
+        -h|--help)
+            sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+            echo
+            echo "Environment: VF_BENCH_LINK_GBIT (10; 0 skips the shaped comparison),"
+            echo "VF_BENCH_SECS (3, --vmotion-path). The benchmark binary's own options follow."
+            echo
+            cargo build --release --quiet --example migrate_bench
+            exec target/release/examples/migrate_bench --help
+            ;;
         *) args+=("$a") ;;
     esac
 done

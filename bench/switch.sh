@@ -24,6 +24,7 @@
 #        BENCH_SWITCHES: a subset, kernel-bridge first, e.g. "kernel-bridge vfabric vfabric-hosts";
 #        BENCH_ATTACH_ARGS: extra `vfabric switch` arguments for vfabric-attach)
 set -euo pipefail
+case "${1:-}" in -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 SECS=${BENCH_SECS:-10}
