@@ -1192,19 +1192,19 @@ mod tests {
         buf
     }
 
+    /// `n` in-memory ports `p0`, `p1`, … with ids 0, 1, …, and their peers.
+    fn mem_ports(n: usize, hdr: usize, offload: bool) -> (Vec<SwitchPort>, Vec<MemPeer>) {
+        (0..n)
+            .map(|i| {
+                let (p, peer) = mem::pair(&format!("p{i}"), hdr, offload);
+                let port = SwitchPort::new(PortId(i as u16), &format!("p{i}"), None, Box::new(p));
+                (port, peer)
+            })
+            .unzip()
+    }
+
     fn fabric(n: usize, hdr: usize, offload: bool, mirror: bool) -> (Fabric, Vec<MemPeer>) {
-        let mut ports = vec![];
-        let mut peers = vec![];
-        for i in 0..n {
-            let (p, peer) = mem::pair(&format!("p{i}"), hdr, offload);
-            ports.push(SwitchPort::new(
-                PortId(i as u16),
-                &format!("p{i}"),
-                None,
-                Box::new(p),
-            ));
-            peers.push(peer);
-        }
+        let (ports, mut peers) = mem_ports(n, hdr, offload);
         let m = mirror.then(|| {
             let (p, peer) = mem::pair("mirror", hdr, true);
             peers.push(peer);
@@ -1334,18 +1334,7 @@ mod tests {
             remotes: remotes.iter().map(addr).collect(),
         };
         let vx = VxlanPort::open(&spec, 12).unwrap();
-        let mut ports = vec![];
-        let mut peers = vec![];
-        for i in 0..2 {
-            let (p, peer) = mem::pair(&format!("p{i}"), 12, true);
-            ports.push(SwitchPort::new(
-                PortId(i),
-                &format!("p{i}"),
-                None,
-                Box::new(p),
-            ));
-            peers.push(peer);
-        }
+        let (mut ports, peers) = mem_ports(2, 12, true);
         ports.push(SwitchPort::new(PortId(2), "wan", None, Box::new(vx)));
         let f = Fabric::start(ports, None, FdbConfig::default()).unwrap();
         (f, peers, remotes)
@@ -1465,18 +1454,7 @@ mod tests {
     /// reaches the old port after that is lost.
     #[test]
     fn a_burst_on_one_port_does_not_hold_back_another_ports_frame() {
-        let mut ports = vec![];
-        let mut peers = vec![];
-        for i in 0..3u16 {
-            let (p, peer) = mem::pair(&format!("p{i}"), 0, true);
-            ports.push(SwitchPort::new(
-                PortId(i),
-                &format!("p{i}"),
-                None,
-                Box::new(p),
-            ));
-            peers.push(peer);
-        }
+        let (ports, peers) = mem_ports(3, 0, true);
         let opts = DataPathOptions::default();
         let s = Shared::new(ports, None, FdbConfig::default(), opts, EventBus::new("t")).unwrap();
         let view = View::new(&s);
@@ -1519,18 +1497,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_a_round_and_each_port_keeps_its_order() {
-        let mut ports = vec![];
-        let mut peers = vec![];
-        for i in 0..3u16 {
-            let (p, peer) = mem::pair(&format!("p{i}"), 0, true);
-            ports.push(SwitchPort::new(
-                PortId(i),
-                &format!("p{i}"),
-                None,
-                Box::new(p),
-            ));
-            peers.push(peer);
-        }
+        let (ports, peers) = mem_ports(3, 0, true);
         let s = Shared::new(
             ports,
             None,
