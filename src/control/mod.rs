@@ -446,25 +446,11 @@ where
     Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
     S: Future<Output = ()>,
 {
-    serve_events(listener, handler, None, shutdown).await
+    serve_with(listener, None, handler, None, shutdown).await
 }
 
-/// [`serve`], also serving subscriptions to `events`.
-pub async fn serve_events<Req, H, Fut, S>(
-    listener: UnixListener,
-    handler: H,
-    events: Option<EventBus>,
-    shutdown: S,
-) where
-    Req: DeserializeOwned + Send + 'static,
-    H: Fn(Req, Progress) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
-    S: Future<Output = ()>,
-{
-    serve_with(listener, None, handler, events, shutdown).await
-}
-
-/// [`serve_events`], and the same API over TCP and TLS on `tcp` if given.
+/// [`serve`], also serving subscriptions to `events` (if given), and the same API over
+/// TCP and TLS on `tcp` (if given).
 pub async fn serve_with<Req, H, Fut, S>(
     listener: UnixListener,
     tcp: Option<tls::ControlListener>,
@@ -898,8 +884,9 @@ mod tests {
         let listener = bind(&path).unwrap();
         let bus = EventBus::new("silo104");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_events(
+        let server = tokio::spawn(serve_with(
             listener,
+            None,
             |_: TestReq, _: Progress| async { Ok(serde_json::Value::Null) },
             Some(bus.clone()),
             async {

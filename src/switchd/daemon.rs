@@ -466,7 +466,7 @@ async fn serve(
             goodbye.emit_now(Event::PortDown { port });
         }
     };
-    control::serve_events(listener, handler, Some(events), shutdown).await;
+    control::serve_with(listener, None, handler, Some(events), shutdown).await;
     sweeper.abort();
     // Let subscribers take the last events before the runtime goes.
     tokio::time::sleep(Duration::from_millis(100)).await;
