@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::capture::Capture;
 use common::{bin, require_root, Topology};
 
 const VM_IP: &str = "10.10.0.100";
@@ -21,37 +21,17 @@ fn ok(out: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Captures vMotion traffic on silo104's vmk1 while `f` runs; returns the pcap bytes.
+/// Captures vMotion traffic on silo104's vmk1 while `f` runs; returns the captured
+/// frames' bytes, one frame after another.
 fn capture_vmk1(t: &Topology, name: &str, f: impl FnOnce()) -> Vec<u8> {
-    let file = t.run_dir.path().join(name);
-    let err = t.run_dir.path().join(format!("{name}.err"));
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &t.ns("silo104"), "tcpdump", "-i", "vmk1"])
-        .args(["-n", "-U", "--immediate-mode", "-s", "0", "-w"])
-        .arg(&file)
-        .arg("tcp port 8000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("tcpdump");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&err)
-        .unwrap_or_default()
-        .contains("listening")
-    {
-        if t0.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("tcpdump did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let capture = Capture::start(t, "silo104", "vmk1", "tcp port 8000", name);
     f();
     std::thread::sleep(Duration::from_millis(200));
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    std::fs::read(&file).expect("pcap file")
+    capture
+        .stop()
+        .into_iter()
+        .flat_map(|(_, frame)| frame)
+        .collect()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
