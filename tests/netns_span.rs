@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::capture::Capture;
-use common::fleet::{lost, Pinger};
+use common::fleet::{lost, ok, Pinger};
 use common::{bin, require_root, topology_file, Topology};
 use vfabric::events::{Event, Record};
 
@@ -37,15 +37,6 @@ fn cli_cmd(t: &Topology, args: &[&str]) -> Command {
         .env_remove("VFABRIC_REMOTE")
         .env_remove("VFABRIC_OPERATOR");
     c
-}
-
-fn ok(o: Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 fn json(t: &Topology, args: &[&str]) -> serde_json::Value {
