@@ -58,6 +58,17 @@ fn capture_rarp<T>(ns: &str, ifname: &str, f: impl FnOnce() -> T) -> (T, Vec<(u6
     })
 }
 
+/// The switch alone (no hosts) with the `--port` arguments `ports` makes for the fabric
+/// (its prefix and run directory are known by then).
+fn switch_with_ports(ports: impl FnOnce(&Topology) -> String) -> Topology {
+    Topology::up_around(|t| {
+        vec![
+            ("VF_HOSTS".into(), "0".into()),
+            ("VF_SWITCH_ARGS".into(), ports(t)),
+        ]
+    })
+}
+
 /// True when the 1-minute load average exceeds the number of CPUs.
 fn load_over_cpus() -> bool {
     let load: f64 = std::fs::read_to_string("/proc/loadavg")
@@ -160,19 +171,13 @@ fn qemu_announce_and_migration_through_stream_ports() {
     if !require_root() || !require_qemu() {
         return;
     }
-    let mut t = Topology::up_around(|t| {
+    let mut t = switch_with_ports(|t| {
         let dir = t.run_dir.path();
-        vec![
-            ("VF_HOSTS".into(), "0".into()),
-            (
-                "VF_SWITCH_ARGS".into(),
-                format!(
-                    "--port qa=qemu-stream:{} --port qb=qemu-stream:{}",
-                    dir.join("qa.sock").display(),
-                    dir.join("qb.sock").display()
-                ),
-            ),
-        ]
+        format!(
+            "--port qa=qemu-stream:{} --port qb=qemu-stream:{}",
+            dir.join("qa.sock").display(),
+            dir.join("qb.sock").display()
+        )
     });
     let dir = t.run_dir.path().to_path_buf();
     let mac: MacAddr = MAC.parse().unwrap();
@@ -278,19 +283,13 @@ fn qemu_announce_through_a_dgram_port() {
     if !require_root() || !require_qemu() {
         return;
     }
-    let mut t = Topology::up_around(|t| {
+    let mut t = switch_with_ports(|t| {
         let dir = t.run_dir.path();
-        vec![
-            ("VF_HOSTS".into(), "0".into()),
-            (
-                "VF_SWITCH_ARGS".into(),
-                format!(
-                    "--port qd=qemu-dgram:local={},remote={}",
-                    dir.join("qd.sock").display(),
-                    dir.join("qd-qemu.sock").display()
-                ),
-            ),
-        ]
+        format!(
+            "--port qd=qemu-dgram:local={},remote={}",
+            dir.join("qd.sock").display(),
+            dir.join("qd-qemu.sock").display()
+        )
     });
     let dir = t.run_dir.path().to_path_buf();
     let mac: MacAddr = MAC.parse().unwrap();
@@ -378,18 +377,12 @@ fn qemu_migration_between_attach_ports_on_its_taps() {
     // Namespace <prefix>-qv holds both QEMUs' TAPs (removed with the fabric, also when
     // the test fails): the source's is a port from the start, the destination's is
     // added while the switch runs.
-    let mut t = Topology::up_around(|t| {
+    let mut t = switch_with_ports(|t| {
         let ns = format!("{}-qv", t.prefix);
         ip(&["netns", "add", &ns]);
         tap_for_qemu(&ns, &format!("{}-qa", t.prefix));
         tap_for_qemu(&ns, &format!("{}-qb", t.prefix));
-        vec![
-            ("VF_HOSTS".into(), "0".into()),
-            (
-                "VF_SWITCH_ARGS".into(),
-                format!("--port qa=attach:{ns}:{}-qa", t.prefix),
-            ),
-        ]
+        format!("--port qa=attach:{ns}:{}-qa", t.prefix)
     });
     let dir = t.run_dir.path().to_path_buf();
     let ns = format!("{}-qv", t.prefix);
@@ -520,19 +513,13 @@ fn a_booted_guest_answers_ping_through_vfabric_and_migrates() {
         return;
     }
     let (kernel, initrd) = build_guest();
-    let mut t = Topology::up_around(|t| {
+    let mut t = switch_with_ports(|t| {
         let dir = t.run_dir.path();
-        vec![
-            ("VF_HOSTS".into(), "0".into()),
-            (
-                "VF_SWITCH_ARGS".into(),
-                format!(
-                    "--port qa=qemu-stream:{} --port qb=qemu-stream:{}",
-                    dir.join("qa.sock").display(),
-                    dir.join("qb.sock").display()
-                ),
-            ),
-        ]
+        format!(
+            "--port qa=qemu-stream:{} --port qb=qemu-stream:{}",
+            dir.join("qa.sock").display(),
+            dir.join("qb.sock").display()
+        )
     });
     let dir = t.run_dir.path().to_path_buf();
     let client = t.client().to_string();
