@@ -250,15 +250,23 @@ async fn compare_encryption(
     encrypted: SocketAddr,
     tls: &Tls,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    /// Throughput (Gbit/s), machine CPU per GiB carried (s), CPUs busy on average.
-    fn figures(s: &MigrationSummary, c: Cores) -> [f64; 3] {
+    /// One migration of the comparison.
+    #[derive(Clone, Copy)]
+    struct Run {
+        gbps: f64,
+        /// Machine CPU-seconds per GiB carried.
+        cpu_per_gib: f64,
+        /// CPUs busy on average.
+        busy: f64,
+    }
+    fn figures(s: &MigrationSummary, c: Cores) -> Run {
         let secs = s.total_ms.max(1) as f64 / 1e3;
         let gib = s.bytes_total as f64 / (1u64 << 30) as f64;
-        [
-            s.bytes_total as f64 * 8.0 / (secs * 1e9),
-            c.machine * secs / gib.max(1e-9),
-            c.machine,
-        ]
+        Run {
+            gbps: s.bytes_total as f64 * 8.0 / (secs * 1e9),
+            cpu_per_gib: c.machine * secs / gib.max(1e-9),
+            busy: c.machine,
+        }
     }
     let (mut p, mut e) = (Vec::new(), Vec::new());
     for _ in 0..args.encryption_pairs {
@@ -267,15 +275,19 @@ async fn compare_encryption(
         let s = run_source_over(args, 0, encrypted, args.verify, Some(tls)).await?;
         e.push(figures(&s, last_cores()));
     }
-    let fastest = |v: &[[f64; 3]]| {
-        v.iter().copied().fold(
-            [0.0, f64::NAN, f64::NAN],
-            |a, f| if f[0] > a[0] { f } else { a },
-        )
+    let none = Run {
+        gbps: 0.0,
+        cpu_per_gib: f64::NAN,
+        busy: f64::NAN,
     };
-    let show = |v: &[[f64; 3]], i: usize| {
+    let fastest = |v: &[Run]| {
         v.iter()
-            .map(|f| format!("{:.2}", f[i]))
+            .copied()
+            .fold(none, |a, r| if r.gbps > a.gbps { r } else { a })
+    };
+    let show = |v: &[Run], f: fn(&Run) -> f64| {
+        v.iter()
+            .map(|r| format!("{:.2}", f(r)))
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -286,17 +298,25 @@ async fn compare_encryption(
         "encrypted vMotion (TLS 1.3, ring provider) vs plaintext, rate 0, same path ({}):",
         args.path_name
     );
-    println!("  plaintext Gbit/s: {}   (best {:.2})", show(&p, 0), fp[0]);
-    println!("  encrypted Gbit/s: {}   (best {:.2})", show(&e, 0), fe[0]);
+    println!(
+        "  plaintext Gbit/s: {}   (best {:.2})",
+        show(&p, |r| r.gbps),
+        fp.gbps
+    );
+    println!(
+        "  encrypted Gbit/s: {}   (best {:.2})",
+        show(&e, |r| r.gbps),
+        fe.gbps
+    );
     println!(
         "  machine CPU s per GiB: plaintext {}; encrypted {}",
-        show(&p, 1),
-        show(&e, 1)
+        show(&p, |r| r.cpu_per_gib),
+        show(&e, |r| r.cpu_per_gib)
     );
     println!(
         "  CPUs busy (this machine has {cpus}): plaintext {}; encrypted {}",
-        show(&p, 2),
-        show(&e, 2)
+        show(&p, |r| r.busy),
+        show(&e, |r| r.busy)
     );
     let aes = aes_gcm_secs_per_gib();
     println!(
@@ -305,8 +325,8 @@ async fn compare_encryption(
         (1u64 << 30) as f64 / aes / 1e9,
         2.0 * aes
     );
-    let ratio = fe[0] / fp[0].max(1e-9);
-    let cpu_bound = fp[2] >= 0.85 * cpus as f64;
+    let ratio = fe.gbps / fp.gbps.max(1e-9);
+    let cpu_bound = fp.busy >= 0.85 * cpus as f64;
     if cpu_bound {
         // An encrypted run does at least the plaintext run's work plus the cipher at
         // both ends. With the CPUs no busier than in the plaintext run, its throughput
@@ -315,17 +335,17 @@ async fn compare_encryption(
             "  the fastest plaintext run kept {:.2} of {cpus} CPUs busy: the CPUs, not the \
              link, set the pace; with them as busy and no cost but the cipher's, encrypted \
              runs reach at most {:.2} / ({:.2} + {:.2}) = {:.2} x plaintext",
-            fp[2],
-            fp[1],
-            fp[1],
+            fp.busy,
+            fp.cpu_per_gib,
+            fp.cpu_per_gib,
             2.0 * aes,
-            fp[1] / (fp[1] + 2.0 * aes)
+            fp.cpu_per_gib / (fp.cpu_per_gib + 2.0 * aes)
         );
     } else {
         println!(
             "  the fastest plaintext run kept {:.2} of {cpus} CPUs busy: not saturated, so \
              no CPU ceiling is derived",
-            fp[2]
+            fp.busy
         );
     }
     println!(
@@ -493,19 +513,7 @@ async fn raw_loopback(bytes: u64, fresh: bool) -> Result<f64, Box<dyn std::error
     let reader = tokio::spawn(async move {
         let (mut s, _) = l.accept().await?;
         let mut buf = vec![0u8; if fresh { bytes as usize } else { 1 << 20 }];
-        let mut n = 0u64;
-        loop {
-            let at = if fresh { n as usize } else { 0 };
-            let end = (at + (1 << 20)).min(buf.len());
-            if at == end {
-                return Ok::<u64, std::io::Error>(n);
-            }
-            let r = s.read(&mut buf[at..end]).await?;
-            if r == 0 {
-                return Ok(n);
-            }
-            n += r as u64;
-        }
+        read_into(&mut s, &mut buf).await
     });
     let t = Instant::now();
     let mut s = TcpStream::connect(addr).await?;
@@ -524,6 +532,24 @@ async fn raw_loopback(bytes: u64, fresh: bool) -> Result<f64, Box<dyn std::error
     Ok(bytes as f64 * 8.0 / secs / 1e9)
 }
 
+/// Reads `s` to its end into `mem`, up to 1 MiB a read, wrapping around at the end of
+/// `mem`; returns the bytes read.
+async fn read_into(s: &mut TcpStream, mem: &mut [u8]) -> std::io::Result<u64> {
+    let (mut at, mut n) = (0, 0u64);
+    loop {
+        if at == mem.len() {
+            at = 0;
+        }
+        let end = (at + (1 << 20)).min(mem.len());
+        let r = s.read(&mut mem[at..end]).await?;
+        if r == 0 {
+            return Ok(n);
+        }
+        at += r;
+        n += r as u64;
+    }
+}
+
 /// A raw TCP receiver that stores every byte it gets in memory of `bytes` faulted in
 /// beforehand (as a prepared target's guest memory is), wrapping around; one byte back
 /// once a sender has finished.
@@ -536,17 +562,7 @@ async fn serve_raw(l: TcpListener, bytes: u64) {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
         };
-        let mut at = 0;
-        loop {
-            if at == mem.len() {
-                at = 0;
-            }
-            let end = (at + (1 << 20)).min(mem.len());
-            match s.read(&mut mem[at..end]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => at += n,
-            }
-        }
+        let _ = read_into(&mut s, &mut mem).await;
         let _ = s.write_all(&[1]).await;
     }
 }
