@@ -13,9 +13,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::capture::Capture;
 use common::{require_root, Topology};
 use sha2::{Digest, Sha256};
 
@@ -132,75 +133,13 @@ fn dropped(stats: &serde_json::Value, reason: &str) -> u64 {
     stats["dropped"][reason].as_u64().unwrap_or(0)
 }
 
-/// tcpdump on the underlay, writing a file; stopped (and waited for) on drop.
-struct Capture {
-    child: std::process::Child,
-    file: std::path::PathBuf,
-}
-
-impl Capture {
-    fn start(t: &Topology) -> Capture {
-        let file = t.run_dir.path().join("underlay.pcap");
-        let err = t.run_dir.path().join("underlay.err");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &t.ns("kvx"), "tcpdump", "-i", "ul1"])
-            .args(["-n", "-U", "--immediate-mode", "-s", "0", "-w"])
-            .arg(&file)
-            .arg("udp port 4789")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).expect("tcpdump's stderr file"))
-            .spawn()
-            .expect("start tcpdump");
-        // tcpdump says "listening on" once the capture runs.
-        let started = t.wait_for(Duration::from_secs(10), || {
-            std::fs::read_to_string(&err)
-                .unwrap_or_default()
-                .contains("listening")
-        });
-        if !started {
-            let _ = child.kill();
-            panic!(
-                "tcpdump did not start: {}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        Capture { child, file }
-    }
-
-    /// Stops the capture and returns tcpdump's own decoding of it.
-    fn decode(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        let out = Command::new("tcpdump")
-            .args(["-nn", "-r"])
-            .arg(&self.file)
-            .output()
-            .expect("tcpdump -r");
-        assert!(
-            out.status.success(),
-            "tcpdump -r: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_kernel_vxlan_device_is_a_peer() {
     if !require_root() {
         return;
     }
     let t = up();
-    let capture = Capture::start(&t);
+    let capture = Capture::start(&t, "kvx", "ul1", "udp port 4789", "underlay.pcap");
     let client_mac = t.mac("client", "eth0");
     let kh_mac = t.mac("kh", "eth0");
 

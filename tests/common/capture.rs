@@ -58,6 +58,26 @@ impl Capture {
         let _ = self.child.wait();
         read_pcap(&std::fs::read(&self.file).expect("pcap file"))
     }
+
+    /// Stops tcpdump and returns its own decoding of the capture (`tcpdump -nn -r`):
+    /// for checking that tcpdump reads what the fabric sent.
+    pub fn decode(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .expect("tcpdump -r");
+        assert!(
+            out.status.success(),
+            "tcpdump -r: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Capture {
